@@ -1,0 +1,11 @@
+"""sparsify: real block-sparse (Block-ELL) linear layers whose topology can evolve during training.
+
+    from sparsify import sparsify, densify, BlockSparseLinear
+    model = sparsify(model, layers="8..12", components=("mlp",), density=0.5, block_size=16)
+"""
+
+from sparsify.api import densify, sparse_layers, sparsify, sparsity_table
+from sparsify.layer import BlockSparseLinear
+
+__all__ = ["BlockSparseLinear", "densify", "sparse_layers", "sparsify", "sparsity_table"]
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""The verbs: ``sparsify`` rewrites chosen linears into Block-ELL layers, ``densify`` undoes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from tabulate import tabulate
+from torch import fx, nn
+
+from sparsify.layer import BlockSparseLinear
+from sparsify.passes.linear_to_block_ell import sparsify_graph
+from sparsify.rewrite import check_arguments, to_block_sparse
+from sparsify.select import LayerSpec, replace_submodule, select_linears
+
+
+def sparsify(
+    model: nn.Module,
+    *,
+    layers: LayerSpec = None,
+    components: str | Sequence[str] | None = None,
+    density: float = 0.5,
+    block_size: int = 16,
+    init: str = "magnitude",
+    seed: int | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Rewrite the selected linears of ``model`` into :class:`BlockSparseLinear` layers.
+
+    Args:
+        layers: ``"8..12"`` (inclusive), a ``range``, an int, a list of ints, or None for all.
+        components: ``"mlp"``, ``"attn"``, linear names (``"up_proj"``) or globs (``"*.fc1"``); None for all.
+        density: fraction of blocks kept per block-row, in (0, 1]; ``K = max(1, round(C * density))``.
+        block_size: B; both dimensions of every selected linear must be multiples of it.
+        init: ``"magnitude"`` keeps the K largest blocks of the weight, ``"random"`` draws K columns.
+        seed: seeds ``init="random"``.
+        filter_fn: ``(module, fqn) -> bool``, narrows the selection further.
+
+    An ``nn.Module`` is rewritten in place and returned; a ``torch.fx.GraphModule`` (from
+    ``symbolic_trace`` or ``torch.export(...).module()``) goes through the graph pass and the rewritten
+    GraphModule is returned. Layers already sparse are left alone. On any error nothing is changed.
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        ...                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=100))
+        >>> model = sparsify(model, layers="1..2", components="mlp", density=0.5, block_size=16)
+        >>> type(model.model.layers[1].mlp.up_proj).__name__
+        'BlockSparseLinear'
+    """
+    check_arguments(density, block_size, init)
+    if isinstance(model, fx.GraphModule):
+        return sparsify_graph(
+            model, layers=layers, components=components, density=density, block_size=block_size,
+            init=init, seed=seed, filter_fn=filter_fn,
+        )
+    targets = select_linears(
+        model, layers, components, filter_fn, already_sparse=lambda m: isinstance(m, BlockSparseLinear)
+    )
+    for target, sparse in zip(targets, to_block_sparse(targets, density, block_size, init, seed)):
+        replace_submodule(model, target.fqn, sparse)
+    return model
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, BlockSparseLinear]]:
+    """Every BlockSparseLinear of the model with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Turn every BlockSparseLinear back into an ``nn.Linear`` with the zero-filled dense weight."""
+    for name, layer in sparse_layers(model):
+        replace_submodule(model, name, layer.to_linear())
+    return model
+
+
+def sparsity_table(model: nn.Module, tablefmt: str = "github") -> str:
+    """A table of every rewritten layer: shape, block size, K / C, density, bytes kept and saved."""
+    rows, saved_total = [], 0
+    for name, layer in sparse_layers(model):
+        element = layer.values.element_size()
+        dense_bytes = layer.in_features * layer.out_features * element
+        sparse_bytes = layer.values.numel() * element + layer.col_indices.numel() * layer.col_indices.element_size()
+        saved_total += dense_bytes - sparse_bytes
+        rows.append([
+            name, f"{layer.in_features}->{layer.out_features}", layer.block_size,
+            f"{layer.blocks_per_row}/{layer.num_cols}", f"{layer.density:.3f}",
+            _mib(sparse_bytes), _mib(dense_bytes - sparse_bytes),
+        ])
+    if not rows:
+        return "no BlockSparseLinear layers"
+    headers = ["layer", "in->out", "B", "K/C", "density", "weight MiB", "saved MiB"]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt) + f"\n{len(rows)} layers, {_mib(saved_total)} MiB of weights saved"
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.2f}"

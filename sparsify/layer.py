@@ -1,0 +1,164 @@
+"""BlockSparseLinear: an ``nn.Linear`` whose weight is stored, trained and multiplied in Block-ELL form."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparsify import block_ell
+from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
+
+
+class BlockSparseLinear(nn.Module):
+    """A linear layer that keeps K of every C weight blocks per block-row.
+
+    Attributes:
+        values: ``nn.Parameter [R, K, B, B]``, ``values[r, k, i, j] = W[r*B + i, col_indices[r, k]*B + j]``.
+        col_indices: int32 buffer ``[R, K]``, the topology; unique within a row.
+        bias: ``nn.Parameter [out_features]`` or None.
+        stats_probe: non-persistent float32 buffer ``[R + C]``; when it requires grad (the topology
+            optimizer turns it on) its ``.grad`` collects per-row error and per-column activation energy.
+
+    Example::
+
+        >>> layer = BlockSparseLinear(64, 128, block_size=16, density=0.5)
+        >>> layer(torch.randn(3, 64)).shape
+        torch.Size([3, 128])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block_size: int = 16,
+        density: float = 0.5,
+        bias: bool = True,
+        *,
+        init: str = "random",
+        generator: torch.Generator | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        where = f"BlockSparseLinear({in_features}, {out_features})"
+        block_ell.check_block_shape(in_features, out_features, block_size, where)
+        block_ell.check_density(density, where)
+        self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        rows, cols = out_features // block_size, in_features // block_size
+        k = block_ell.blocks_per_row(cols, density)
+        factory = {"device": device, "dtype": dtype}
+        self.values = nn.Parameter(torch.empty(rows, k, block_size, block_size, **factory))  # [R, K, B, B]
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("col_indices", torch.zeros(rows, k, dtype=torch.int32, device=device))  # [R, K]
+        self.register_buffer("stats_probe", torch.zeros(rows + cols, device=device), persistent=False)  # [R + C]
+        self._init_parameters(density, init, generator)
+
+    def _init_parameters(self, density: float, init: str, generator: torch.Generator | None) -> None:
+        # nn.Linear's initialization, applied to the dense weight the blocks are cut from.
+        dense = torch.empty(self.out_features, self.in_features)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            topology = block_ell.choose_topology(dense, self.block_size, density, init, generator)
+            self.col_indices.copy_(topology)
+            self.values.copy_(block_ell.gather_blocks(dense, topology, self.block_size))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                self.bias.copy_(torch.empty(self.out_features).uniform_(-bound, bound, generator=generator))
+
+    @property
+    def num_rows(self) -> int:
+        """R, the number of block-rows."""
+        return self.values.shape[0]
+
+    @property
+    def num_cols(self) -> int:
+        """C, the number of block-columns."""
+        return self.in_features // self.block_size
+
+    @property
+    def blocks_per_row(self) -> int:
+        """K, the active blocks (slots) per block-row."""
+        return self.values.shape[1]
+
+    @property
+    def density(self) -> float:
+        """K / C, the fraction of blocks kept."""
+        return self.blocks_per_row / self.num_cols
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        block_size: int = 16,
+        density: float = 0.5,
+        init: str = "magnitude",
+        generator: torch.Generator | None = None,
+        *,
+        weight: torch.Tensor | None = None,
+        name: str = "linear",
+    ) -> "BlockSparseLinear":
+        """Cut an ``nn.Linear`` (or any module with ``weight [out, in]`` and ``bias``) into blocks.
+
+        ``weight`` overrides the module's weight (GPT-2's ``Conv1D`` stores it transposed).
+        The result lives on the source's device and dtype; ``init`` picks the kept blocks.
+        """
+        dense = linear.weight if weight is None else weight
+        out_features, in_features = dense.shape
+        block_ell.check_block_shape(in_features, out_features, block_size, name)
+        block_ell.check_density(density, name)
+        if init not in block_ell.INIT_METHODS:
+            raise ValueError(f"{name}: init={init!r} is not one of {block_ell.INIT_METHODS}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.block_size = in_features, out_features, block_size
+        with torch.no_grad():
+            topology = block_ell.choose_topology(dense, block_size, density, init, generator)
+            layer.values = nn.Parameter(block_ell.gather_blocks(dense.detach(), topology, block_size).clone())
+            bias = getattr(linear, "bias", None)
+            layer.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        layer.register_buffer("col_indices", topology)
+        layer.register_buffer(
+            "stats_probe", torch.zeros(layer.num_rows + layer.num_cols, device=dense.device), persistent=False
+        )
+        return layer
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight ``[out, in]``, zeros outside the kept blocks."""
+        return block_ell.to_dense(self.values, self.col_indices, self.in_features)
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the zero-filled dense weight, on the same device and dtype."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.values.device, dtype=self.values.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probe = self.stats_probe if self.stats_probe.requires_grad else None
+        return torch.ops.sparsify.block_ell_linear(x, self.values, self.col_indices, self.bias, probe)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        topology = state_dict.get(prefix + "col_indices")
+        if topology is not None:
+            where = prefix.rstrip(".") or "BlockSparseLinear"
+            if tuple(topology.shape) != tuple(self.col_indices.shape):
+                raise ValueError(
+                    f"{where}: checkpoint col_indices have shape {tuple(topology.shape)} but this layer has "
+                    f"{tuple(self.col_indices.shape)}; sparsify the model with the same density and block_size first"
+                )
+            block_ell.check_col_indices(topology, self.num_cols, where)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"blocks_per_row={self.blocks_per_row}/{self.num_cols} (density={self.density:.3f}), "
+            f"bias={self.bias is not None}"
+        )
