@@ -6,6 +6,10 @@
 
 from sparsify.api import densify, sparse_layers, sparsify, sparsity_table
 from sparsify.layer import BlockSparseLinear
+from sparsify.topology import TopologyConfig, TopologyOptimizer, topology_report
 
-__all__ = ["BlockSparseLinear", "densify", "sparse_layers", "sparsify", "sparsity_table"]
+__all__ = [
+    "BlockSparseLinear", "TopologyConfig", "TopologyOptimizer", "densify", "sparse_layers", "sparsify", "sparsity_table",
+    "topology_report",
+]
 __version__ = "0.1.0"

@@ -85,13 +85,18 @@ def sparsity_table(model: nn.Module, tablefmt: str = "github") -> str:
         rows.append([
             name, f"{layer.in_features}->{layer.out_features}", layer.block_size,
             f"{layer.blocks_per_row}/{layer.num_cols}", f"{layer.density:.3f}",
-            _mib(sparse_bytes), _mib(dense_bytes - sparse_bytes),
+            _human_bytes(sparse_bytes), _human_bytes(dense_bytes - sparse_bytes),
         ])
     if not rows:
         return "no BlockSparseLinear layers"
-    headers = ["layer", "in->out", "B", "K/C", "density", "weight MiB", "saved MiB"]
-    return tabulate(rows, headers=headers, tablefmt=tablefmt) + f"\n{len(rows)} layers, {_mib(saved_total)} MiB of weights saved"
+    headers = ["layer", "in->out", "B", "K/C", "density", "weight bytes", "saved"]
+    table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    return f"{table}\n{len(rows)} layers, {_human_bytes(saved_total)} of weights saved"
 
 
-def _mib(num_bytes: int) -> str:
-    return f"{num_bytes / 2**20:.2f}"
+def _human_bytes(num_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if abs(num_bytes) < 1024:
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.2f} GiB"

@@ -80,9 +80,12 @@ def sparsify_graph(
                     torch.ops.sparsify.block_ell_linear.default, (site.input, values, col_indices, bias)
                 )
             op_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            old_inputs = [a for a in site.node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
             site.node.replace_all_uses_with(op_node)
             gm.graph.erase_node(site.node)
-    gm.graph.eliminate_dead_code()
+            for attr in old_inputs:  # the old weight and bias, unless something else reads them
+                if not attr.users:
+                    gm.graph.erase_node(attr)
     gm.graph.lint()
     gm.recompile()
     return gm

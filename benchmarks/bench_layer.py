@@ -1,0 +1,196 @@
+"""Block-ELL layer benchmark (GPU): our Triton kernels against dense F.linear and PyTorch's BSR.
+
+    python benchmarks/bench_layer.py                 # every shape, M, block size and density
+    python benchmarks/bench_layer.py --quick         # density 0.5 only
+    python benchmarks/bench_layer.py --out DIR       # where <device>-<date>.json goes
+
+For each (shape in->out, tokens M, block size B, density): forward and forward+backward (grads of x
+and the weight, no bias) of ours and of dense F.linear, and the forward of PyTorch's BSR kernel
+(torch.sparse BSR weight through F.linear; it has no backward for a sparse weight), all timed in the
+same run with triton.testing.do_bench medians. Speedup = dense time / our time. Weight memory counts
+the trained state: values + their gradient + two Adam moments (+ col_indices) against the same four
+dense [out, in] tensors. Inputs are random (never zeros); the topology is uniformly random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import sparsify.ops  # noqa: E402,F401  (registers torch.ops.sparsify.*)
+
+SHAPES = [(640, 2560), (2560, 640), (4096, 14336), (14336, 4096)]
+TOKENS = [16, 8192]
+BLOCKS = [16, 32, 64, 128]
+DENSITIES = [0.25, 0.5, 0.75]
+WARMUP_MS, REP_MS = 10, 40
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+
+
+def random_topology(rows: int, cols: int, k: int, device) -> torch.Tensor:
+    return torch.rand(rows, cols, device=device).argsort(dim=1)[:, :k].sort(dim=1).values.to(torch.int32)
+
+
+def dense_of(values: torch.Tensor, col: torch.Tensor, in_features: int) -> torch.Tensor:
+    rows, k, b, _ = values.shape
+    w = torch.zeros(rows, in_features // b, b, b, dtype=values.dtype, device=values.device)
+    w.scatter_(1, col.long()[:, :, None, None].expand(-1, -1, b, b), values)
+    return w.permute(0, 2, 1, 3).reshape(rows * b, in_features)
+
+
+def time_dense(x, w, g):
+    fwd = bench(lambda: F.linear(x, w))
+    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+    def step():
+        y = F.linear(xg, wg)
+        torch.autograd.grad(y, (xg, wg), g)
+
+    return fwd, bench(step)
+
+
+def time_ours(x, values, col, g):
+    op = torch.ops.sparsify.block_ell_linear
+    fwd = bench(lambda: op(x, values, col))
+    xg, vg = x.detach().requires_grad_(), values.detach().requires_grad_()
+
+    def step():
+        y = op(xg, vg, col)
+        torch.autograd.grad(y, (xg, vg), g)
+
+    return fwd, bench(step)
+
+
+def time_bsr(x, w_dense, block):
+    try:
+        w_bsr = w_dense.to_sparse_bsr((block, block))
+        F.linear(x, w_bsr)
+        return bench(lambda: F.linear(x, w_bsr)), None
+    except Exception as error:  # noqa: BLE001  (report, don't stop the run)
+        return None, f"{type(error).__name__}: {str(error)[:120]}"
+
+
+def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
+    device = "cuda"
+    rows, cols = out_f // block, in_f // block
+    k = min(cols, max(1, round(cols * density)))
+    x = torch.randn(m, in_f, device=device, dtype=dtype)
+    g = torch.randn(m, out_f, device=device, dtype=dtype)
+    values = torch.randn(rows, k, block, block, device=device, dtype=dtype) / (k * block) ** 0.5
+    col = random_topology(rows, cols, k, device)
+    fwd, fwdbwd = time_ours(x, values, col, g)
+    d_fwd, d_fwdbwd = dense_times
+    bsr = err = None
+    if with_bsr:
+        bsr, err = time_bsr(x, dense_of(values, col, in_f), block)
+    elem = values.element_size()
+    sparse_bytes = 4 * values.numel() * elem + col.numel() * 4
+    dense_bytes = 4 * out_f * in_f * elem
+    flops = 2 * m * in_f * out_f
+    return {
+        "in": in_f,
+        "out": out_f,
+        "M": m,
+        "B": block,
+        "density": k / cols,
+        "K": k,
+        "dense_fwd_ms": d_fwd,
+        "dense_fwdbwd_ms": d_fwdbwd,
+        "dense_fwd_tflops": flops / d_fwd / 1e9,
+        "ours_fwd_ms": fwd,
+        "ours_fwdbwd_ms": fwdbwd,
+        "bsr_fwd_ms": bsr,
+        "bsr_error": err,
+        "speedup_fwd": d_fwd / fwd,
+        "speedup_fwdbwd": d_fwdbwd / fwdbwd,
+        "bsr_speedup_fwd": d_fwd / bsr if bsr else None,
+        "ours_fwd_eff_tflops": flops * k / cols / fwd / 1e9,
+        "weight_state_mib": sparse_bytes / 2**20,
+        "dense_weight_state_mib": dense_bytes / 2**20,
+    }
+
+
+def save(rows: list, args) -> tuple[pathlib.Path, dict]:
+    device = torch.cuda.get_device_name()
+    today = datetime.date.today().isoformat()
+    result = {
+        "device": device,
+        "date": today,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "do_bench": {"warmup_ms": WARMUP_MS, "rep_ms": REP_MS, "return_mode": "median"},
+        "rows": rows,
+    }
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{device.replace(' ', '_')}-{today}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="density 0.5 only")
+    parser.add_argument("--shapes", default=None, help="e.g. 4096x14336,14336x4096")
+    parser.add_argument("--tokens", default=None, help="e.g. 16,8192")
+    parser.add_argument("--blocks", default=None, help="e.g. 16,32,64,128")
+    parser.add_argument("--densities", default=None, help="e.g. 0.25,0.5,0.75")
+    parser.add_argument("--bsr-densities", default="0.5", help="densities at which PyTorch BSR is timed too")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    tokens = [int(v) for v in args.tokens.split(",")] if args.tokens else TOKENS
+    blocks = [int(v) for v in args.blocks.split(",")] if args.blocks else BLOCKS
+    densities = [float(v) for v in args.densities.split(",")] if args.densities else ([0.5] if args.quick else DENSITIES)
+    bsr_densities = {float(v) for v in args.bsr_densities.split(",") if v}
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    rows = []
+    for in_f, out_f in shapes:
+        for m in tokens:
+            x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+            w = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
+            g = torch.randn(m, out_f, device="cuda", dtype=dtype)
+            dense_times = time_dense(x, w, g)
+            del x, w, g
+            for block in blocks:
+                for density in densities:
+                    row = run_case(in_f, out_f, m, block, density, dtype, dense_times, density in bsr_densities)
+                    rows.append(row)
+                    print(
+                        f"{in_f}->{out_f} M={m} B={block} d={row['density']:.2f}: fwd {row['speedup_fwd']:.2f}x "
+                        f"fwd+bwd {row['speedup_fwdbwd']:.2f}x bsr {row['bsr_speedup_fwd'] or float('nan'):.2f}x",
+                        flush=True,
+                    )
+            path, result = save(rows, args)  # after every shape and M: a cut-off run keeps what it measured
+
+    path, result = save(rows, args)
+    try:
+        from make_table import render  # benchmarks/make_table.py
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from make_table import render
+    print(render(result, fmt="github"))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Render a committed benchmark result (benchmarks/results/*.json) as a markdown table.
+
+    python benchmarks/make_table.py                          # newest result file, markdown to stdout
+    python benchmarks/make_table.py results/X.json           # a given file
+    python benchmarks/make_table.py --write-readme           # also replace the README block between
+                                                             # <!-- bench-table:start --> and <!-- bench-table:end -->
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from tabulate import tabulate
+
+HERE = pathlib.Path(__file__).resolve().parent
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+def _x(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render(result: dict, fmt: str = "github") -> str:
+    """One row per (shape, M, B, density): speedups over dense and weight-state memory."""
+    headers = [
+        "in->out",
+        "M",
+        "B",
+        "density",
+        "dense fwd ms",
+        "ours fwd ms",
+        "fwd vs dense",
+        "fwd+bwd vs dense",
+        "PyTorch BSR fwd vs dense",
+        "weight state MiB (dense)",
+    ]
+    body = []
+    for r in sorted(result["rows"], key=lambda r: (r["in"] * r["out"], r["in"], r["M"], r["B"], r["density"])):
+        body.append(
+            [
+                f"{r['in']}->{r['out']}",
+                r["M"],
+                r["B"],
+                f"{r['density']:.2f}",
+                f"{r['dense_fwd_ms']:.4f}",
+                f"{r['ours_fwd_ms']:.4f}",
+                _x(r["speedup_fwd"]),
+                _x(r["speedup_fwdbwd"]),
+                _x(r.get("bsr_speedup_fwd")),
+                f"{r['weight_state_mib']:.1f} ({r['dense_weight_state_mib']:.1f})",
+            ]
+        )
+    caption = (
+        f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['dtype']}, "
+        f"{result['date']}; triton.testing.do_bench medians; speedup = dense F.linear time / sparse time "
+        "(same run); weight state = values + grad + 2 Adam moments."
+    )
+    return caption + "\n\n" + tabulate(body, headers=headers, tablefmt=fmt)
+
+
+def newest_result() -> pathlib.Path:
+    files = sorted((HERE / "results").glob("*.json"), key=lambda p: json.loads(p.read_text()).get("date", ""))
+    if not files:
+        sys.exit("no benchmarks/results/*.json yet; run benchmarks/bench_layer.py on a GPU first")
+    return files[-1]
+
+
+def write_readme(table: str, readme: pathlib.Path) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        sys.exit(f"{readme}: add the markers {START} and {END} where the table belongs, then run again")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("result", nargs="?", help="results JSON (default: the newest under benchmarks/results)")
+    parser.add_argument("--write-readme", action="store_true", help="replace the table block in README.md")
+    parser.add_argument("--readme", default=str(HERE.parent / "README.md"))
+    args = parser.parse_args()
+    path = pathlib.Path(args.result) if args.result else newest_result()
+    table = render(json.loads(path.read_text()))
+    print(table)
+    if args.write_readme:
+        write_readme(table, pathlib.Path(args.readme))
+
+
+if __name__ == "__main__":
+    main()

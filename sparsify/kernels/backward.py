@@ -1,0 +1,332 @@
+"""Triton Block-ELL backward: grad_input (no atomics) and grad_values (fixed reduction order).
+
+grad_input: dL/dx = grad_out W. Block-column c of dL/dx gathers from every slot (r, k) whose
+col_indices[r, k] == c. The launcher builds the column-major view of the topology on the device
+each call (a stable argsort of the flat col_indices, a bincount and a cumulative sum: no host sync,
+always in sync with the topology): `slots_by_col` lists the flat slots r*K + k column by column and
+`col_start[c] : col_start[c+1]` is column c's stretch. One program owns an output tile [BM tokens x B]
+of one column and walks its stretch TS entries at a time: the grad_out boxes of those entries'
+block-rows are gathered into one [BM, TS*B] tile and multiplied with their blocks ([TS*B, B],
+each block read as stored). Every output element is written by exactly one program in one fixed
+order, so the result is bitwise reproducible; columns no slot uses are written as zeros.
+
+grad_values: dL/dvalues[r, k] = grad_out[:, r]^T x[:, col_indices[r, k]] summed over tokens.
+One program owns block-row r and GS consecutive slots: it walks the tokens BM at a time in order,
+multiplying the GS gathered, transposed activation boxes [GS*B, BM] with the grad_out box [BM, B].
+When there are too few programs to fill the GPU (few block-rows, many tokens) the tokens are split
+into SPLIT fixed ranges with float32 partial sums, added afterwards in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsify.kernels.forward import (
+    REDUCE_BLOCK,
+    _interpreting,
+    _reduce_partials_kernel,
+    dot_precision,
+    interpreter_upcast,
+    m_bucket,
+    mma,
+    num_sms,
+)
+
+# (BM tokens, TS*B or GS*B reduction/gather width, num_warps, num_stages)
+GRAD_INPUT_CONFIGS = [
+    (128, 128, 8, 3),
+    (128, 128, 4, 4),
+    (128, 64, 4, 4),
+    (64, 128, 4, 4),
+    (16, 128, 4, 4),
+    (32, 128, 4, 3),
+]
+GRAD_VALUES_CONFIGS = [
+    (128, 128, 8, 3),
+    (64, 128, 4, 4),
+    (128, 64, 4, 4),
+    (64, 256, 8, 3),
+    (32, 128, 4, 3),
+    (16, 128, 4, 3),
+]
+GROUP_M = 8
+
+
+def _fits(bm: int, width: int, block: int, bucket: int, elem: int, stages: int, acc_cols: int) -> bool:
+    if width < block or width > 8 * block:
+        return False
+    if (bucket <= 32) != (bm <= 32):
+        return False
+    smem = (bm * width + width * acc_cols) * elem * max(1, stages - 1)
+    return smem <= 200 * 1024
+
+
+def _prune(configs, named_args, width_key, acc_cols_of, **kwargs):
+    args = {**named_args, **kwargs}
+    block, bucket, elem = args["B"], args["M_BUCKET"], args["ELEM_BYTES"]
+    kept = [
+        c
+        for c in configs
+        if _fits(c.kwargs["BM"], c.kwargs[width_key], block, bucket, elem, c.num_stages, acc_cols_of(c, block))
+    ]
+    if not kept:
+        kept = [triton.Config({"BM": 16 if bucket <= 32 else 64, width_key: block}, num_warps=4, num_stages=2)]
+    if _interpreting():
+        kept = kept[:1]
+    return kept
+
+
+def _prune_grad_input(configs, named_args, **kwargs):
+    return _prune(configs, named_args, "TSB", lambda c, b: b, **kwargs)
+
+
+def _prune_grad_values(configs, named_args, **kwargs):
+    # grad_values' tiles are [BM, B] grad_out and [BM, GS*B] activations
+    return _prune(configs, named_args, "GSB", lambda c, b: b * c.kwargs["BM"] // c.kwargs["GSB"], **kwargs)
+
+
+def _make(configs, width_key):
+    return [triton.Config({"BM": bm, width_key: w}, num_warps=nw, num_stages=ns) for bm, w, nw, ns in configs]
+
+
+@triton.autotune(
+    configs=_make(GRAD_INPUT_CONFIGS, "TSB"),
+    key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
+    prune_configs_by={"early_config_prune": _prune_grad_input},
+)
+@triton.jit(do_not_specialize=["M"])
+def _grad_input_kernel(
+    g_ptr,  # grad_out [M, N_OUT]
+    v_ptr,  # values [R, K, B, B]
+    slots_ptr,  # [R*K] int32: flat slots r*K + k sorted by column (stable)
+    start_ptr,  # [C + 1] int32: column c's stretch of slots_ptr
+    gx_ptr,  # [M, IN_F]
+    M,
+    M_BUCKET,
+    N_OUT,
+    IN_F,
+    K,
+    C,
+    ELEM_BYTES,
+    B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    TSB: tl.constexpr,
+):
+    TS: tl.constexpr = TSB // B
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    per_group = GROUP_M * C
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    c = (pid % per_group) // group_size
+
+    lo = tl.load(start_ptr + c)
+    hi = tl.load(start_ptr + c + 1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    tt = tl.arange(0, TSB)
+    entry_in_step = tt // B
+    i = tt % B
+    js = tl.arange(0, B)
+    g_rows = g_ptr + rows.to(tl.int64)[:, None] * N_OUT
+    acc = tl.zeros((BM, B), dtype=tl.float32)
+    for t0 in range(lo, hi, TS):
+        t = t0 + entry_in_step
+        t_ok = t < hi
+        slot = tl.load(slots_ptr + t, mask=t_ok, other=0)
+        r = slot // K
+        gcol = tl.max_contiguous(tl.multiple_of(r * B + i, B), B)
+        gt = tl.load(g_rows + gcol[None, :], mask=row_ok[:, None] & t_ok[None, :], other=0.0)  # [BM, TS*B]
+        # block tile [TS*B, B]: element (tt, j) = values[slot, i, j], rows read as stored
+        vt = tl.load(v_ptr + (slot.to(tl.int64) * B * B + i * B)[:, None] + js[None, :], mask=t_ok[:, None], other=0.0)
+        acc = mma(gt, vt, acc, PRECISION, UPCAST)
+    out = gx_ptr + rows.to(tl.int64)[:, None] * IN_F + (c * B + js)[None, :]
+    tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.autotune(
+    configs=_make(GRAD_VALUES_CONFIGS, "GSB"),
+    key=["M_BUCKET", "N_OUT", "IN_F", "K", "B", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_grad_values},
+)
+@triton.jit(do_not_specialize=["M"])
+def _grad_values_kernel(
+    g_ptr,  # grad_out [M, N_OUT]
+    x_ptr,  # x [M, IN_F]
+    col_ptr,  # [R, K] int32
+    dv_ptr,  # [R, K, B, B] (grad_out dtype) or [SPLIT, R, K, B, B] float32 partials
+    M,
+    M_BUCKET,
+    N_OUT,
+    IN_F,
+    K,
+    R,
+    SPLIT,
+    ELEM_BYTES,
+    B: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BM: tl.constexpr,
+    GSB: tl.constexpr,
+):
+    GS: tl.constexpr = GSB // B
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    groups_per_row = tl.cdiv(K, GS)
+    r = pid // groups_per_row
+    k0 = (pid % groups_per_row) * GS
+
+    jj = tl.arange(0, GSB)
+    k = k0 + jj // B
+    k_ok = k < K
+    j = jj % B
+    col = tl.load(col_ptr + r * K + k, mask=k_ok, other=0)
+    xcol = tl.max_contiguous(tl.multiple_of(col * B + j, B), B)
+    outs = tl.arange(0, B)
+
+    # this program's tokens: [m_lo, m_hi), BM-aligned ranges
+    tiles = tl.cdiv(M, BM)
+    per_split = tl.cdiv(tiles, SPLIT)
+    m_lo = pid_s * per_split * BM
+    m_hi = tl.minimum(m_lo + per_split * BM, M)
+    # acc[g*B + j, i] = dvalues[r, k0 + g, i, j]: the gathered side is the tall operand (tensor-core M)
+    acc = tl.zeros((GSB, B), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        rows = m0 + tl.arange(0, BM)
+        row_ok = rows < m_hi
+        xt = tl.load(x_ptr + rows.to(tl.int64)[None, :] * IN_F + xcol[:, None], mask=row_ok[None, :] & k_ok[:, None], other=0.0)  # [GS*B, BM]
+        gt = tl.load(g_ptr + rows.to(tl.int64)[:, None] * N_OUT + (r * B + outs)[None, :], mask=row_ok[:, None], other=0.0)  # [BM, B]
+        acc = mma(xt, gt, acc, PRECISION, UPCAST)
+    offs = (r * K + k).to(tl.int64)[:, None] * B * B + outs[None, :] * B + j[:, None]
+    if PARTIAL:
+        tl.store(dv_ptr + pid_s.to(tl.int64) * R * K * B * B + offs, acc, mask=k_ok[:, None])
+    else:
+        tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
+
+
+def column_view(col_indices: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The topology column by column, built on the device: (slots_by_col [R*K], col_start [C+1]) int32."""
+    flat = col_indices.reshape(-1).long()
+    slots_by_col = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=num_cols)
+    col_start = torch.zeros(num_cols + 1, dtype=torch.int32, device=col_indices.device)
+    col_start[1:] = torch.cumsum(counts, 0)
+    return slots_by_col, col_start
+
+
+def grad_input(
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    col_indices: torch.Tensor,
+    in_features: int,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """dL/dx = grad_out W for grad_out [M, out]; returns [M, in] in grad_out's dtype."""
+    rows, k, block, _ = values.shape
+    num_tokens, out_features = grad_out.shape
+    num_cols = in_features // block
+    slots_by_col, col_start = column_view(col_indices, num_cols)
+    grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device)
+    args = (
+        grad_out,
+        values,
+        slots_by_col,
+        col_start,
+        grad_x,
+        num_tokens,
+        m_bucket(num_tokens),
+        out_features,
+        in_features,
+        k,
+        num_cols,
+        grad_out.element_size(),
+    )
+    flags = dict(B=block, PRECISION=dot_precision(grad_out.dtype), UPCAST=interpreter_upcast(grad_out.dtype))
+    if config is None:
+        grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]) * num_cols,)  # noqa: E731
+        _grad_input_kernel[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(num_tokens, config["BM"]) * num_cols,)
+        _grad_input_kernel.fn[grid](
+            *args,
+            **flags,
+            BM=config["BM"],
+            TSB=config["TSB"],
+            num_warps=config.get("num_warps", 4),
+            num_stages=config.get("num_stages", 2),
+        )
+    return grad_x
+
+
+def split_tokens(programs: int, num_tokens: int, device: torch.device) -> int:
+    """Token ranges for grad_values when block-rows x slot groups alone cannot fill the GPU."""
+    sms = num_sms(device)
+    if programs >= sms or num_tokens < 1024:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), num_tokens // 512, 16))
+
+
+def grad_values(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    col_indices: torch.Tensor,
+    block_size: int,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """dL/dvalues = grad_out^T x sampled at the kept blocks: [R, K, B, B] in grad_out's dtype."""
+    num_tokens, in_features = x.shape
+    out_features = grad_out.shape[1]
+    rows, k = col_indices.shape
+    block = block_size
+    col = col_indices if col_indices.dtype == torch.int32 else col_indices.to(torch.int32)
+    if config is not None and "SPLIT" in config:
+        split = config["SPLIT"]
+    else:
+        split = split_tokens(rows * triton.cdiv(k, max(1, 128 // block)), num_tokens, x.device)
+    dv = torch.empty(rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device)
+    target = dv if split == 1 else torch.empty(split, rows, k, block, block, dtype=torch.float32, device=x.device)
+    args = (
+        grad_out,
+        x,
+        col,
+        target,
+        num_tokens,
+        m_bucket(num_tokens),
+        out_features,
+        in_features,
+        k,
+        rows,
+        split,
+        grad_out.element_size(),
+    )
+    flags = dict(
+        B=block, PARTIAL=split > 1, PRECISION=dot_precision(grad_out.dtype), UPCAST=interpreter_upcast(grad_out.dtype)
+    )
+    if config is None:
+        grid = lambda meta: (rows * triton.cdiv(k, meta["GSB"] // block), split)  # noqa: E731
+        _grad_values_kernel[grid](*args, **flags)
+    else:
+        grid = (rows * triton.cdiv(k, config["GSB"] // block), split)
+        _grad_values_kernel.fn[grid](
+            *args,
+            **flags,
+            BM=config["BM"],
+            GSB=config["GSB"],
+            num_warps=config.get("num_warps", 4),
+            num_stages=config.get("num_stages", 2),
+        )
+    if split > 1:
+        total = rows * k * block * block
+        _reduce_partials_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](
+            target, dv, dv, 1, total, split, HAS_BIAS=False, BLOCK=REDUCE_BLOCK
+        )
+    return dv

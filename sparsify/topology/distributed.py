@@ -1,0 +1,107 @@
+"""DDP: make every rank take the same topology decision, and prove it.
+
+Everything a decision reads is made identical on every rank before it runs:
+  * block-score EMAs come from ``values.grad``, which DDP has already averaged, but the probe
+    statistics (activation and error norms) are local to a rank; all of them are averaged in ONE
+    bucketed all-reduce per Level 2 (:func:`average_`), and the averages replace the local EMAs;
+  * randomness comes from one CPU generator per Level 2 event, seeded from ``config.seed`` and the
+    step (:func:`decision_generator`), so it needs no communication and no checkpointed state;
+  * afterwards a checksum of every layer's ``col_indices`` is compared across ranks (one more
+    all-reduce, :func:`check_same_topology`) and a divergence raises.
+
+How to construct DDP: sparsify the model, move it to its device (and dtype), wrap it in
+``DistributedDataParallel`` (defaults are fine; ``broadcast_buffers`` may stay on), then build the
+``TopologyOptimizer`` with either the DDP wrapper or the inner module. With the wrapper, its
+``process_group`` is used; otherwise pass ``process_group=`` or the default group is used. Every rank
+must call ``step()`` the same number of times (as DDP itself requires). CPU (gloo) and CUDA (NCCL)
+tensors both work: the collectives use SUM and MAX, which every backend supports.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_MASK61 = (1 << 61) - 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP / FSDP-style ``.module`` wrappers and ``torch.compile``'s ``_orig_mod``."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def process_group_of(model: nn.Module, process_group=None):
+    """The group decisions are synchronized over: explicit, else the DDP wrapper's, else the default
+    group when torch.distributed is initialized, else None (single process)."""
+    if process_group is not None:
+        return process_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.process_group
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return dist.group.WORLD
+
+
+def world_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def average_(tensors: list[torch.Tensor], group) -> None:
+    """Replace every tensor by its mean over the ranks of ``group``: one all-reduce over one buffer.
+
+    All tensors must share a device; they are flattened into a float32 buffer and copied back.
+    """
+    if world_size(group) == 1 or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat.div_(world_size(group))
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def decision_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of the Level 2 event at ``step``: same on every rank, a pure function of both."""
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + step * 7_919 + 0x5EED) & _MASK61)
+    return generator
+
+
+def topology_checksum(col_indices: torch.Tensor) -> torch.Tensor:
+    """A position-sensitive int64 hash of one topology (on its device, no host sync)."""
+    cols = col_indices.reshape(-1).long()
+    position = torch.arange(cols.numel(), device=cols.device, dtype=torch.int64)
+    weight = (position * 2_654_435_761 + 97_531) % 2_147_483_629 + 1  # < 2**31
+    return (((cols + 1) * weight) % 2_147_483_647).sum()
+
+
+def check_same_topology(names: list[str], topologies: list[torch.Tensor], group, step: int) -> None:
+    """Raise RuntimeError naming the layers whose topology differs across ranks (one all-reduce)."""
+    if world_size(group) == 1 or not topologies:
+        return
+    sums = torch.stack([topology_checksum(t) for t in topologies])  # [L]
+    both = torch.cat([sums, -sums])  # max of -x is -min of x: MAX and MIN in one collective
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    high, low = both[: len(names)], -both[len(names) :]
+    differ = (high != low).cpu()
+    if bool(differ.any()):
+        bad = [name for name, d in zip(names, differ.tolist()) if d]
+        raise RuntimeError(
+            f"topology diverged across ranks after the decision at step {step} in {len(bad)} layer(s): "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Every rank must call step() equally often "
+            "and hold the same model and optimizer state (load the same checkpoint on every rank)"
+        )
