@@ -92,6 +92,9 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
     values = torch.randn(rows, k, block, block, device=device, dtype=dtype) / (k * block) ** 0.5
     col = random_topology(rows, cols, k, device)
     fwd, fwdbwd = time_ours(x, values, col, g)
+    kernels = sparsify.ops.triton_kernels()
+    gi = bench(lambda: kernels.grad_input(g, values, col, in_f))
+    gv = bench(lambda: kernels.grad_values(g, x, col, block))
     d_fwd, d_fwdbwd = dense_times
     bsr = err = None
     if with_bsr:
@@ -112,6 +115,8 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
         "dense_fwd_tflops": flops / d_fwd / 1e9,
         "ours_fwd_ms": fwd,
         "ours_fwdbwd_ms": fwdbwd,
+        "ours_grad_input_ms": gi,
+        "ours_grad_values_ms": gv,
         "bsr_fwd_ms": bsr,
         "bsr_error": err,
         "speedup_fwd": d_fwd / fwd,
@@ -121,6 +126,20 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
         "weight_state_mib": sparse_bytes / 2**20,
         "dense_weight_state_mib": dense_bytes / 2**20,
     }
+
+
+def chosen_configs() -> dict:
+    """What the autotuner picked per key, for the notes."""
+    from sparsify.kernels import backward, forward
+
+    picked = {}
+    for name, kernel in (
+        ("forward", forward._forward_kernel),
+        ("grad_input", backward._grad_input_kernel),
+        ("grad_values", backward._grad_values_kernel),
+    ):
+        picked[name] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+    return picked
 
 
 def save(rows: list, args) -> tuple[pathlib.Path, dict]:
@@ -135,6 +154,7 @@ def save(rows: list, args) -> tuple[pathlib.Path, dict]:
         "dtype": args.dtype,
         "do_bench": {"warmup_ms": WARMUP_MS, "rep_ms": REP_MS, "return_mode": "median"},
         "rows": rows,
+        "autotuned": chosen_configs(),
     }
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -228,13 +228,17 @@ def grad_input(
     in_features: int,
     *,
     config: dict | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dL/dx = grad_out W for grad_out [M, out]; returns [M, in] in grad_out's dtype."""
+    """dL/dx = grad_out W for grad_out [M, out]; returns [M, in] in grad_out's dtype.
+
+    Tests only: ``config`` fixes the tile ({"BM", "TSB", "num_warps", "num_stages"}); ``out`` is the
+    tensor to write (e.g. NaN-poisoned)."""
     rows, k, block, _ = values.shape
     num_tokens, out_features = grad_out.shape
     num_cols = in_features // block
     slots_by_col, col_start = column_view(col_indices, num_cols)
-    grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device)
+    grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     args = (
         grad_out,
         values,
@@ -281,8 +285,12 @@ def grad_values(
     block_size: int,
     *,
     config: dict | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dL/dvalues = grad_out^T x sampled at the kept blocks: [R, K, B, B] in grad_out's dtype."""
+    """dL/dvalues = grad_out^T x sampled at the kept blocks: [R, K, B, B] in grad_out's dtype.
+
+    Tests only: ``config`` fixes the tile ({"BM", "GSB", "num_warps", "num_stages"}, optionally
+    "SPLIT"); ``out`` is the tensor to write (e.g. NaN-poisoned)."""
     num_tokens, in_features = x.shape
     out_features = grad_out.shape[1]
     rows, k = col_indices.shape
@@ -292,8 +300,10 @@ def grad_values(
         split = config["SPLIT"]
     else:
         split = split_tokens(rows * triton.cdiv(k, max(1, 128 // block)), num_tokens, x.device)
-    dv = torch.empty(rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device)
+    dv = torch.empty(rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     target = dv if split == 1 else torch.empty(split, rows, k, block, block, dtype=torch.float32, device=x.device)
+    if out is not None and split > 1:
+        target.fill_(float("nan"))
     args = (
         grad_out,
         x,

@@ -211,11 +211,12 @@ def forward(
     bias: torch.Tensor | None,
     *,
     config: dict | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + bias for x [M, in]; returns [M, out] in x's dtype.
 
-    ``config`` (tests only) fixes the tile instead of autotuning: {"BM", "KSB", "num_warps", "num_stages"}
-    and optionally "SPLIT".
+    Tests only: ``config`` fixes the tile instead of autotuning ({"BM", "KSB", "num_warps",
+    "num_stages"}, optionally "SPLIT"); ``out`` is the tensor to write (e.g. NaN-poisoned).
     """
     rows, k, block, _ = values.shape
     num_tokens, in_features = x.shape
@@ -227,8 +228,10 @@ def forward(
     else:
         tile_m = 16 if bucket <= 32 else 128
         split = split_slots(triton.cdiv(num_tokens, tile_m) * rows, k, x.device)
-    y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device) if out is None else out
     partial = y if split == 1 else torch.empty(split, num_tokens, out_features, dtype=torch.float32, device=x.device)
+    if out is not None and split > 1:
+        partial.fill_(float("nan"))
     has_bias = bias is not None
     args = (
         x,
