@@ -326,7 +326,8 @@ class TopologyOptimizer(torch.optim.Optimizer):
             if torch.is_tensor(state) and state.shape == values.shape:  # Adam exp_avg / exp_avg_sq, SGD momentum
                 state.index_put_((rows, slots), torch.zeros((), device=state.device, dtype=state.dtype))
         # a grown block starts from the calibrated estimate that won it the slot, and age 0
-        s.block_ema.index_put_((rows, slots), plan.grown_scores.to(device))
+        if self.config.scorer == "gradient":
+            s.block_ema.index_put_((rows, slots), plan.grown_scores.to(device))
         s.age.index_put_((rows, slots), torch.zeros((), dtype=s.age.dtype, device=device))
         s.swaps_total += plan.num_swaps
 
