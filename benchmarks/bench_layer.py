@@ -40,6 +40,21 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
 
 
+def graph_bench(fn, calls: int = 20) -> float:
+    """Per-call time of `calls` back-to-back calls captured in one CUDA graph (no host overhead):
+    what a decode loop under CUDA graphs (torch.compile mode="reduce-overhead") sees."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return bench(graph.replay) / calls
+
+
 def random_topology(rows: int, cols: int, k: int, device) -> torch.Tensor:
     return torch.rand(rows, cols, device=device).argsort(dim=1)[:, :k].sort(dim=1).values.to(torch.int32)
 
@@ -59,7 +74,8 @@ def time_dense(x, w, g):
         y = F.linear(xg, wg)
         torch.autograd.grad(y, (xg, wg), g)
 
-    return fwd, bench(step)
+    graph_fwd = graph_bench(lambda: F.linear(x, w)) if x.shape[0] <= 64 else None
+    return fwd, bench(step), graph_fwd
 
 
 def time_ours(x, values, col, g):
@@ -92,10 +108,14 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
     values = torch.randn(rows, k, block, block, device=device, dtype=dtype) / (k * block) ** 0.5
     col = random_topology(rows, cols, k, device)
     fwd, fwdbwd = time_ours(x, values, col, g)
+    graph_fwd = graph_fwd_dense = None
+    if m <= 64:  # decode: host overhead dominates plain calls; time the kernels under a CUDA graph too
+        graph_fwd = graph_bench(lambda: torch.ops.sparsify.block_ell_linear(x, values, col))
+        graph_fwd_dense = dense_times[2]
     kernels = sparsify.ops.triton_kernels()
     gi = bench(lambda: kernels.grad_input(g, values, col, in_f))
     gv = bench(lambda: kernels.grad_values(g, x, col, block))
-    d_fwd, d_fwdbwd = dense_times
+    d_fwd, d_fwdbwd = dense_times[:2]
     bsr = err = None
     if with_bsr:
         bsr, err = time_bsr(x, dense_of(values, col, in_f), block)
@@ -117,6 +137,9 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
         "ours_fwdbwd_ms": fwdbwd,
         "ours_grad_input_ms": gi,
         "ours_grad_values_ms": gv,
+        "graph_dense_fwd_ms": graph_fwd_dense,
+        "graph_ours_fwd_ms": graph_fwd,
+        "graph_speedup_fwd": graph_fwd_dense / graph_fwd if graph_fwd else None,
         "bsr_fwd_ms": bsr,
         "bsr_error": err,
         "speedup_fwd": d_fwd / fwd,
@@ -159,6 +182,11 @@ def save(rows: list, args) -> tuple[pathlib.Path, dict]:
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{device.replace(' ', '_')}-{today}.json"
+    if path.exists():  # keep rows of earlier runs today that this run did not measure again
+        ident = lambda r: (r["in"], r["out"], r["M"], r["B"], r["K"])  # noqa: E731
+        mine = {ident(r) for r in rows}
+        earlier = [r for r in json.loads(path.read_text())["rows"] if ident(r) not in mine]
+        result["rows"] = earlier + rows
     path.write_text(json.dumps(result, indent=1))
     return path, result
 
@@ -197,7 +225,8 @@ def main() -> None:
                     rows.append(row)
                     print(
                         f"{in_f}->{out_f} M={m} B={block} d={row['density']:.2f}: fwd {row['speedup_fwd']:.2f}x "
-                        f"fwd+bwd {row['speedup_fwdbwd']:.2f}x bsr {row['bsr_speedup_fwd'] or float('nan'):.2f}x",
+                        f"fwd+bwd {row['speedup_fwdbwd']:.2f}x bsr {row['bsr_speedup_fwd'] or float('nan'):.2f}x "
+                        f"graph fwd {row['graph_speedup_fwd'] or float('nan'):.2f}x",
                         flush=True,
                     )
             path, result = save(rows, args)  # after every shape and M: a cut-off run keeps what it measured

@@ -82,8 +82,14 @@ def main() -> None:
             ]
             if dtype != torch.bfloat16:
                 cases = cases[1:2] + cases[3:4]
-            for m, in_f, out_f, k in cases:
-                ok, errs = check(m, in_f, out_f, block, k, dtype, tf32)
+            for n, (m, in_f, out_f, k) in enumerate(cases):
+                # autotuned for the first case of a kind, fixed tiles after (compiles cost device time)
+                cfg = None if n == 0 else {
+                    "fwd": {"BM": 64 if m > 32 else 16, "KSB": max(block, 128), "num_stages": 2},
+                    "gi": {"BM": 64 if m > 32 else 16, "TSB": max(block, 128), "num_stages": 2},
+                    "gv": {"BM": 64 if m > 32 else 16, "GSB": max(block, 128), "num_stages": 2},
+                }
+                ok, errs = check(m, in_f, out_f, block, k, dtype, tf32, cfg)
                 failures += not ok
                 key = (block, str(dtype), tf32)
                 worst[key] = max(worst.get(key, (0, 0, 0)), errs)

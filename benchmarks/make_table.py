@@ -34,6 +34,7 @@ def render(result: dict, fmt: str = "github") -> str:
         "ours fwd ms",
         "fwd vs dense",
         "fwd+bwd vs dense",
+        "fwd vs dense, CUDA graph",
         "PyTorch BSR fwd vs dense",
         "weight state MiB (dense)",
     ]
@@ -49,6 +50,7 @@ def render(result: dict, fmt: str = "github") -> str:
                 f"{r['ours_fwd_ms']:.4f}",
                 _x(r["speedup_fwd"]),
                 _x(r["speedup_fwdbwd"]),
+                _x(r.get("graph_speedup_fwd")),
                 _x(r.get("bsr_speedup_fwd")),
                 f"{r['weight_state_mib']:.1f} ({r['dense_weight_state_mib']:.1f})",
             ]
@@ -56,7 +58,8 @@ def render(result: dict, fmt: str = "github") -> str:
     caption = (
         f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['dtype']}, "
         f"{result['date']}; triton.testing.do_bench medians; speedup = dense F.linear time / sparse time "
-        "(same run); weight state = values + grad + 2 Adam moments."
+        "(same run); CUDA graph = 20 calls captured in one graph, per-call time (decode rows only); "
+        "weight state = values + grad + 2 Adam moments."
     )
     return caption + "\n\n" + tabulate(body, headers=headers, tablefmt=fmt)
 

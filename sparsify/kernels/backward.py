@@ -51,7 +51,7 @@ GRAD_VALUES_CONFIGS = [
     (32, 128, 4, 3),
     (16, 128, 4, 3),
 ]
-GROUP_M = 8
+GROUP_M = tl.constexpr(8)
 
 
 def _fits(bm: int, width: int, block: int, bucket: int, elem: int, stages: int, acc_cols: int) -> bool:
@@ -212,13 +212,14 @@ def _grad_values_kernel(
 
 
 def column_view(col_indices: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The topology column by column, built on the device: (slots_by_col [R*K], col_start [C+1]) int32."""
-    flat = col_indices.reshape(-1).long()
-    slots_by_col = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.bincount(flat, minlength=num_cols)
-    col_start = torch.zeros(num_cols + 1, dtype=torch.int32, device=col_indices.device)
-    col_start[1:] = torch.cumsum(counts, 0)
-    return slots_by_col, col_start
+    """The topology column by column, built on the device without a host sync (so it can be
+    captured in a CUDA graph): (slots_by_col [R*K], col_start [C+1]) int32, column c's slots are
+    slots_by_col[col_start[c] : col_start[c+1]] in increasing slot order (stable sort)."""
+    flat = col_indices.reshape(-1)
+    sorted_cols, slots_by_col = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_cols + 1, device=flat.device, dtype=sorted_cols.dtype)
+    col_start = torch.searchsorted(sorted_cols, bounds, out_int32=True)
+    return slots_by_col.to(torch.int32), col_start
 
 
 def grad_input(

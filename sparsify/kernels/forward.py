@@ -17,6 +17,7 @@ Launcher contract: forward(x [M, in], values [R, K, B, B], col_indices [R, K], b
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,16 +29,18 @@ import triton.language as tl
 FORWARD_CONFIGS = [
     # large M
     (128, 128, 8, 3),
+    (128, 128, 8, 4),
     (128, 128, 4, 4),
     (128, 64, 4, 4),
     (256, 128, 8, 3),
+    (256, 64, 8, 4),
     (64, 128, 4, 4),
     # small M (decode)
     (16, 128, 4, 4),
     (16, 256, 4, 3),
     (32, 128, 4, 4),
 ]
-GROUP_M = 8  # token tiles per group of the grouped program order
+GROUP_M = tl.constexpr(8)  # token tiles per group of the grouped program order
 REDUCE_BLOCK = 1024
 
 
@@ -59,7 +62,7 @@ def _fits(bm: int, ksb: int, block: int, m_bucket: int, elem: int, stages: int) 
         return False
     # shared memory per pipeline stage: x tile [BM, KS*B] + block tile [KS*B, B]
     smem = (bm * ksb + ksb * block) * elem * max(1, stages - 1)
-    return smem <= 200 * 1024
+    return smem <= 224 * 1024
 
 
 @triton.jit
@@ -192,8 +195,13 @@ def m_bucket(m: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def split_slots(num_tiles: int, k: int, device: torch.device) -> int:
