@@ -78,6 +78,38 @@ def time_dense(x, w, g):
     return fwd, bench(step), graph_fwd
 
 
+def with_env(name: str, value: str, fn):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def time_variants(x, values, col, g, m, block, density) -> dict:
+    """The kernels the launcher can choose between, timed side by side (large M only)."""
+    out = {}
+    if m < 256:
+        return out
+    if block <= 64:
+        for kind in ("gather", "tile"):
+            fwd, fwdbwd = with_env("SPARSIFY_BLOCK_KERNEL", kind, lambda: time_ours(x, values, col, g))
+            out[f"{kind}_fwd_ms"], out[f"{kind}_fwdbwd_ms"] = fwd, fwdbwd
+    if block >= 64:
+        def tma():
+            return bench(lambda: torch.ops.sparsify.block_ell_linear(x, values, col))
+
+        try:
+            out["tma_fwd_ms"] = with_env("SPARSIFY_TMA", "1", tma)
+        except Exception as error:  # noqa: BLE001
+            out["tma_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+    return out
+
+
 def time_ours(x, values, col, g):
     op = torch.ops.sparsify.block_ell_linear
     fwd = bench(lambda: op(x, values, col))
@@ -112,6 +144,7 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
     if m <= 64:  # decode: host overhead dominates plain calls; time the kernels under a CUDA graph too
         graph_fwd = graph_bench(lambda: torch.ops.sparsify.block_ell_linear(x, values, col))
         graph_fwd_dense = dense_times[2]
+    variants = time_variants(x, values, col, g, m, block, density) if density == 0.5 else {}
     kernels = sparsify.ops.triton_kernels()
     gi = bench(lambda: kernels.grad_input(g, values, col, in_f))
     gv = bench(lambda: kernels.grad_values(g, x, col, block))
@@ -146,6 +179,7 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
         "speedup_fwdbwd": d_fwdbwd / fwdbwd,
         "bsr_speedup_fwd": d_fwd / bsr if bsr else None,
         "ours_fwd_eff_tflops": flops * k / cols / fwd / 1e9,
+        **variants,
         "weight_state_mib": sparse_bytes / 2**20,
         "dense_weight_state_mib": dense_bytes / 2**20,
     }
@@ -158,8 +192,11 @@ def chosen_configs() -> dict:
     picked = {}
     for name, kernel in (
         ("forward", forward._forward_kernel),
+        ("forward_tma", forward._forward_tma_kernel),
+        ("tile (forward, grad_input)", forward._tile_kernel),
         ("grad_input", backward._grad_input_kernel),
         ("grad_values", backward._grad_values_kernel),
+        ("tile grad_values", backward._tile_grad_values_kernel),
     ):
         picked[name] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
     return picked
@@ -226,7 +263,8 @@ def main() -> None:
                     print(
                         f"{in_f}->{out_f} M={m} B={block} d={row['density']:.2f}: fwd {row['speedup_fwd']:.2f}x "
                         f"fwd+bwd {row['speedup_fwdbwd']:.2f}x bsr {row['bsr_speedup_fwd'] or float('nan'):.2f}x "
-                        f"graph fwd {row['graph_speedup_fwd'] or float('nan'):.2f}x",
+                        f"graph fwd {row['graph_speedup_fwd'] or float('nan'):.2f}x "
+                        + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("gather_", "tile_", "tma_f"))),
                         flush=True,
                     )
             path, result = save(rows, args)  # after every shape and M: a cut-off run keeps what it measured

@@ -10,6 +10,7 @@ per case and a summary; exits 1 on a failure.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -93,16 +94,35 @@ def main() -> None:
                 failures += not ok
                 key = (block, str(dtype), tf32)
                 worst[key] = max(worst.get(key, (0, 0, 0)), errs)
-    # fixed tiles the autotuner may not pick: split slots, split tokens, narrow gathers
+    # fixed tiles the autotuner may not pick: split slots, split tokens, narrow gathers, parts of
+    # blocks, masked-dense tiles; and the TMA forward
     for block in (16, 32, 64, 128):
         for dtype in (torch.bfloat16, torch.float32):
-            cfg = {
+            cfgs = [{
                 "fwd": {"BM": 16, "KSB": max(block, 128), "SPLIT": 3},
                 "gi": {"BM": 32, "TSB": max(block, 64)},
                 "gv": {"BM": 32, "GSB": max(block, 64), "SPLIT": 3},
-            }
-            ok, _ = check(200, 7 * block, 3 * block, block, 5, dtype, False, cfg)
+            }]
+            if block >= 128:
+                cfgs.append({
+                    "fwd": {"BM": 64, "KSB": 64, "num_stages": 4},
+                    "gi": {"BM": 64, "TSB": 64, "num_stages": 4},
+                    "gv": {"BM": 64, "GSB": 64, "num_stages": 4},
+                })
+            if block <= 64:
+                tile = {"BM": 64, "BN": 128, "BK": 64, "num_stages": 3}
+                cfgs.append({"fwd": {"tile": tile}, "gi": {"tile": tile},
+                             "gv": {"tile": {"BO": 128, "BI": 64, "BT": 64, "num_stages": 3}, "SPLIT": 2}})
+            for cfg in cfgs:
+                ok, _ = check(200, 7 * block, 3 * block, block, 5, dtype, False, cfg)
+                failures += not ok
+    os.environ["SPARSIFY_TMA"] = "1"
+    for block in (64, 128):
+        for dtype in (torch.bfloat16, torch.float32):
+            print("TMA forward:", end=" ")
+            ok, _ = check(3000, 1024, 512, block, 1024 // block // 2, dtype, False)
             failures += not ok
+    del os.environ["SPARSIFY_TMA"]
     print("worst relative errors (fwd, grad_input, grad_values) per (B, dtype, tf32):")
     for key, errs in worst.items():
         print(f"  {key}: " + " ".join(f"{e:.2e}" for e in errs))

@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.forward import (
+    AUTOTUNE_TIMER,
     REDUCE_BLOCK,
+    TILE_CONFIGS,
     _interpreting,
     _reduce_partials_kernel,
     dot_precision,
@@ -32,22 +34,28 @@ from sparsify.kernels.forward import (
     m_bucket,
     mma,
     num_sms,
+    slot_table,
+    tile_matmul,
+    use_tiles,
 )
 
 # (BM tokens, TS*B or GS*B reduction/gather width, num_warps, num_stages)
 GRAD_INPUT_CONFIGS = [
-    (128, 128, 8, 3),
-    (128, 128, 4, 4),
     (128, 64, 4, 4),
+    (128, 64, 4, 5),
+    (128, 64, 8, 6),
+    (256, 64, 8, 5),
     (64, 128, 4, 4),
+    (128, 128, 4, 4),
     (16, 128, 4, 4),
     (32, 128, 4, 3),
 ]
 GRAD_VALUES_CONFIGS = [
-    (128, 128, 8, 3),
-    (64, 128, 4, 4),
-    (128, 64, 4, 4),
     (64, 256, 8, 3),
+    (64, 128, 4, 4),
+    (128, 128, 8, 3),
+    (128, 64, 4, 5),
+    (64, 128, 4, 5),
     (32, 128, 4, 3),
     (16, 128, 4, 3),
 ]
@@ -55,11 +63,11 @@ GROUP_M = tl.constexpr(8)
 
 
 def _fits(bm: int, width: int, block: int, bucket: int, elem: int, stages: int, acc_cols: int) -> bool:
-    if width < block or width > 8 * block:
+    if width > 8 * block or (width < block and (width < 64 or block % width)):
         return False
     if (bucket <= 32) != (bm <= 32):
         return False
-    smem = (bm * width + width * acc_cols) * elem * max(1, stages - 1)
+    smem = (bm * width + width * acc_cols) * elem * max(1, stages - 2)  # see forward._fits
     return smem <= 200 * 1024
 
 
@@ -95,6 +103,7 @@ def _make(configs, width_key):
     configs=_make(GRAD_INPUT_CONFIGS, "TSB"),
     key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
     prune_configs_by={"early_config_prune": _prune_grad_input},
+    **AUTOTUNE_TIMER,
 )
 @triton.jit(do_not_specialize=["M"])
 def _grad_input_kernel(
@@ -116,7 +125,7 @@ def _grad_input_kernel(
     BM: tl.constexpr,
     TSB: tl.constexpr,
 ):
-    TS: tl.constexpr = TSB // B
+    RUN: tl.constexpr = B if TSB >= B else TSB
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     per_group = GROUP_M * C
@@ -130,20 +139,20 @@ def _grad_input_kernel(
     hi = tl.load(start_ptr + c + 1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < M
-    tt = tl.arange(0, TSB)
-    entry_in_step = tt // B
-    i = tt % B
+    tt = tl.arange(0, TSB)  # TSB/B whole entries per step, or a TSB-wide part of one
     js = tl.arange(0, B)
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * N_OUT
     acc = tl.zeros((BM, B), dtype=tl.float32)
-    for t0 in range(lo, hi, TS):
-        t = t0 + entry_in_step
+    for p0 in range(lo * B, hi * B, TSB):  # positions p = t*B + i along the column's stretch
+        p = p0 + tt
+        t = p // B
+        i = p % B
         t_ok = t < hi
         slot = tl.load(slots_ptr + t, mask=t_ok, other=0)
         r = slot // K
-        gcol = tl.max_contiguous(tl.multiple_of(r * B + i, B), B)
-        gt = tl.load(g_rows + gcol[None, :], mask=row_ok[:, None] & t_ok[None, :], other=0.0)  # [BM, TS*B]
-        # block tile [TS*B, B]: element (tt, j) = values[slot, i, j], rows read as stored
+        gcol = tl.max_contiguous(tl.multiple_of(r * B + i, RUN), RUN)
+        gt = tl.load(g_rows + gcol[None, :], mask=row_ok[:, None] & t_ok[None, :], other=0.0)  # [BM, TSB]
+        # block tile [TSB, B]: element (tt, j) = values[slot, i, j], rows read as stored
         vt = tl.load(v_ptr + (slot.to(tl.int64) * B * B + i * B)[:, None] + js[None, :], mask=t_ok[:, None], other=0.0)
         acc = mma(gt, vt, acc, PRECISION, UPCAST)
     out = gx_ptr + rows.to(tl.int64)[:, None] * IN_F + (c * B + js)[None, :]
@@ -154,6 +163,7 @@ def _grad_input_kernel(
     configs=_make(GRAD_VALUES_CONFIGS, "GSB"),
     key=["M_BUCKET", "N_OUT", "IN_F", "K", "B", "SPLIT"],
     prune_configs_by={"early_config_prune": _prune_grad_values},
+    **AUTOTUNE_TIMER,
 )
 @triton.jit(do_not_specialize=["M"])
 def _grad_values_kernel(
@@ -176,19 +186,18 @@ def _grad_values_kernel(
     BM: tl.constexpr,
     GSB: tl.constexpr,
 ):
-    GS: tl.constexpr = GSB // B
+    RUN: tl.constexpr = B if GSB >= B else GSB
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    groups_per_row = tl.cdiv(K, GS)
+    # this program: positions p = k*B + j in [p0, p0 + GSB) of row r (GSB/B slots, or part of one)
+    groups_per_row = tl.cdiv(K * B, GSB)
     r = pid // groups_per_row
-    k0 = (pid % groups_per_row) * GS
-
-    jj = tl.arange(0, GSB)
-    k = k0 + jj // B
+    p = (pid % groups_per_row) * GSB + tl.arange(0, GSB)
+    k = p // B
     k_ok = k < K
-    j = jj % B
+    j = p % B
     col = tl.load(col_ptr + r * K + k, mask=k_ok, other=0)
-    xcol = tl.max_contiguous(tl.multiple_of(col * B + j, B), B)
+    xcol = tl.max_contiguous(tl.multiple_of(col * B + j, RUN), RUN)
     outs = tl.arange(0, B)
 
     # this program's tokens: [m_lo, m_hi), BM-aligned ranges
@@ -196,7 +205,7 @@ def _grad_values_kernel(
     per_split = tl.cdiv(tiles, SPLIT)
     m_lo = pid_s * per_split * BM
     m_hi = tl.minimum(m_lo + per_split * BM, M)
-    # acc[g*B + j, i] = dvalues[r, k0 + g, i, j]: the gathered side is the tall operand (tensor-core M)
+    # acc[p - p0, i] = dvalues[r, k, i, j]: the gathered side is the tall operand (tensor-core M)
     acc = tl.zeros((GSB, B), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BM):
         rows = m0 + tl.arange(0, BM)
@@ -209,6 +218,78 @@ def _grad_values_kernel(
         tl.store(dv_ptr + pid_s.to(tl.int64) * R * K * B * B + offs, acc, mask=k_ok[:, None])
     else:
         tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
+
+
+def _prune_tile_values(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    block = args["B"]
+    kept = [c for c in configs if c.kwargs["BO"] % block == 0 and c.kwargs["BI"] % block == 0]
+    if _interpreting():
+        kept = kept[:1]
+    return kept
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BO": bn, "BI": bm, "BT": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in TILE_CONFIGS
+    ],
+    key=["M_BUCKET", "N_OUT", "IN_F", "K", "B", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_tile_values},
+    **AUTOTUNE_TIMER,
+)
+@triton.jit(do_not_specialize=["M"])
+def _tile_grad_values_kernel(
+    g_ptr,  # grad_out [M, N_OUT]
+    x_ptr,  # x [M, IN_F]
+    slot_ptr,  # [R, C] int32 slot of block (r, c) or -1
+    dv_ptr,  # [R, K, B, B] or [SPLIT, R, K, B, B] float32 partials
+    M,
+    M_BUCKET,
+    N_OUT,
+    IN_F,
+    K,
+    R,
+    C,
+    SPLIT,
+    B: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BO: tl.constexpr,
+    BI: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """Small blocks: a dense [BO, BI] tile of grad_out^T x, summed over the tokens in order, of
+    which only the blocks the topology keeps are stored (into their slots)."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_i = tl.cdiv(IN_F, BI)
+    pid_o = pid // num_i
+    pid_i = pid % num_i
+    outs = pid_o * BO + tl.arange(0, BO)
+    ins = pid_i * BI + tl.arange(0, BI)
+    o_ok = outs < N_OUT
+    i_ok = ins < IN_F
+    tiles = tl.cdiv(M, BT)
+    per_split = tl.cdiv(tiles, SPLIT)
+    m_lo = pid_s * per_split * BT
+    m_hi = tl.minimum(m_lo + per_split * BT, M)
+    acc = tl.zeros((BO, BI), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BT):
+        toks = m0 + tl.arange(0, BT)
+        t_ok = toks < m_hi
+        gt = tl.load(g_ptr + toks.to(tl.int64)[None, :] * N_OUT + outs[:, None], mask=o_ok[:, None] & t_ok[None, :], other=0.0)  # [BO, BT]
+        xt = tl.load(x_ptr + toks.to(tl.int64)[:, None] * IN_F + ins[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)  # [BT, BI]
+        acc = mma(gt, xt, acc, PRECISION, UPCAST)
+    r = outs // B
+    c = ins // B
+    slot = tl.load(slot_ptr + r[:, None] * C + c[None, :], mask=o_ok[:, None] & i_ok[None, :], other=-1)
+    offs = ((r[:, None] * K + slot).to(tl.int64) * B + (outs % B)[:, None]) * B + (ins % B)[None, :]
+    kept = slot >= 0
+    if PARTIAL:
+        tl.store(dv_ptr + pid_s.to(tl.int64) * R * K * B * B + offs, acc, mask=kept)
+    else:
+        tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=kept)
 
 
 def column_view(col_indices: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,8 +319,12 @@ def grad_input(
     rows, k, block, _ = values.shape
     num_tokens, out_features = grad_out.shape
     num_cols = in_features // block
-    slots_by_col, col_start = column_view(col_indices, num_cols)
     grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
+    tiles = config.get("tile") if config is not None and "tile" in config else None
+    if tiles is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
+        tile_matmul(grad_out, values, slot_table(col_indices, num_cols), None, grad_x, True, tiles)
+        return grad_x
+    slots_by_col, col_start = column_view(col_indices, num_cols)
     args = (
         grad_out,
         values,
@@ -297,14 +382,38 @@ def grad_values(
     rows, k = col_indices.shape
     block = block_size
     col = col_indices if col_indices.dtype == torch.int32 else col_indices.to(torch.int32)
+    num_cols = in_features // block
+    tiles = config.get("tile") if config is not None and "tile" in config else None
+    tiled = tiles is not None or (config is None and use_tiles(block, k / num_cols, num_tokens))
     if config is not None and "SPLIT" in config:
         split = config["SPLIT"]
+    elif tiled:
+        split = split_tokens(triton.cdiv(out_features, 128) * triton.cdiv(in_features, 128), num_tokens, x.device)
     else:
         split = split_tokens(rows * triton.cdiv(k, max(1, 128 // block)), num_tokens, x.device)
     dv = torch.empty(rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     target = dv if split == 1 else torch.empty(split, rows, k, block, block, dtype=torch.float32, device=x.device)
     if out is not None and split > 1:
         target.fill_(float("nan"))
+    if tiled:
+        table = slot_table(col, num_cols)
+        targs = (grad_out, x, table, target, num_tokens, m_bucket(num_tokens), out_features, in_features, k, rows, num_cols, split)
+        tflags = dict(B=block, PARTIAL=split > 1, PRECISION=dot_precision(x.dtype), UPCAST=interpreter_upcast(x.dtype))
+        if tiles is None:
+            grid = lambda meta: (triton.cdiv(out_features, meta["BO"]) * triton.cdiv(in_features, meta["BI"]), split)  # noqa: E731
+            _tile_grad_values_kernel[grid](*targs, **tflags)
+        else:
+            grid = (triton.cdiv(out_features, tiles["BO"]) * triton.cdiv(in_features, tiles["BI"]), split)
+            _tile_grad_values_kernel.fn[grid](
+                *targs, **tflags, BO=tiles["BO"], BI=tiles["BI"], BT=tiles["BT"],
+                num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 2),
+            )
+        if split > 1:
+            total = rows * k * block * block
+            _reduce_partials_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](
+                target, dv, dv, 1, total, split, HAS_BIAS=False, BLOCK=REDUCE_BLOCK
+            )
+        return dv
     args = (
         grad_out,
         x,
@@ -323,10 +432,10 @@ def grad_values(
         B=block, PARTIAL=split > 1, PRECISION=dot_precision(grad_out.dtype), UPCAST=interpreter_upcast(grad_out.dtype)
     )
     if config is None:
-        grid = lambda meta: (rows * triton.cdiv(k, meta["GSB"] // block), split)  # noqa: E731
+        grid = lambda meta: (rows * triton.cdiv(k * block, meta["GSB"]), split)  # noqa: E731
         _grad_values_kernel[grid](*args, **flags)
     else:
-        grid = (rows * triton.cdiv(k, config["GSB"] // block), split)
+        grid = (rows * triton.cdiv(k * block, config["GSB"]), split)
         _grad_values_kernel.fn[grid](
             *args,
             **flags,
