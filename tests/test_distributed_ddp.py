@@ -75,6 +75,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except RuntimeError as error:
             diverged = str(error)
         torch.save(diverged, os.path.join(out_dir, f"diverged{rank}.pt"))
+
+        # DDP's defaults (broadcast_buffers=True re-sends the buffers, stats probes included, every forward)
+        model = DistributedDataParallel(_tiny_llama())
+        opt = TopologyOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model.module, config)
+        for _ in range(2 * UPDATE_EVERY):
+            ids = torch.randint(0, 128, (2, 16), generator=data)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        torch.save({
+            "col_indices": {n: m.col_indices.clone() for n, m in opt.layers.items()},
+            "values": {n: m.values.detach().clone() for n, m in opt.layers.items()},
+            "swaps": sum(d.num_swaps for d in opt.history),
+        }, os.path.join(out_dir, f"defaults{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -97,6 +111,14 @@ def test_ddp_ranks_with_different_data_end_with_identical_topology_and_values(dd
         assert torch.equal(r0["values"][name], r1["values"][name]), name
     # the statistics were local until the last decision averaged them; afterwards they differ again
     assert any(not torch.equal(r0["probe_ema"][n], r1["probe_ema"][n]) for n in r0["probe_ema"])
+
+
+def test_ddp_with_default_buffer_broadcast_and_the_inner_module_passed_agrees_too(ddp_run):
+    r0, r1 = (torch.load(ddp_run / f"defaults{r}.pt", weights_only=True) for r in range(WORLD))
+    assert r0["swaps"] > 0 and r0["swaps"] == r1["swaps"]
+    for name in r0["col_indices"]:
+        assert torch.equal(r0["col_indices"][name], r1["col_indices"][name]), name
+        assert torch.equal(r0["values"][name], r1["values"][name]), name
 
 
 def test_topology_checksum_raises_on_every_rank_when_one_rank_diverges(ddp_run):

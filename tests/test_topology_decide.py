@@ -79,9 +79,10 @@ def test_weakest_block_is_swapped_for_the_best_candidate_only_above_the_threshol
 
 def test_a_candidate_exactly_at_the_threshold_does_not_swap():
     topology = torch.tensor([[0]], dtype=torch.int32)
-    plan = decide(torch.tensor([[2.0]]), torch.tensor([[0.0, 3.0]]), topology, TopologyConfig(epsilon=0.0), _gen())
+    config = TopologyConfig(prune_fraction=1.0, epsilon=0.0)
+    plan = decide(torch.tensor([[2.0]]), torch.tensor([[0.0, 3.0]]), topology, config, _gen())
     assert plan.num_swaps == 0
-    plan = decide(torch.tensor([[2.0]]), torch.tensor([[0.0, 3.01]]), topology, TopologyConfig(epsilon=0.0), _gen())
+    plan = decide(torch.tensor([[2.0]]), torch.tensor([[0.0, 3.01]]), topology, config, _gen())
     assert plan.col_indices.tolist() == [[1]]
 
 
@@ -89,7 +90,7 @@ def test_ties_prune_the_lowest_slot_and_grow_the_lowest_column():
     topology = torch.tensor([[6, 2, 4], [1, 0, 7]], dtype=torch.int32)
     block = torch.ones(2, 3)
     cand = torch.full((2, 8), 10.0)
-    plan = decide(block, cand, topology, TopologyConfig(prune_fraction=0.3, epsilon=0.0), _gen())
+    plan = decide(block, cand, topology, TopologyConfig(prune_fraction=1 / 3, epsilon=0.0), _gen())
     assert plan.col_indices.tolist() == [[0, 2, 4], [2, 0, 7]]
 
 
@@ -118,8 +119,17 @@ def test_more_requested_swaps_than_candidates_swaps_at_most_the_free_columns():
 def test_one_block_per_row_can_still_move():
     topology = torch.tensor([[0], [3]], dtype=torch.int32)  # K = 1
     cand = torch.tensor([[0.0, 1.0, 9.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
-    plan = decide(torch.tensor([[1.0], [1.0]]), cand, topology, TopologyConfig(epsilon=0.0), _gen())
+    plan = decide(torch.tensor([[1.0], [1.0]]), cand, topology, TopologyConfig(prune_fraction=1.0, epsilon=0.0), _gen())
     assert plan.col_indices.tolist() == [[2], [3]]
+
+
+def test_a_fractional_quota_is_rounded_stochastically_so_small_rows_swap_the_fraction_on_average():
+    rows, k, cols = 4000, 4, 16
+    topology = _random_topology(rows, k, cols)
+    block, cand = torch.zeros(rows, k), torch.ones(rows, cols)  # every eligible pair would swap
+    plan = decide(block, cand, topology, TopologyConfig(prune_fraction=0.1, epsilon=0.0), _gen())
+    assert int(torch.bincount(plan.rows, minlength=rows).max()) == 1  # ceil(0.4) = 1 pair at most
+    assert plan.num_swaps / (rows * k) == pytest.approx(0.1, abs=0.01)  # not 25%
 
 
 def test_exploration_grows_random_unused_columns_regardless_of_scores():

@@ -81,12 +81,13 @@ def test_every_decision_is_logged_and_sent_to_callbacks(caplog):
 
 
 def test_add_callback_registers_another_receiver():
-    _, opt, _ = trained(steps=0)
+    model, opt, _ = trained(steps=2)
     steps = []
     opt.add_callback(lambda step, metrics, records: steps.append((step, len(records))))
-    model = next(iter(opt.layers.values()))  # noqa: F841
-    opt._publish(7, [])
-    assert steps == [(7, 0)]
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert steps == [(3, len(opt.layers))]
 
 
 def test_history_keeps_only_the_newest_records_when_bounded():

@@ -211,7 +211,6 @@ def test_gradient_accumulation_sums_the_probe_over_micro_batches_before_the_ema(
         ids = batch(step)
         model(input_ids=ids, labels=ids).loss.backward()
     energy = layer.stats_probe.grad.clone()
-    single = model(input_ids=batch(0), labels=batch(0))  # noqa: F841  (a forward alone adds nothing)
     opt.step()
     assert torch.allclose(opt.layer_scores[name].probe_ema, 0.1 * energy.sqrt())
     assert layer.stats_probe.grad is None

@@ -9,10 +9,10 @@
 
 from sparsify.topology.decide import Plan, decide
 from sparsify.topology.metrics import (
-    LayerDiff, TopologyDecision, TopologyReport, column_entropy, diff, plot_block_mask, plot_swap_rate,
+    LayerDiff, TopologyDecision, TopologyReport, column_entropy, decision_metrics, diff, plot_block_mask, plot_swap_rate,
     snapshot, swap_rates, topology_report,
 )
-from sparsify.topology.optimizer import TopologyConfig, TopologyOptimizer, decision_metrics
+from sparsify.topology.optimizer import TopologyConfig, TopologyOptimizer
 
 __all__ = [
     "LayerDiff", "Plan", "TopologyConfig", "TopologyDecision", "TopologyOptimizer", "TopologyReport",

@@ -4,9 +4,12 @@
            protected [R, K] | None) -> Plan
 
 Per block-row, vectorized over rows:
-  1. ``n = min(ceil(prune_fraction * K), C - K)`` prunable pairs: the n lowest-scoring unprotected
+  1. Up to ``n = min(ceil(prune_fraction * K), C - K)`` prunable pairs: the n lowest-scoring unprotected
      active blocks (ascending; ties go to the lowest slot), paired with the n best inactive
      columns (descending; ties go to the lowest column). Weakest block meets best candidate.
+     A row's quota ``prune_fraction * K`` is rounded stochastically (floor, plus one with the
+     fractional part's probability), so at most ``prune_fraction`` of the blocks are swapped on
+     average even where K is small (K = 4 and 0.1 would otherwise round up to 25%).
   2. Each pair explores with probability ``epsilon``: its block is swapped regardless of scores for a
      random inactive column that no greedy swap of the row takes.
   3. Every other pair swaps when ``candidate > swap_threshold * block_score``.
@@ -43,7 +46,7 @@ class Plan:
 
 
 def swaps_per_row(k: int, num_cols: int, prune_fraction: float) -> int:
-    """How many blocks of a row may be swapped at one decision: ``min(ceil(fraction * K), C - K)``."""
+    """The most blocks of a row one decision may swap: ``min(ceil(fraction * K), C - K)``."""
     if prune_fraction <= 0:
         return 0
     return max(0, min(k, math.ceil(prune_fraction * k - 1e-9), num_cols - k))
@@ -79,7 +82,11 @@ def decide(
     ranked = torch.where(protected, torch.full_like(block_scores, math.inf), block_scores)
     weak_slots = torch.sort(ranked, dim=1, stable=True).indices[:, :n]  # [R, n]
     weak_scores = block_scores.gather(1, weak_slots)  # [R, n]
-    eligible = ~protected.gather(1, weak_slots)  # [R, n]
+    quota = config.prune_fraction * k
+    whole = math.floor(quota + 1e-9)
+    limit = whole + (torch.rand(rows, generator=generator) < quota - whole).long()  # [R], stochastic rounding
+    within = torch.arange(n, device=device)[None, :] < limit.to(device)[:, None]  # [R, n]
+    eligible = ~protected.gather(1, weak_slots) & within  # [R, n]
 
     # the n best inactive columns per row
     active = torch.zeros(rows, num_cols, dtype=torch.bool, device=device).scatter_(1, cols, True)  # [R, C]

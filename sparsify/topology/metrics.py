@@ -56,6 +56,22 @@ class TopologyDecision:
         return cls(**data)
 
 
+def decision_metrics(records: list[TopologyDecision]) -> dict[str, float]:
+    """Flat metrics of one Level 2 event over all layers (block-weighted swap rate, mean age and entropy)."""
+    taken = [r for r in records if r.skipped is None]
+    blocks = sum(r.num_blocks for r in records) or 1
+    swaps = sum(r.num_swaps for r in taken)
+    return {
+        "topology/swaps": swaps,
+        "topology/swap_rate": swaps / blocks,
+        "topology/explored": sum(r.explored for r in taken),
+        "topology/mean_age": sum(r.mean_age * r.num_blocks for r in records) / blocks,
+        "topology/column_entropy": sum(r.column_entropy for r in records) / max(1, len(records)),
+        "topology/skipped_layers": len(records) - len(taken),
+        "topology/seconds": sum(r.seconds for r in records),
+    }
+
+
 def column_entropy(col_indices: torch.Tensor, num_cols: int) -> float:
     """Entropy of how often each block-column is used, divided by ``log(C)``: 1.0 is perfectly even."""
     if num_cols <= 1 or col_indices.numel() == 0:

@@ -30,7 +30,7 @@ from sparsify.topology.decide import Plan, decide
 from sparsify.topology.distributed import (
     average_, check_same_topology, decision_generator, process_group_of, unwrap,
 )
-from sparsify.topology.metrics import TopologyDecision, column_entropy
+from sparsify.topology.metrics import TopologyDecision, column_entropy, decision_metrics
 
 logger = logging.getLogger("sparsify.topology")
 
@@ -154,7 +154,7 @@ class TopologyOptimizer(torch.optim.Optimizer):
                 "call sparsify(model, ...) first and build the optimizer from model.parameters()"
             )
         for layer in self.layers.values():
-            _enable_probe(layer)
+            sc.enable_probe(layer)
         self.layer_scores = {name: sc.LayerScores(layer) for name, layer in self.layers.items()}
         self.process_group = process_group_of(model, process_group)
         self.global_step = 0
@@ -411,31 +411,6 @@ class TopologyOptimizer(torch.optim.Optimizer):
         if saved != asdict(self.config):
             logger.warning("TopologyOptimizer.load_state_dict: the checkpoint was saved with %s; continuing with %s",
                            saved, self.config)
-
-
-def decision_metrics(records: list[TopologyDecision]) -> dict[str, float]:
-    """Flat metrics of one Level 2 event over all layers (block-weighted swap rate, mean age and entropy)."""
-    taken = [r for r in records if r.skipped is None]
-    blocks = sum(r.num_blocks for r in records) or 1
-    swaps = sum(r.num_swaps for r in taken)
-    return {
-        "topology/swaps": swaps,
-        "topology/swap_rate": swaps / blocks,
-        "topology/explored": sum(r.explored for r in taken),
-        "topology/mean_age": sum(r.mean_age * r.num_blocks for r in records) / blocks,
-        "topology/column_entropy": sum(r.column_entropy for r in records) / max(1, len(records)),
-        "topology/skipped_layers": len(records) - len(taken),
-        "topology/seconds": sum(r.seconds for r in records),
-    }
-
-
-def _enable_probe(layer: BlockSparseLinear) -> None:
-    """Make the layer's stats probe a float32 leaf that requires grad (re-registered if it was cast)."""
-    probe = layer.stats_probe
-    size = layer.num_rows + layer.num_cols
-    if probe.dtype != torch.float32 or probe.device != layer.values.device or probe.numel() != size or not probe.is_leaf:
-        layer.stats_probe = torch.zeros(size, device=layer.values.device)
-    layer.stats_probe.requires_grad_(True)
 
 
 def _zero_protected_grads(frozen) -> None:

@@ -82,6 +82,15 @@ class LayerScores:
         self.any_protected = bool(self.protected.any())
 
 
+def enable_probe(layer: BlockSparseLinear) -> None:
+    """Make the layer's stats probe a float32 leaf that requires grad (re-registered if it was cast)."""
+    probe = layer.stats_probe
+    size = layer.num_rows + layer.num_cols
+    if probe.dtype != torch.float32 or probe.device != layer.values.device or probe.numel() != size or not probe.is_leaf:
+        layer.stats_probe = torch.zeros(size, device=layer.values.device)
+    layer.stats_probe.requires_grad_(True)
+
+
 def block_gradient_norms(grad: torch.Tensor) -> torch.Tensor:
     """Frobenius norm of every block of ``dL/dvalues``: ``[R, K, B, B] -> [R, K]`` float32."""
     return torch.linalg.vector_norm(grad, dim=(2, 3), dtype=torch.float32)
@@ -99,7 +108,7 @@ def update_every_step(
 
     Layers without a gradient this step (unused, or frozen) keep their EMAs. No host synchronization.
     """
-    block_emas, block_news, probe_emas, probe_news = [], [], [], []
+    block_emas, block_news, probe_emas, probe_grads = [], [], [], []
     for s, layer in zip(scores, layers):
         if scorer == "gradient" and layer.values.grad is not None:
             block_emas.append(s.block_ema)
@@ -107,12 +116,12 @@ def update_every_step(
         probe = layer.stats_probe
         if probe.grad is not None:
             probe_emas.append(s.probe_ema)
-            probe_news.append(probe.grad.float().clamp_min(0).sqrt())
+            probe_grads.append(probe.grad)
             probe.grad = None  # the next step starts fresh; micro-batches of one step accumulate into it
     if block_emas:
         torch._foreach_lerp_(block_emas, block_news, 1.0 - score_ema)
-    if probe_emas:
-        torch._foreach_lerp_(probe_emas, probe_news, 1.0 - candidate_ema)
+    if probe_emas:  # energies are sums of squares: their square roots are the norms
+        torch._foreach_lerp_(probe_emas, torch._foreach_sqrt(probe_grads), 1.0 - candidate_ema)
 
 
 def block_scores(s: LayerScores, layer: BlockSparseLinear, scorer: str) -> torch.Tensor:
