@@ -1,11 +1,11 @@
 """GPU integration checks (not timings): torch.compile of a sparsified HF Llama on CUDA.
 
-    python benchmarks/gpu_checks.py --out results_dir
+    python benchmarks/compile_checks_gpu.py --out results_dir
 
 1. compiled == eager (bf16) and sparsify adds no graph break (torch._dynamo.explain, dense vs sparse);
 2. a compiled model trains through 3+ topology updates with error_on_recompile=True, topology valid and
    updated in place; the Triton backend is the one that ran.
-Writes gpu_checks.json (device, versions, every number) and prints a table; exits non-zero on failure.
+Writes compile_checks.json (device, versions, every number) and prints a table; exits non-zero on failure.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> int:
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_checks.json").write_text(json.dumps(report, indent=2))
+    (out / "compile_checks.json").write_text(json.dumps(report, indent=2))
     print(tabulate([{k: v for k, v in r.items()} for r in results], headers="keys", tablefmt="github"))
     print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}, backend {report['backend']}")
     return 0 if all(r["passed"] for r in results) else 1
