@@ -1,0 +1,106 @@
+"""Does dynamic block topology forget less at equal learning? Task A (arithmetic) then task B (prose).
+
+    python examples/forgetting.py prepare                  # clean the prose corpus once into data/
+    python examples/forgetting.py run --device cuda --workers 14 --deadline 300
+    python examples/forgetting.py report                   # markdown + figures from results/forgetting
+    python examples/forgetting.py --smoke                  # every arm, tiny, CPU, under a minute
+
+Runs write ``results/forgetting/**.json``; a run whose JSON exists is skipped (resumable).
+See docs/forgetting_report.md for the protocol and the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from forgetting_lib import data  # noqa: E402
+from forgetting_lib.arms import make_arms  # noqa: E402
+from forgetting_lib.grid import backend_matches, plan, run_grid  # noqa: E402
+from forgetting_lib.model import ModelConfig  # noqa: E402
+from forgetting_lib.report import write_report  # noqa: E402
+from forgetting_lib.train import ExpConfig  # noqa: E402
+
+SMOKE = dict(model=ModelConfig(layers=2, hidden=64, mlp=128, heads=2, seq_len=32, sparse_layers="0..1"), batch=8,
+             a_steps=40, b_steps=30, a_lr=3e-3, b_lrs=(1e-3, 3e-3, 1e-2), warmup=5, a_evals=2, b_evals=3,
+             update_every=10, score_every=2, n_test=30, n_val=10, loss_windows=8, stat_batches=2, ewc_lambdas=(1e2,),
+             n_train=5000)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=("prepare", "check", "run", "report"),
+                   help="check: exit 1 unless the Triton kernels match the reference on this model's layer shapes")
+    p.add_argument("--smoke", action="store_true", help="tiny model, every arm, one seed, CPU; then the report")
+    p.add_argument("--out", default="results/forgetting")
+    p.add_argument("--data", default=str(data.PROSE_FILE), help="the prepared prose corpus (prepare writes it)")
+    p.add_argument("--report", default=None, help="markdown path (default OUT/report.md)")
+    p.add_argument("--figures", default=None, help="figure folder (default OUT/figures)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0, help="parallel processes (0: in this process)")
+    p.add_argument("--deadline", type=float, default=None, help="seconds from now; later runs are not started")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--no-sweep", action="store_true", help="skip the learning-rate sweeps")
+    p.add_argument("--layers", default=ModelConfig.sparse_layers, help="sparse MLP layers, e.g. 1..4")
+    p.add_argument("--density", type=float, default=0.5, help="density of the static, protected and variant arms")
+    p.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="dynamic arms")
+    p.add_argument("--big-block", type=int, default=64, help="block size of the extra dynamic arm (0: none)")
+    p.add_argument("--n-layers", type=int, default=ModelConfig.layers)
+    p.add_argument("--hidden", type=int, default=ModelConfig.hidden)
+    p.add_argument("--mlp", type=int, default=ModelConfig.mlp)
+    p.add_argument("--a-steps", type=int, default=ExpConfig.a_steps)
+    p.add_argument("--b-steps", type=int, default=ExpConfig.b_steps)
+    p.add_argument("--batch", type=int, default=ExpConfig.batch)
+    p.add_argument("--b-lrs", type=float, nargs=3, default=list(ExpConfig.b_lrs), metavar=("LOW", "BASE", "HIGH"))
+    return p.parse_args(argv)
+
+
+def config(args) -> ExpConfig:
+    if args.smoke:
+        return ExpConfig(**SMOKE, device="cpu")
+    model = ModelConfig(layers=args.n_layers, hidden=args.hidden, mlp=args.mlp, sparse_layers=args.layers,
+                        heads=max(1, args.hidden // 64))
+    return ExpConfig(model=model, a_steps=args.a_steps, b_steps=args.b_steps, batch=args.batch,
+                     b_lrs=tuple(args.b_lrs), device=args.device)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    out = Path(args.out)
+    if args.smoke and args.out == "results/forgetting":
+        out = Path("results/forgetting-smoke")
+    prose = Path(args.data)
+    if args.command == "prepare" or (args.command == "run" and not prose.exists()):
+        if args.smoke and not data.RST_SOURCES.exists():
+            prose = out / "prose-docstrings.json"
+            print("smoke corpus:", data.prepare_docstrings(prose), "bytes per split ->", prose)
+        else:
+            print("prose corpus:", data.prepare_prose(out=prose), "bytes per split ->", prose)
+        if args.command == "prepare":
+            return {}
+    cfg = config(args)
+    cfg.prose_file = str(prose)
+    if args.command == "check":
+        sys.exit(0 if backend_matches(cfg) else 1)
+    arms = make_arms(args.density, tuple(args.densities), args.big_block)
+    outcome = {}
+    if args.command == "run":
+        deadline = time.time() + args.deadline if args.deadline else None
+        jobs = plan(arms, 1 if args.smoke else args.seeds, cfg, sweep=not args.no_sweep)
+        outcome = run_grid(jobs, cfg, out, args.workers, deadline)
+        (out / "grid.json").write_text(json.dumps(outcome, indent=1))
+        print("grid:", {k: len(v) for k, v in outcome.items()})
+    report = Path(args.report) if args.report else out / "report.md"
+    figures = Path(args.figures) if args.figures else out / "figures"
+    write_report(out, report, figures, cfg)
+    print("report ->", report)
+    return outcome
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Helpers of examples/forgetting.py: data, model, arms, training, report."""

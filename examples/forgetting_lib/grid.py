@@ -1,0 +1,221 @@
+"""The grid: which runs, in what order, on how many worker processes, resumable and deadline-aware.
+
+Every run writes one JSON under ``out`` (task-A runs also a ``.pt`` checkpoint); a run whose JSON
+exists is skipped, so the grid resumes where it stopped. Jobs are started by priority:
+task-A runs, EWC's lambda search (seed 0, validation split), every arm at the base LR for every seed,
+then the learning-rate sweeps. A job that cannot finish before the deadline is not started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from forgetting_lib.arms import Arm
+from forgetting_lib.train import ExpConfig, run_a, run_b
+
+
+@dataclass(frozen=True)
+class Job:
+    priority: int
+    kind: str  # "A" | "B"
+    arm: Arm
+    seed: int
+    lr: float = 0.0
+    lam: float | None = None  # EWC lambda; None for an EWC run: the chosen one
+    lam_search: bool = False
+
+    def path(self, out: Path) -> Path:
+        if self.kind == "A":
+            return out / "a" / f"{self.arm.a_key}__s{self.seed}.json"
+        lam = f"__lam{self.lam:g}" if self.lam is not None else ""
+        return out / "runs" / f"{self.arm.name}__s{self.seed}__lr{self.lr:g}{lam}.json"
+
+
+def plan(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool) -> list[Job]:
+    low, base, high = cfg.b_lrs
+    firsts = {}
+    for seed in range(seeds):
+        for arm in arms.values():
+            firsts.setdefault((arm.a_key, seed), Job(0, "A", arm, seed))
+    jobs = sorted(firsts.values(), key=lambda j: (j.arm.a_key != "dense", j.seed))
+    if "ewc" in arms:
+        jobs += [Job(1, "B", arms["ewc"], 0, base, lam, lam_search=True) for lam in cfg.ewc_lambdas]
+    for seed in range(seeds):
+        jobs += [Job(2, "B", arm, seed, base) for arm in arms.values()]
+    if sweep:
+        swept = [a for a in arms.values() if a.name == "dense" or a.ewc or a.protect == "anchor"
+                 or (a.dynamic and a.protect is None and a.block_size == 16 and a.density == arms_density(arms))]
+        for seed in range(seeds):
+            jobs += [Job(3 if seed == 0 else 4, "B", arm, seed, lr) for arm in swept for lr in (low, high)]
+        jobs += [Job(5, "B", arm, seed, lr) for seed in range(seeds) for arm in arms.values()
+                 if arm.protect == "freeze" for lr in (low, high)]
+    return sorted(jobs, key=lambda j: j.priority)
+
+
+def arms_density(arms: dict[str, Arm]) -> float | None:
+    return next((a.density for a in arms.values() if a.protect is not None), None)
+
+
+def _a_files(out: Path, arm: Arm, seed: int) -> tuple[Path, Path]:
+    base = out / "a" / f"{arm.a_key}__s{seed}"
+    return Path(f"{base}.json"), Path(f"{base}.pt")
+
+
+def _write(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+
+
+def execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> float:
+    """Run one job in this process and write its files; returns its wall time."""
+    start = time.time()
+    torch.set_num_threads(int(os.environ.get("FORGETTING_THREADS", "1")))
+    if job.kind == "A":
+        summary, ckpt = run_a(job.arm, job.seed, cfg, deadline)
+        json_path, pt_path = _a_files(out, job.arm, job.seed)
+        pt_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, f"{pt_path}.tmp")
+        Path(f"{pt_path}.tmp").replace(pt_path)
+        _write(json_path, summary)
+    else:
+        json_path, pt_path = _a_files(out, job.arm, job.seed)
+        a_summary = json.loads(json_path.read_text())
+        ckpt = torch.load(pt_path, weights_only=True)
+        lam = job.lam if job.lam is not None else _chosen_lambda(out) if job.arm.ewc else None
+        record = run_b(job.arm, job.seed, job.lr, cfg, a_summary, ckpt, lam, deadline)
+        record["lam_search"] = job.lam_search
+        _write(job.path(out), record)
+    return time.time() - start
+
+
+def backend_matches(cfg: ExpConfig, tolerance: float = 2e-2) -> bool:
+    """Forward and backward of one training step of a sparse model: the device's backend against the
+    PyTorch reference (relative error of the output and of every gradient)."""
+    from forgetting_lib.model import build_model
+
+    results = {}
+    for backend in ("reference", "auto"):
+        os.environ["SPARSIFY_BACKEND"] = backend
+        model = build_model(cfg.model, 0.5, 16, seed=0).to(cfg.device)
+        x = torch.randint(0, 256, (cfg.batch, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        x = x.to(cfg.device)
+        logits = model(input_ids=x[:, :-1], use_cache=False).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1)).backward()
+        results[backend] = [logits.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+    errors = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(results["auto"], results["reference"])]
+    from sparsify.ops import backend_name
+    print(f"backend {backend_name(torch.device(cfg.device))} vs reference: max relative error {max(errors):.2e}")
+    return max(errors) < tolerance
+
+
+def _chosen_lambda(out: Path) -> float:
+    return json.loads((out / "ewc_lambda.json").read_text())["lambda"]
+
+
+def choose_lambda(out: Path, cfg: ExpConfig, tolerance: float = 0.05) -> dict | None:
+    """EWC's lambda on seed 0's validation split: the highest task-A validation accuracy at the end of B
+    among the lambdas whose B validation loss is within ``tolerance`` of dense's (equal learning);
+    the smallest lambda when none is. Written to ``ewc_lambda.json``."""
+    base = cfg.b_lrs[1]
+    dense = out / "runs" / f"dense__s0__lr{base:g}.json"
+    found = {lam: out / "runs" / f"ewc__s0__lr{base:g}__lam{lam:g}.json" for lam in cfg.ewc_lambdas}
+    found = {lam: json.loads(p.read_text())["phase"]["evals"][-1] for lam, p in found.items() if p.exists()}
+    if not dense.exists() or not found:
+        return None
+    limit = json.loads(dense.read_text())["phase"]["evals"][-1]["b_val_loss"] * (1 + tolerance)
+    within = [lam for lam, e in found.items() if e["b_val_loss"] <= limit]
+    lam = max(within, key=lambda l: found[l]["acc_val"]) if within else min(found)
+    choice = {"lambda": lam, "rule": f"max A val accuracy with B val loss <= dense's x {1 + tolerance}",
+              "candidates": {f"{l:g}": {"acc_val": e["acc_val"], "b_val_loss": e["b_val_loss"]} for l, e in found.items()},
+              "dense_b_val_loss": limit / (1 + tolerance)}
+    _write(out / "ewc_lambda.json", choice)
+    return choice
+
+
+def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline: float | None) -> dict:
+    """Run every job not done yet; ``workers == 0`` runs them in this process (smoke test, CPU)."""
+    todo = [j for j in jobs if not j.path(out).exists()]
+    lam_jobs = [j for j in jobs if j.lam_search]
+    failed, skipped, durations = [], [], {"A": [], "B": []}
+    bar = tqdm(total=len(todo), desc="runs", unit="run")
+
+    def ready(job: Job) -> bool | None:  # None: can never run
+        json_path, pt_path = _a_files(out, job.arm, job.seed)
+        if job.kind == "B" and not (json_path.exists() and pt_path.exists()):
+            return None if any(f.kind == "A" and f.arm.a_key == job.arm.a_key and f.seed == job.seed for f in failed) else False
+        if job.kind == "B" and job.arm.ewc and job.lam is None and not (out / "ewc_lambda.json").exists():
+            pending_search = [j for j in lam_jobs if not j.path(out).exists() and j not in failed and j not in skipped]
+            if not pending_search and (out / "runs" / f"dense__s0__lr{cfg.b_lrs[1]:g}.json").exists():
+                return choose_lambda(out, cfg) is not None or None
+            return False
+        return True
+
+    def fits(job: Job) -> bool:
+        past = durations[job.kind]
+        return deadline is None or not past or time.time() + 1.1 * max(past) < deadline
+
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 0 else None
+    running: dict = {}
+    try:
+        while todo or running:
+            for job in list(todo):
+                if pool is not None and len(running) >= workers:
+                    break
+                state = ready(job)
+                if state is None or not fits(job):
+                    todo.remove(job)
+                    (failed if state is None else skipped).append(job)
+                    bar.update(1)
+                elif state:
+                    todo.remove(job)
+                    if pool is None:
+                        running[_Done(job, cfg, out, deadline)] = job
+                        break
+                    running[pool.submit(execute, job, cfg, out, deadline)] = job
+            if not running:
+                if todo and not any(ready(j) for j in todo):  # nothing can ever start
+                    skipped.extend(todo)
+                    todo.clear()
+                continue
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED) if pool else (list(running), None)
+            for future in done:
+                job = running.pop(future)
+                try:
+                    durations[job.kind].append(future.result())
+                except Exception as error:  # noqa: BLE001  (a failed run is reported, the grid goes on)
+                    failed.append(job)
+                    tqdm.write(f"FAILED {job.path(out).name}: {error!r}")
+                bar.update(1)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+    return {"failed": [j.path(out).name for j in failed], "skipped": [j.path(out).name for j in skipped]}
+
+
+class _Done:
+    """A finished in-process job with the interface of a future."""
+
+    def __init__(self, job, cfg, out, deadline):
+        try:
+            self._value, self._error = execute(job, cfg, out, deadline), None
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            self._value, self._error = None, error
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value

@@ -1,0 +1,311 @@
+"""The markdown report: setup, tables (tabulate), figures, and the claims table (held / refuted / not measured)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from tabulate import tabulate
+
+from forgetting_lib import plots
+from forgetting_lib.analysis import calibrate, forgetting, interpolate, interval, load, overlap, spikes
+from forgetting_lib.data import SOURCE_NOTE
+
+SWEPT = ("dense", "ewc")
+
+
+def _pm(value: tuple[float, float], scale: float = 100, digits: int = 1, unit: str = "%") -> str:
+    m, h = value
+    if m != m:
+        return "n/a"
+    return f"{scale * m:.{digits}f}{unit}" + ("" if h != h else f" ± {scale * h:.{digits}f}")
+
+
+def _arm_rows(runs, index, base_lr):
+    by_arm = defaultdict(list)
+    for r in runs:
+        if r["lr"] == base_lr:
+            by_arm[r["arm"]].append(r)
+    order = ["dense", "ewc"] + sorted(a for a in by_arm if a not in ("dense", "ewc"))
+    rows = []
+    for arm in [a for a in order if a in by_arm]:
+        group = by_arm[arm]
+        rows.append({
+            "arm": arm, "seeds": len(group),
+            "before": interval([r["phase"]["evals"][0]["acc_test"] for r in group]),
+            "after": interval([r["phase"]["evals"][index]["acc_test"] for r in group]),
+            "forgetting": interval([forgetting(r, index) for r in group]),
+            "b_loss": interval([r["phase"]["evals"][index]["b_test_loss"] for r in group]),
+            "b_loss_end": interval([r["phase"]["evals"][-1]["b_test_loss"] for r in group]),
+            "overlap": interval([mean(v["jaccard"] for v in overlap(r).values()) for r in group if overlap(r)]),
+            "spikes": [s for r in group for s in spikes(r, r["config"]["update_every"])],
+            "swap": [d["swap_rate"] for r in group for d in r["a"]["decisions"] + r["decisions"]],
+            "entropy": [d["entropy"] for r in group for d in r["a"]["decisions"] + r["decisions"]],
+            "dynamic": any(r["decisions"] for r in group), "runs": group,
+        })
+    return rows
+
+
+def _sweep_points(runs, index):
+    """``{arm: [(lr, b_loss, forgetting, ci)]}`` from every arm with runs at several learning rates."""
+    grouped = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        grouped[r["arm"]][r["lr"]].append(r)
+    out = {}
+    for arm, by_lr in grouped.items():
+        out[arm] = [(lr, mean(r["phase"]["evals"][index]["b_test_loss"] for r in g), *interval([forgetting(r, index) for r in g]))
+                    for lr, g in sorted(by_lr.items())]
+    return out
+
+
+def _equal_learning(points):
+    """Each point's forgetting minus dense's and EWC's (interpolated) at the same B loss."""
+    refs = {ref: [(p[1], p[2]) for p in points[ref]] for ref in SWEPT if len(points.get(ref, [])) > 1}
+    rows = []
+    for arm, pts in sorted(points.items()):
+        for lr, loss, fgt, _ in pts:
+            row = [arm, f"{lr:g}", f"{loss:.3f}", f"{100 * fgt:.1f}%"]
+            for ref in SWEPT:
+                other = interpolate(refs[ref], loss) if ref in refs and ref != arm else None
+                row.append("-" if other is None else f"{100 * (fgt - other):+.1f} pts")
+            rows.append(row)
+    return rows
+
+
+def _verdict(points, arm):
+    """held when every point of the arm inside dense's B-loss range lies below dense (and below EWC where
+    EWC's range covers it); refuted when any lies above; not measured when none is in range."""
+    diffs = []
+    for ref in SWEPT:
+        if arm == ref or len(points.get(ref, [])) < 2:
+            continue
+        curve = [(p[1], p[2]) for p in points[ref]]
+        diffs += [(ref, fgt - other) for _, loss, fgt, _ in points.get(arm, [])
+                  if (other := interpolate(curve, loss)) is not None]
+    if not diffs:
+        return "not measured", "no point inside the reference curves' B-loss range"
+    worst = max(d for _, d in diffs)
+    text = ", ".join(f"{100 * d:+.1f} pts vs {ref}" for ref, d in diffs)
+    return ("held" if worst < 0 else "refuted"), text
+
+
+def _bench():
+    files = sorted(glob.glob("benchmarks/results/training-*.json"))
+    return json.loads(Path(files[-1]).read_text()) if files else None
+
+
+def write_report(out: Path, report: Path, figures: Path, cfg) -> None:
+    runs, a_runs = load(out)
+    if not runs:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text("# Forgetting report\n\nNo runs found under " + str(out) + "\n")
+        return
+    base_lr = cfg.b_lrs[1]
+    index, calibration = calibrate(runs, base_lr)
+    rows = _arm_rows(runs, index, base_lr)
+    points = _sweep_points(runs, index)
+    first = runs[0]
+    rel = lambda p: f"{Path(report.parent.name if False else '')}" # noqa: E731
+    fig = {}
+    fig["bars"] = plots.forgetting_bars(rows, figures / "forgetting_bars.png")
+    fig["tradeoff"] = plots.tradeoff(points, figures / "forgetting_vs_b_loss.png")
+    fig["curves"] = plots.accuracy_curves(a_runs, runs, base_lr, cfg.a_steps, figures / "accuracy_a_then_b.png")
+    fig["topology"] = plots.topology_dynamics(runs, base_lr, cfg.a_steps, figures / "topology_dynamics.png")
+    fig["masks"] = plots.masks([r for r in runs if r["lr"] == base_lr], figures / "masks_a_vs_b.png")
+    link = lambda name: f"![{name}]({Path(figures.relative_to(report.parent) if figures.is_relative_to(report.parent) else figures) / name})"  # noqa: E731
+
+    md = ["# Does dynamic block topology forget less at equal learning?", ""]
+    md += [f"Device: **{first['device']}** (backend `{first['backend']}`), torch {first['torch']}, "
+           f"transformers {first['transformers']}. Runs: {len(runs)} task-B runs, {len(a_runs)} task-A runs.", ""]
+    m = cfg.model
+    md += ["## Setup", "",
+           f"- Model: HF `LlamaForCausalLM` from a config, random init, {m.layers} layers, hidden {m.hidden}, MLP {m.mlp}, "
+           f"{m.heads} heads, byte vocabulary (256), sequences of {m.seq_len} bytes, batch {cfg.batch}. "
+           f"Sparse arms rewrite the MLPs (gate, up, down) of layers {m.sparse_layers} with `sparsify(..., components=\"mlp\")`.",
+           f"- Task A: arithmetic and algebra as text (`Q: 417+385= A: 802`, `a-b`, `a*b`, `a+b-c`, `mx+c=y, x=`), "
+           f"generated from a seed, split by problem (hash of the question); metric: exact match of greedy answers on "
+           f"{cfg.n_test} held-out test problems ({cfg.n_val} more for validation). {cfg.a_steps} steps, AdamW lr {cfg.a_lr:g}, cosine.",
+           f"- Task B: English prose, {SOURCE_NOTE}; directives, markup, tables and code blocks stripped; split by file; "
+           f"metric: held-out loss in nats per byte. {cfg.b_steps} steps, constant lr (base {base_lr:g}; sweep {cfg.b_lrs[0]:g} / {cfg.b_lrs[2]:g}).",
+           f"- Forgetting = (acc_A_before - acc_A_after) / acc_A_before on the test problems. Intervals: 95% t-intervals over seeds.",
+           f"- Calibration of B's length: {calibration}. All numbers below are taken at that checkpoint unless marked 'end'.",
+           f"- Dynamic arms: `TopologyOptimizer(AdamW, model, TopologyConfig(update_every={cfg.update_every}, score_every={cfg.score_every}))`, "
+           f"defaults otherwise (prune_fraction 0.1, swap_threshold 1.5, epsilon 0.05, gradient scorer), during A and during B. "
+           f"Protected: the half of each row's slots with the highest task-A saliency (sum of (w*g)^2, OBD) frozen during B with "
+           f"`TopologyOptimizer.protect`. Anchored (the variant): the same half never pruned and trained at 0.1x the rate.",
+           ""]
+    ewc_file = out / "ewc_lambda.json"
+    if ewc_file.exists():
+        choice = json.loads(ewc_file.read_text())
+        md += [f"- EWC lambda {choice['lambda']:g}, chosen on seed 0's validation split ({choice['rule']}):", ""]
+        md += [tabulate([[k, f"{100 * v['acc_val']:.1f}%", f"{v['b_val_loss']:.3f}"] for k, v in choice["candidates"].items()],
+                        headers=["lambda", "A val acc (end of B)", "B val loss"], tablefmt="github"), ""]
+
+    md += ["## Forgetting per arm (base learning rate)", "", link(fig["bars"]), ""]
+    table = [[r["arm"], r["seeds"], _pm(r["before"]), _pm(r["after"]), _pm(r["forgetting"]),
+              _pm(r["b_loss"], 1, 3, ""), _pm(r["b_loss_end"], 1, 3, ""), _pm(r["overlap"], 1, 3, "")] for r in rows]
+    md += [tabulate(table, headers=["arm", "seeds", "acc A before", "acc A after", "forgetting", "B loss",
+                                    "B loss (end)", "Jaccard A/B"], tablefmt="github"), ""]
+
+    md += ["## Forgetting at equal task-B learning", "",
+           "Learning less forgets less: each arm at three B learning rates, forgetting against B's held-out loss. "
+           "An arm forgets less only where its point lies below dense's (and EWC's) curve at the same B loss "
+           "(piecewise-linear between the reference's learning rates; '-' where outside its range).", "",
+           link(fig["tradeoff"]), ""]
+    md += [tabulate(_equal_learning(points), headers=["arm", "B lr", "B loss", "forgetting", "vs dense", "vs EWC"],
+                    tablefmt="github"), ""]
+
+    md += ["## Accuracy through A then B", "", link(fig["curves"]), ""]
+    md += ["## Topology: pathways, swaps, entropy, spikes", "", link(fig["topology"]), ""]
+    if fig["masks"]:
+        md += [link(fig["masks"]), ""]
+    topo = []
+    for r in rows:
+        ov = defaultdict(list)
+        for run in r["runs"]:
+            for layer, v in overlap(run).items():
+                for key in ("kept", "added", "removed"):
+                    ov[key].append(v[key])
+        sp = r["spikes"]
+        topo.append([r["arm"], _pm(r["overlap"], 1, 3, ""),
+                     f"{mean(ov['kept']):.0f} / {mean(ov['added']):.0f} / {mean(ov['removed']):.0f}" if ov else "-",
+                     f"{100 * mean(r['swap']):.2f}%" if r["swap"] else "-",
+                     f"{100 * sum(1 <= 100 * s <= 10 for s in r['swap']) / len(r['swap']):.0f}%" if r["swap"] else "-",
+                     f"{min(r['entropy']):.3f}" if r["entropy"] else "-",
+                     f"{max(sp):.2f}x / {mean(sp):.2f}x" if sp else "-", sum(s > 2 for s in sp)])
+    md += [tabulate(topo, headers=["arm", "Jaccard A/B", "blocks kept / added / removed (per layer)", "mean swap rate",
+                                   "decisions in 1-10%", "min column entropy", "spike max / mean", "spikes > 2x"],
+                    tablefmt="github"), "",
+           "Spikes: max training loss in the 10 steps after each Level 2 decision over the mean of the 20 steps before it "
+           "(B phase). Arms without decisions are measured at the same steps, as a control for ordinary noise.", ""]
+    per_layer = next((r for r in rows if r["arm"] == "dynamic-0.5"), None)
+    if per_layer:
+        layer_rows = defaultdict(list)
+        for run in per_layer["runs"]:
+            for layer, v in overlap(run).items():
+                layer_rows[layer].append(v["jaccard"])
+        md += ["Jaccard of active blocks, end of A vs end of B, per layer (dynamic-0.5, mean over seeds):", "",
+               tabulate([[k, f"{mean(v):.3f}"] for k, v in sorted(layer_rows.items())], headers=["layer", "Jaccard"],
+                        tablefmt="github"), ""]
+
+    md += ["## Final quality against dense (SC-006)", ""]
+    dense = next((r for r in rows if r["arm"] == "dense"), None)
+    quality = []
+    for r in rows:
+        if dense and r["arm"] != "dense":
+            da, db = dense["before"][0], dense["b_loss_end"][0]
+            quality.append([r["arm"], f"{100 * r['before'][0]:.1f}% vs {100 * da:.1f}%",
+                            f"{100 * (r['before'][0] - da) / da:+.1f}%" if da else "n/a",
+                            f"{r['b_loss_end'][0]:.3f} vs {db:.3f}", f"{100 * (r['b_loss_end'][0] - db) / db:+.1f}%"])
+    md += [tabulate(quality, headers=["arm", "task A acc after A", "relative", "task B loss (end of B)", "relative"],
+                    tablefmt="github"), ""]
+    md += _bench_section(_bench())
+    md += ["## Claims", "", tabulate(claims(rows, points, _bench()), headers=["claim", "verdict", "evidence"],
+                                     tablefmt="github"), ""]
+    grid = out / "grid.json"
+    if grid.exists():
+        g = json.loads(grid.read_text())
+        if g.get("failed") or g.get("skipped"):
+            md += [f"Not run: failed {g.get('failed')}, skipped for time {g.get('skipped')}.", ""]
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(md))
+
+
+def _bench_section(bench) -> list[str]:
+    if not bench:
+        return []
+    c = bench["config"]
+    md = ["## Training speed and memory (benchmarks/bench_training.py)", "",
+          f"{bench['device']}, torch {bench['torch']}, triton {bench['triton']}, backend `{bench['backend']}`, "
+          f"{'torch.compile (per decoder layer)' if bench['compiled'] else 'eager'}, bf16; Llama {c['layers']} layers, "
+          f"hidden {c['hidden']}, MLP {c['mlp']}, all MLPs sparse at density {c['density']}, batch {c['batch']} x {c['seq']} "
+          f"tokens; median of {c['steps']} steps; {bench['date']}.", ""]
+    if bench["steps"]:
+        md += [tabulate([[r["label"], f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.2f}",
+                          f"{r['speedup']:.2f}x" if "speedup" in r else "-"] for r in bench["steps"]],
+                        headers=["run", "ms / step", "tokens / s", "peak GiB", "vs dense"], tablefmt="github"), ""]
+    if bench["topology"]:
+        md += ["Topology optimizer cost, as a fraction of the step (issue 4 asks < 2% for scoring + Level 2):", "",
+               tabulate([[f"B={t['block_size']}", f"{100 * t['probe_fraction_eager']:.2f}%", f"{100 * t['scoring_fraction']:.2f}%",
+                          f"{t['decisions_in_window']} / {t['swaps_in_window']}", f"{1e3 * t['level2_seconds_per_decision']:.1f} ms",
+                          f"{100 * t['level2_fraction_measured']:.2f}%", f"{100 * t['overhead_fraction_at_update_every_100']:.2f}%"]
+                         for t in bench["topology"]],
+                        headers=["block", "stats probe (eager)", "Level 0/1 scoring", "decisions / swaps in window",
+                                 "Level 2 per decision", f"Level 2 at update_every={c['update_every']}", "total at update_every=100"],
+                        tablefmt="github"), ""]
+    if bench["memory"]:
+        md += ["MLP weight + AdamW state bytes against density (SC-007):", "",
+               tabulate([[m["density"], f"{m['bytes'] / 2**20:.1f}", f"{m['ratio']:.3f}"] for m in bench["memory"]],
+                        headers=["density", "MiB", "of dense"], tablefmt="github"), ""]
+    return md
+
+
+def claims(rows, points, bench) -> list[list[str]]:
+    arms = {r["arm"]: r for r in rows}
+    dense, dyn = arms.get("dense"), arms.get("dynamic-0.5")
+    out = []
+    sparse = [r for r in rows if r["arm"] not in ("dense", "ewc")]
+    if sparse:
+        best = min(sparse, key=lambda r: r["forgetting"][0])
+        held = dyn is not None and dyn["forgetting"][0] < 0.3
+        out.append(["SC-001 sparse forgets < 30%", "held" if held else "refuted",
+                    f"dynamic-0.5 {_pm(dyn['forgetting']) if dyn else 'n/a'}; best sparse arm {best['arm']} "
+                    f"{_pm(best['forgetting'])}; dense {_pm(dense['forgetting']) if dense else 'n/a'}"])
+    out.append(["SC-002 forward >= 1.3x at density 0.5", "not measured", "here: end-to-end steps only; see the kernel benchmarks"])
+    scored = [s for s in (bench or {}).get("steps", []) if "topology scoring" in s["label"]]
+    if scored:
+        ok = min(s["speedup"] for s in scored) >= 1.2
+        out.append(["SC-003 end-to-end training >= 1.2x", "held" if ok else "refuted",
+                    f"{bench['device']}, {'compiled' if bench['compiled'] else 'eager'}, density "
+                    f"{bench['config']['density']}, topology optimizer on: "
+                    + ", ".join(f"{s['label'].split()[1]}: {s['speedup']:.2f}x" for s in scored)])
+    else:
+        out.append(["SC-003 end-to-end training >= 1.2x", "not measured", "no benchmarks/results/training-*.json"])
+    sp = [s for r in sparse if r["dynamic"] for s in r["spikes"]]
+    out.append(["SC-004 no spike > 2x at decisions", ("held" if max(sp) <= 2 else "refuted") if sp else "not measured",
+                f"max {max(sp):.2f}x over {len(sp)} decisions" if sp else "no decisions"])
+    swaps = [s for r in sparse for s in r["swap"]]
+    ent = [e for r in sparse for e in r["entropy"]]
+    if swaps:
+        inside = sum(0.01 <= s <= 0.10 for s in swaps) / len(swaps)
+        ok = inside == 1 and min(ent) > 0.5
+        out.append(["SC-005 swap rate 1-10%, entropy > 0.5", "held" if ok else "refuted",
+                    f"{100 * inside:.0f}% of {len(swaps)} decisions in 1-10% (mean {100 * mean(swaps):.2f}%), "
+                    f"min column entropy {min(ent):.3f}"])
+    if dense and sparse:
+        worst = []
+        for r in sparse:
+            da, db = dense["before"][0], dense["b_loss_end"][0]
+            worst.append((r["arm"], (da - r["before"][0]) / da if da else math.nan, (r["b_loss_end"][0] - db) / db))
+        ok = all(a <= 0.05 and b <= 0.05 for _, a, b in worst)
+        out.append(["SC-006 quality within 5% of dense", "held" if ok else "refuted",
+                    "; ".join(f"{n}: A {-100 * a:+.1f}%, B loss {100 * b:+.1f}%" for n, a, b in worst)])
+    if bench and bench.get("memory"):
+        mem = bench["memory"]
+        text = ", ".join(f"d={m['density']}: {m['ratio']:.2f}" for m in mem)
+        ok = all(abs(m["ratio"] - m["density"]) <= 0.05 for m in mem if m["density"] < 1)
+        out.append(["SC-007 weight memory proportional to density", "held" if ok else "refuted",
+                    f"sparse-layer weight+optimizer bytes / dense: {text}"])
+    else:
+        out.append(["SC-007 weight memory proportional to density", "not measured", "no benchmark file"])
+    if dense and dyn:
+        before = dyn["before"][0]
+        rel = dyn["forgetting"][0]
+        out.append(["US1-1 A acc stays above 70% of an 85% start (< 20% relative loss)",
+                    ("held" if rel < 0.2 else "refuted") + ("" if before >= 0.85 else " (precondition unmet)"),
+                    f"dynamic-0.5 starts at {100 * before:.1f}% (spec assumes 85%), loses {100 * rel:.1f}% relative"])
+        cut = (dense["forgetting"][0] - dyn["forgetting"][0]) / dense["forgetting"][0] if dense["forgetting"][0] else math.nan
+        verdict, evidence = _verdict(points, "dynamic-0.5")
+        out.append(["US1-2 forgetting >= 30% lower than dense (density 0.5)", "held" if cut >= 0.3 else "refuted",
+                    f"at base lr: {100 * cut:.0f}% lower; at equal B loss: {verdict} ({evidence})"])
+        out.append(["US1-3 pathway overlap < 70%", "held" if dyn["overlap"][0] < 0.7 else "refuted",
+                    f"Jaccard end of A vs end of B {_pm(dyn['overlap'], 1, 3, '')} (dynamic-0.5)"])
+    for arm in [r["arm"] for r in sparse] + ["ewc"]:
+        if len(points.get(arm, [])) > 1 or (arm in arms and arm not in ("ewc",)):
+            verdict, evidence = _verdict(points, arm)
+            out.append([f"{arm} forgets less than dense/EWC at equal B loss", verdict, evidence])
+    return out

@@ -1,0 +1,209 @@
+"""One task-A run (shared by the arms that train A alike) and one task-B run per arm, seed and LR.
+
+Protocol (research.md section 5): train A, record acc_A_before; train B, evaluating A's accuracy and
+B's held-out loss at fixed checkpoints; forgetting = (before - after) / before at each checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from sparsify import TopologyConfig, sparse_layers
+from sparsify.ops import backend_name
+
+from forgetting_lib import arms as A
+from forgetting_lib import data
+from forgetting_lib.evaluate import exact_match, heldout_loss
+from forgetting_lib.model import ModelConfig, build_model
+
+
+class DeadlinePassed(RuntimeError):
+    pass
+
+
+@dataclass
+class ExpConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: int = 64
+    a_steps: int = 600
+    b_steps: int = 600
+    a_lr: float = 2e-3
+    b_lrs: tuple[float, float, float] = (1e-4, 3e-4, 1e-3)  # low, base, high
+    warmup: int = 50
+    a_evals: int = 4  # accuracy checkpoints during A
+    b_evals: int = 6  # checkpoints during B
+    update_every: int = 50
+    score_every: int = 10
+    n_test: int = 1000
+    n_val: int = 500
+    loss_windows: int = 64
+    stat_batches: int = 32  # mini-batches for the Fisher and the saliency
+    ewc_lambdas: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4)
+    n_train: int = 200_000
+    prose_file: str = str(data.PROSE_FILE)
+    device: str = "cpu"
+
+    def topology(self, seed: int) -> TopologyConfig:
+        return TopologyConfig(update_every=self.update_every, score_every=self.score_every, seed=seed)
+
+
+_CACHE: dict = {}
+
+
+def tasks(cfg: ExpConfig):
+    """Task A problems and task B byte streams (built once per process)."""
+    key = (cfg.n_train, cfg.n_val, cfg.n_test, cfg.prose_file)
+    if key not in _CACHE:
+        math_task = data.MathTask.generate(n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
+        _CACHE[key] = (math_task, math_task.stream(seed=0), data.load_prose(Path(cfg.prose_file)))
+    return _CACHE[key]
+
+
+def _checkpoints(steps: int, count: int) -> list[int]:
+    return sorted({round(steps * i / count) for i in range(1, count + 1)})
+
+
+def _loss(model, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+
+
+def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, evaluate, eval_at,
+                penalty=None, hooks=None, deadline=None) -> dict:
+    """The training loop: warmup then constant (B) or cosine (A) learning rate; returns the loss curve,
+    the evaluations and the wall time."""
+    gen = torch.Generator().manual_seed(seed)
+    losses, evals, start = [], [evaluate(0)], time.time()
+    model.train()
+    for step in range(1, steps + 1):
+        frac = min(1.0, step / cfg.warmup)
+        if cosine:
+            frac *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr * frac
+        x = data.random_windows(stream, cfg.batch, cfg.model.seq_len, gen).to(cfg.device, non_blocking=True)
+        loss = _loss(model, x)
+        (loss + penalty() if penalty is not None else loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if hooks is not None:
+            hooks.before_step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if hooks is not None:
+            hooks.after_step()
+        losses.append(loss.detach())
+        if step in eval_at:
+            evals.append(evaluate(step))
+        if deadline is not None and step % 50 == 0 and time.time() > deadline:
+            raise DeadlinePassed(f"deadline passed at step {step}")
+    return {"loss": [round(v, 4) for v in torch.stack(losses).tolist()], "evals": evals,
+            "seconds": time.time() - start}
+
+
+def _decisions(opt) -> list[dict]:
+    """Compact Level 2 records: one per event, with per-layer swap rates and column entropies."""
+    events: dict[int, dict] = {}
+    for d in getattr(opt, "history", []):
+        e = events.setdefault(d.step, {"step": d.step, "swaps": 0, "blocks": 0, "seconds": 0.0, "layers": {}})
+        e["swaps"] += d.num_swaps
+        e["blocks"] += d.num_blocks
+        e["seconds"] += d.seconds
+        e["layers"][d.layer] = {"swap_rate": d.swap_rate, "entropy": d.column_entropy, "mean_age": d.mean_age}
+    for e in events.values():
+        e["swap_rate"] = e["swaps"] / max(1, e["blocks"])
+        e["entropy"] = sum(v["entropy"] for v in e["layers"].values()) / max(1, len(e["layers"]))
+    return [events[s] for s in sorted(events)]
+
+
+def _topology(model) -> dict[str, list]:
+    return {n: layer.col_indices.tolist() for n, layer in sparse_layers(model)}
+
+
+def _meta(cfg: ExpConfig) -> dict:
+    import transformers
+    device = torch.device(cfg.device)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "backend": backend_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
+        "config": asdict(cfg),
+    }
+
+
+def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, dict]:
+    """Train task A for the arms sharing ``arm.a_key``; returns (summary, checkpoint)."""
+    key = arm.a_key
+    math_task, math_stream, prose = tasks(cfg)
+    model = build_model(cfg.model, arm.density, arm.block_size, seed).to(cfg.device)
+    opt = A.make_optimizer(model, arm, cfg.a_lr, cfg.topology(seed))
+    val_windows = data.fixed_windows(prose["val"], cfg.loss_windows, cfg.model.seq_len)
+
+    def evaluate(step):
+        return {"step": step, "acc_test": exact_match(model, math_task.test, cfg.device)}
+
+    phase = train_phase(model, opt, math_stream, cfg, steps=cfg.a_steps, lr=cfg.a_lr, seed=1000 + seed, cosine=True,
+                        evaluate=evaluate, eval_at=set(_checkpoints(cfg.a_steps, cfg.a_evals)), deadline=deadline)
+    batches = lambda: ((lambda x=x: _loss(model, x)) for x in _windows(math_stream, cfg, seed))  # noqa: E731
+    ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if key == "dense":
+        ckpt["fisher"] = {k: v.cpu() for k, v in A.fisher_diagonal(model, batches()).items()}
+    if arm.density is not None:
+        ckpt["saliency"] = {k: v.cpu() for k, v in A.block_saliency(model, batches()).items()}
+    summary = {
+        "key": key, "seed": seed, **_meta(cfg), "phase": phase, "decisions": _decisions(opt),
+        "acc_test": exact_match(model, math_task.test, cfg.device),
+        "acc_val": exact_match(model, math_task.val, cfg.device),
+        "b_val_loss": heldout_loss(model, val_windows, cfg.device),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    return summary, ckpt
+
+
+def _windows(stream, cfg: ExpConfig, seed: int, batch: int = 8):
+    gen = torch.Generator().manual_seed(7000 + seed)
+    return [data.random_windows(stream, batch, cfg.model.seq_len, gen).to(cfg.device) for _ in range(cfg.stat_batches)]
+
+
+def run_b(arm: A.Arm, seed: int, lr: float, cfg: ExpConfig, a_summary: dict, ckpt: dict,
+          lam: float | None = None, deadline=None) -> dict:
+    """Continue the task-A model on task B under ``arm``; returns the run's record."""
+    math_task, _, prose = tasks(cfg)
+    model = build_model(cfg.model, arm.density, arm.block_size, seed)
+    model.load_state_dict(ckpt["model"])
+    model.to(cfg.device)
+    topo_a = _topology(model)
+    values_a = {n: layer.values.detach().clone() for n, layer in sparse_layers(model)}
+    opt = A.make_optimizer(model, arm, lr, cfg.topology(seed + 100))
+    penalty = A.EWCPenalty(model, {k: v.to(cfg.device) for k, v in ckpt["fisher"].items()}, lam) if arm.ewc else None
+    masks, hooks = {}, None
+    if arm.protect is not None:
+        masks = {n: A.top_half(s.to(cfg.device)) for n, s in ckpt["saliency"].items()}
+        if arm.protect == "freeze":
+            for name, mask in masks.items():
+                opt.protect(name, mask)
+        else:
+            hooks = A.Anchor(opt, masks, arm.anchor_rate)
+    val_w = data.fixed_windows(prose["val"], cfg.loss_windows, cfg.model.seq_len)
+    test_w = data.fixed_windows(prose["test"], cfg.loss_windows, cfg.model.seq_len)
+
+    def evaluate(step):
+        return {"step": step, "acc_test": exact_match(model, math_task.test, cfg.device),
+                "acc_val": exact_match(model, math_task.val, cfg.device),
+                "b_val_loss": heldout_loss(model, val_w, cfg.device), "b_test_loss": heldout_loss(model, test_w, cfg.device)}
+
+    phase = train_phase(model, opt, prose["train"], cfg, steps=cfg.b_steps, lr=lr, seed=2000 + seed, cosine=False,
+                        evaluate=evaluate, eval_at=set(_checkpoints(cfg.b_steps, cfg.b_evals)), penalty=penalty,
+                        hooks=hooks, deadline=deadline)
+    topo_b = _topology(model)
+    frozen_drift = {n: float((layer.values.detach() - values_a[n]).abs()[masks[n]].max())
+                    for n, layer in sparse_layers(model) if n in masks}
+    return {
+        "arm": arm.name, "seed": seed, "lr": lr, "ewc_lambda": lam, **_meta(cfg), "a": a_summary,
+        "phase": phase, "decisions": _decisions(opt), "topology_a": topo_a, "topology_b": topo_b,
+        "protected_slots": {n: int(m.sum()) for n, m in masks.items()}, "protected_max_drift": frozen_drift,
+    }
