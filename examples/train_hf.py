@@ -149,6 +149,29 @@ def train_trainer(args, model, opt, scheduler, tokens) -> list[tuple[int, float]
     return losses
 
 
+def churn(history) -> float:
+    """Of the blocks grown at one decision, the fraction pruned again at the next one (oscillation)."""
+    grown_at, again, total = {}, 0, 0
+    for d in sorted(history, key=lambda d: d.step):
+        previous = grown_at.get(d.layer, set())
+        again += sum((r, c) in previous for r, _, c in d.pruned)
+        total += len(previous)
+        grown_at[d.layer] = {(r, c) for r, _, c in d.grown}
+    return again / total if total else 0.0
+
+
+def worst_spike(losses, decision_steps, before: int = 20, after: int = 10) -> float:
+    """Max over decisions of (max loss in the ``after`` steps following it) / (mean loss of the ``before`` steps)."""
+    by_step = dict(losses)
+    worst = 0.0
+    for step in decision_steps:
+        prior = [by_step[s] for s in range(step - before + 1, step + 1) if s in by_step]
+        later = [by_step[s] for s in range(step + 1, step + after + 1) if s in by_step]
+        if prior and later:
+            worst = max(worst, max(later) / (sum(prior) / len(prior)))
+    return worst
+
+
 def plot_losses(losses, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -199,12 +222,16 @@ def main(argv=None) -> int:
         "steps": opt.global_step, "seconds": round(seconds, 1), "final_loss": losses[-1][1] if losses else None,
         "decisions": len(rates), "swap_rate_per_decision": [round(r, 4) for r in rates],
         "swap_rate_mean": sum(rates) / len(rates) if rates else 0.0,
+        "explored_swaps": sum(d.explored for d in opt.history),
+        "grown_then_pruned_at_next_decision": churn(opt.history),
+        "worst_loss_spike_after_a_decision": worst_spike(losses, [s for s, _ in swap_rates(opt.history)]),
         "blocks_changed_since_start": {n: d.counts for n, d in changes.items()},
         "report": list(report), "config": vars(args),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(report)
-    print(f"swap rate per decision: {', '.join(f'{100 * r:.2f}%' for r in rates)}")
+    print(f"swap rate per decision: {', '.join(f'{100 * r:.2f}%' for r in rates)}; "
+          f"grown blocks pruned again at the next decision: {100 * summary['grown_then_pruned_at_next_decision']:.1f}%")
     print(f"{opt.global_step} steps in {seconds:.0f}s; plots and logs in {out}/")
     return 0
 

@@ -324,3 +324,29 @@ def test_probe_is_reregistered_as_float32_when_the_model_was_cast():
     assert "stats_probe" not in layer.state_dict()
     train(model, opt, range(2))
     assert bool(torch.isfinite(opt.layer_scores[next(iter(opt.layers))].probe_ema).all())
+
+
+def test_step_with_a_closure_returns_its_loss_and_scores_its_gradients():
+    model = tiny_llama(1)
+    opt = TopologyOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, TopologyConfig(update_every=5))
+    name = next(iter(opt.layers))
+
+    def closure():
+        opt.zero_grad()
+        ids = batch(0)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and opt.global_step == 1
+    assert float(opt.layer_scores[name].block_ema.sum()) > 0 and float(opt.layer_scores[name].probe_ema.sum()) > 0
+
+
+def test_zero_grad_also_clears_the_stats_probes():
+    model, opt = make(TopologyConfig())
+    ids = batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.stats_probe.grad is not None for m in opt.layers.values())
+    opt.zero_grad()
+    assert all(m.stats_probe.grad is None and m.values.grad is None for m in opt.layers.values())
