@@ -426,18 +426,21 @@ def _forward_tma_kernel(
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * N_OUT + outs[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None])
 
 
-TMA_MIN_BLOCK = 64
+TMA_MIN_BLOCK = 128  # measured on the H100 (benchmarks/NOTES.md): faster at B = 128, a wash at B = 64
 TMA_MIN_TOKENS = 256
 
 
-def use_tma(x: torch.Tensor, block: int, num_tokens: int) -> bool:
-    """SPARSIFY_TMA=1|0 forces it on or off; by default only where it was measured to pay (see NOTES)."""
-    choice = os.environ.get("SPARSIFY_TMA", "0")
-    if choice != "1" or x.device.type != "cuda" or _interpreting():
+def use_tma(x: torch.Tensor, values: torch.Tensor, block: int, num_tokens: int) -> bool:
+    """TMA forward for large blocks and many tokens on Hopper or newer. SPARSIFY_TMA=1 also takes it
+    for B = 64, SPARSIFY_TMA=0 turns it off."""
+    choice = os.environ.get("SPARSIFY_TMA", "auto")
+    if choice == "0" or x.device.type != "cuda" or _interpreting() or num_tokens < TMA_MIN_TOKENS:
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
-    return block >= TMA_MIN_BLOCK and num_tokens >= TMA_MIN_TOKENS
+    if x.data_ptr() % 16 or values.data_ptr() % 16 or (x.shape[1] * x.element_size()) % 16:
+        return False  # tensor descriptors need 16-byte aligned bases and row strides
+    return block >= (64 if choice == "1" else TMA_MIN_BLOCK)
 
 
 def forward_tma(x, values, col, bias, y) -> None:
@@ -512,7 +515,7 @@ def forward(
         y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device) if out is None else out
         tile_matmul(x, values, slot_table(col, in_features // block), bias, y, False, tiles)
         return y
-    if config is None and use_tma(x, block, num_tokens):
+    if config is None and use_tma(x, values, block, num_tokens):
         y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device) if out is None else out
         forward_tma(x, values, col, bias, y)
         return y
