@@ -47,9 +47,13 @@ def calibrate(runs: list[dict], base_lr: float) -> tuple[int, str]:
     steps = [e["step"] for e in dense[0]["phase"]["evals"]]
     if 0.3 <= curve[-1] <= 0.8:
         return count - 1, f"end of B (step {steps[-1]}): dense forgets {curve[-1]:.0%} of task A (validation split)"
-    best = min(range(1, count), key=lambda i: abs(curve[i] - 0.55))
+    finite = [i for i in range(1, count) if not math.isnan(curve[i])]
+    if not finite:
+        return count - 1, "end of B (dense's task-A accuracy is 0 before B: forgetting undefined)"
+    best = min(finite, key=lambda i: abs(curve[i] - 0.55))
+    band = "within" if 0.3 <= curve[best] <= 0.8 else "no checkpoint is in"
     return best, (f"B step {steps[best]} of {steps[-1]}: dense forgets {curve[best]:.0%} there (validation split; "
-                  f"{curve[-1]:.0%} at the end), the closest to 55% within the 30-80% band")
+                  f"{curve[-1]:.0%} at the end), the closest to 55%; {band} the 30-80% band")
 
 
 def blocks(topology: list[list[int]]) -> set[tuple[int, int]]:

@@ -7,7 +7,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20 OUT=${OUT:-/tmp/ou
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-timeout "${BENCH_SECONDS:-130}" python benchmarks/bench_training.py 2>&1 | tee "$OUT/bench.log" | grep -v Warning
+timeout --kill-after=5 "${BENCH_SECONDS:-130}" python benchmarks/bench_training.py 2>&1 | tee "$OUT/bench.log" | grep -v Warning
 if ! python examples/forgetting.py check --device cuda 2>&1 | tee "$OUT/check.log"; then
   export SPARSIFY_BACKEND=reference  # the Triton kernels disagree with the reference here: use the reference
 fi

@@ -164,7 +164,9 @@ def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline:
 
     def fits(job: Job) -> bool:
         past = durations[job.kind]
-        return deadline is None or not past or time.time() + 1.1 * max(past) < deadline
+        if deadline is None:
+            return True
+        return time.time() < deadline and (not past or time.time() + 1.1 * max(past) < deadline)
 
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 0 else None
     running: dict = {}

@@ -106,7 +106,8 @@ def topology_dynamics(runs: list[dict], base_lr: float, a_steps: int, path: Path
 def masks(runs: list[dict], path: Path) -> str | None:
     """Block masks of one layer at the end of A and the end of B: kept, removed (A only), added (B only)."""
     picked = [r for r in runs if r.get("topology_a") and r["seed"] == 0 and r["lr"] == runs[0]["lr"]]
-    picked = [r for r in picked if r["arm"].startswith(("dynamic", "protected", "anchored"))][:4]
+    order = ["dynamic-0.5", "protected-0.5", "anchored-0.5", "dynamic-0.25", "dynamic-0.75", "dynamic-0.5-b64"]
+    picked = sorted((r for r in picked if r["arm"] in order), key=lambda r: order.index(r["arm"]))[:4]
     if not picked:
         return None
     fig, axes = plt.subplots(1, len(picked), figsize=(3.2 * len(picked), 3.4), squeeze=False)

@@ -85,12 +85,21 @@ def _verdict(points, arm):
             continue
         curve = [(p[1], p[2]) for p in points[ref]]
         diffs += [(ref, fgt - other) for _, loss, fgt, _ in points.get(arm, [])
-                  if (other := interpolate(curve, loss)) is not None]
+                  if (other := interpolate(curve, loss)) is not None and not math.isnan(fgt - other)]
     if not diffs:
         return "not measured", "no point inside the reference curves' B-loss range"
     worst = max(d for _, d in diffs)
     text = ", ".join(f"{100 * d:+.1f} pts vs {ref}" for ref, d in diffs)
     return ("held" if worst < 0 else "refuted"), text
+
+
+def _dense_curve(runs, base_lr) -> str:
+    dense = [r for r in runs if r["arm"] == "dense" and r["lr"] == base_lr]
+    if not dense:
+        return "n/a"
+    evals = dense[0]["phase"]["evals"]
+    return ", ".join(f"{e['step']}: {100 * mean(forgetting(r, i, 'acc_val') for r in dense):.0f}%"
+                     for i, e in enumerate(evals) if i)
 
 
 def _bench():
@@ -132,7 +141,8 @@ def write_report(out: Path, report: Path, figures: Path, cfg) -> None:
            f"- Task B: English prose, {SOURCE_NOTE}; directives, markup, tables and code blocks stripped; split by file; "
            f"metric: held-out loss in nats per byte. {cfg.b_steps} steps, constant lr (base {base_lr:g}; sweep {cfg.b_lrs[0]:g} / {cfg.b_lrs[2]:g}).",
            f"- Forgetting = (acc_A_before - acc_A_after) / acc_A_before on the test problems. Intervals: 95% t-intervals over seeds.",
-           f"- Calibration of B's length: {calibration}. All numbers below are taken at that checkpoint unless marked 'end'.",
+           f"- Calibration of B's length: {calibration}. All numbers below are taken at that checkpoint unless marked 'end'. "
+           f"Dense's forgetting (validation, base lr, mean over seeds) by B step: {_dense_curve(runs, base_lr)}.",
            f"- Dynamic arms: `TopologyOptimizer(AdamW, model, TopologyConfig(update_every={cfg.update_every}, score_every={cfg.score_every}))`, "
            f"defaults otherwise (prune_fraction 0.1, swap_threshold 1.5, epsilon 0.05, gradient scorer), during A and during B. "
            f"Protected: the half of each row's slots with the highest task-A saliency (sum of (w*g)^2, OBD) frozen during B with "

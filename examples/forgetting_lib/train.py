@@ -44,7 +44,7 @@ class ExpConfig:
     n_val: int = 500
     loss_windows: int = 64
     stat_batches: int = 32  # mini-batches for the Fisher and the saliency
-    ewc_lambdas: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4)
+    ewc_lambdas: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5)
     n_train: int = 200_000
     prose_file: str = str(data.PROSE_FILE)
     device: str = "cpu"
