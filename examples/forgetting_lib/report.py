@@ -93,6 +93,19 @@ def _verdict(points, arm):
     return ("held" if worst < 0 else "refuted"), text
 
 
+def _config_of(run: dict, fallback):
+    from forgetting_lib.model import ModelConfig
+    from forgetting_lib.train import ExpConfig
+
+    saved = dict(run.get("config") or {})
+    if not saved:
+        return fallback
+    saved["model"] = ModelConfig(**saved["model"])
+    saved["b_lrs"] = tuple(saved["b_lrs"])
+    known = set(ExpConfig.__dataclass_fields__)
+    return ExpConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def _dense_curve(runs, base_lr) -> str:
     dense = [r for r in runs if r["arm"] == "dense" and r["lr"] == base_lr]
     if not dense:
@@ -113,6 +126,7 @@ def write_report(out: Path, report: Path, figures: Path, cfg) -> None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text("# Forgetting report\n\nNo runs found under " + str(out) + "\n")
         return
+    cfg = _config_of(runs[0], cfg)  # the configuration the runs were made with, not today's defaults
     base_lr = cfg.b_lrs[1]
     index, calibration = calibrate(runs, base_lr)
     rows = _arm_rows(runs, index, base_lr)
