@@ -166,7 +166,8 @@ def plot_block_mask(layer: BlockSparseLinear, path: str | None = None, ax=None, 
     mask = block_mask(layer.col_indices, layer.num_cols).cpu().numpy()
     own = ax is None
     if own:
-        fig, ax = plt.subplots(figsize=(6, 6 * mask.shape[0] / max(1, mask.shape[1]) + 0.5))
+        height = min(10.0, max(3.0, 6 * mask.shape[0] / max(1, mask.shape[1])))
+        _, ax = plt.subplots(figsize=(6, height))
     ax.imshow(mask, cmap="Greys", interpolation="nearest", aspect="auto")
     ax.set_xlabel("block-column (input)")
     ax.set_ylabel("block-row (output)")
