@@ -40,18 +40,23 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
 
 
-def graph_bench(fn, calls: int = 20) -> float:
+GRAPH_COPIES = 4  # weight copies a CUDA-graph decode timing rotates through (set by --graph-copies)
+
+
+def graph_bench(fns, calls: int = 20) -> float:
     """Per-call time of `calls` back-to-back calls captured in one CUDA graph (no host overhead):
-    what a decode loop under CUDA graphs (torch.compile mode="reduce-overhead") sees."""
+    what a decode loop under CUDA graphs (torch.compile mode="reduce-overhead") sees. The calls
+    rotate through `fns` (one per weight copy) so that weights do not stay in L2 between calls."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for fn in fns:
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        for call in range(calls):
+            fns[call % len(fns)]()
     return bench(graph.replay) / calls
 
 
@@ -74,7 +79,11 @@ def time_dense(x, w, g):
         y = F.linear(xg, wg)
         torch.autograd.grad(y, (xg, wg), g)
 
-    graph_fwd = graph_bench(lambda: F.linear(x, w)) if x.shape[0] <= 64 else None
+    graph_fwd = None
+    if x.shape[0] <= 64:
+        copies = [w] + [w.clone() for _ in range(GRAPH_COPIES - 1)]
+        graph_fwd = graph_bench([lambda w=w: F.linear(x, w) for w in copies])
+        del copies
     return fwd, bench(step), graph_fwd
 
 
@@ -142,7 +151,9 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
     fwd, fwdbwd = time_ours(x, values, col, g)
     graph_fwd = graph_fwd_dense = None
     if m <= 64:  # decode: host overhead dominates plain calls; time the kernels under a CUDA graph too
-        graph_fwd = graph_bench(lambda: torch.ops.sparsify.block_ell_linear(x, values, col))
+        copies = [values] + [values.clone() for _ in range(GRAPH_COPIES - 1)]
+        graph_fwd = graph_bench([lambda v=v: torch.ops.sparsify.block_ell_linear(x, v, col) for v in copies])
+        del copies
         graph_fwd_dense = dense_times[2]
     variants = time_variants(x, values, col, g, m, block, density) if density == 0.5 else {}
     kernels = sparsify.ops.triton_kernels()
@@ -213,6 +224,7 @@ def save(rows: list, args) -> tuple[pathlib.Path, dict]:
         "cuda": torch.version.cuda,
         "dtype": args.dtype,
         "do_bench": {"warmup_ms": WARMUP_MS, "rep_ms": REP_MS, "return_mode": "median"},
+        "graph_weight_copies": GRAPH_COPIES,
         "rows": rows,
         "autotuned": chosen_configs(),
     }
@@ -229,6 +241,7 @@ def save(rows: list, args) -> tuple[pathlib.Path, dict]:
 
 
 def main() -> None:
+    global GRAPH_COPIES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="density 0.5 only")
     parser.add_argument("--shapes", default=None, help="e.g. 4096x14336,14336x4096")
@@ -237,6 +250,8 @@ def main() -> None:
     parser.add_argument("--densities", default=None, help="e.g. 0.25,0.5,0.75")
     parser.add_argument("--bsr-densities", default="0.5", help="densities at which PyTorch BSR is timed too")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--graph-copies", type=int, default=GRAPH_COPIES,
+                        help="weight copies rotated in CUDA-graph decode timings (1 = replay one copy, L2-warm)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -246,6 +261,7 @@ def main() -> None:
     densities = [float(v) for v in args.densities.split(",")] if args.densities else ([0.5] if args.quick else DENSITIES)
     bsr_densities = {float(v) for v in args.bsr_densities.split(",") if v}
     dtype = getattr(torch, args.dtype)
+    GRAPH_COPIES = max(1, args.graph_copies)
     torch.manual_seed(0)
 
     rows = []

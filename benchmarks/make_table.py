@@ -1,7 +1,7 @@
 """Render a committed benchmark result (benchmarks/results/*.json) as a markdown table.
 
-    python benchmarks/make_table.py                          # newest result file, markdown to stdout
-    python benchmarks/make_table.py results/X.json           # a given file
+    python benchmarks/make_table.py                          # the newest date's result files, markdown to stdout
+    python benchmarks/make_table.py results/X.json [Y.json]  # given files
     python benchmarks/make_table.py --write-readme           # also replace the README block between
                                                              # <!-- bench-table:start --> and <!-- bench-table:end -->
 """
@@ -23,6 +23,16 @@ def _x(value) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _variants(r: dict) -> str:
+    """The kernels the launcher chooses between, each timed in the same run (large M, 50% only)."""
+    parts = [
+        f"{name} {r['dense_fwd_ms'] / r[f'{name}_fwd_ms']:.2f}x"
+        for name in ("gather", "tile", "tma")
+        if r.get(f"{name}_fwd_ms")
+    ]
+    return " / ".join(parts) if parts else "-"
+
+
 def render(result: dict, fmt: str = "github") -> str:
     """One row per (shape, M, B, density): speedups over dense and weight-state memory."""
     headers = [
@@ -35,6 +45,7 @@ def render(result: dict, fmt: str = "github") -> str:
         "fwd vs dense",
         "fwd+bwd vs dense",
         "fwd vs dense, CUDA graph",
+        "fwd of each kernel (same run)",
         "PyTorch BSR fwd vs dense",
         "weight state MiB (dense)",
     ]
@@ -51,6 +62,7 @@ def render(result: dict, fmt: str = "github") -> str:
                 _x(r["speedup_fwd"]),
                 _x(r["speedup_fwdbwd"]),
                 _x(r.get("graph_speedup_fwd")),
+                _variants(r),
                 _x(r.get("bsr_speedup_fwd")),
                 f"{r['weight_state_mib']:.1f} ({r['dense_weight_state_mib']:.1f})",
             ]
@@ -61,14 +73,19 @@ def render(result: dict, fmt: str = "github") -> str:
         "(same run); CUDA graph = 20 calls captured in one graph, per-call time (decode rows only); "
         "weight state = values + grad + 2 Adam moments."
     )
+    if result.get("note"):
+        caption += " " + result["note"]
     return caption + "\n\n" + tabulate(body, headers=headers, tablefmt=fmt)
 
 
-def newest_result() -> pathlib.Path:
-    files = sorted((HERE / "results").glob("*.json"), key=lambda p: json.loads(p.read_text()).get("date", ""))
+def newest_results() -> list[pathlib.Path]:
+    """Every result file of the newest date, the plain <device>-<date>.json first."""
+    files = list((HERE / "results").glob("*.json"))
     if not files:
         sys.exit("no benchmarks/results/*.json yet; run benchmarks/bench_layer.py on a GPU first")
-    return files[-1]
+    dates = {p: json.loads(p.read_text()).get("date", "") for p in files}
+    newest = max(dates.values())
+    return sorted((p for p in files if dates[p] == newest), key=lambda p: (len(p.stem), p.name))
 
 
 def write_readme(table: str, readme: pathlib.Path) -> None:
@@ -82,12 +99,12 @@ def write_readme(table: str, readme: pathlib.Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("result", nargs="?", help="results JSON (default: the newest under benchmarks/results)")
+    parser.add_argument("results", nargs="*", help="results JSON files (default: the newest date's under benchmarks/results)")
     parser.add_argument("--write-readme", action="store_true", help="replace the table block in README.md")
     parser.add_argument("--readme", default=str(HERE.parent / "README.md"))
     args = parser.parse_args()
-    path = pathlib.Path(args.result) if args.result else newest_result()
-    table = render(json.loads(path.read_text()))
+    paths = [pathlib.Path(p) for p in args.results] or newest_results()
+    table = "\n\n".join(render(json.loads(p.read_text())) for p in paths)
     print(table)
     if args.write_readme:
         write_readme(table, pathlib.Path(args.readme))

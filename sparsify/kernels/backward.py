@@ -15,6 +15,10 @@ One program owns block-row r and GS consecutive slots: it walks the tokens BM at
 multiplying the GS gathered, transposed activation boxes [GS*B, BM] with the grad_out box [BM, B].
 When there are too few programs to fill the GPU (few block-rows, many tokens) the tokens are split
 into SPLIT fixed ranges with float32 partial sums, added afterwards in a fixed order.
+
+Small blocks (B <= 32, many tokens; forward.use_tiles) take masked-dense tiles instead: grad_input
+is forward's ``_tile_kernel`` on W, and ``_tile_grad_values_kernel`` computes dense [BO, BI] tiles of
+grad_out^T x in token order and stores only the kept blocks. Both are deterministic too.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from sparsify.kernels.forward import (
     TILE_CONFIGS,
     _interpreting,
     _reduce_partials_kernel,
+    cdiv,
     dot_precision,
     interpreter_upcast,
     m_bucket,
@@ -341,10 +346,10 @@ def grad_input(
     )
     flags = dict(B=block, PRECISION=dot_precision(grad_out.dtype), UPCAST=interpreter_upcast(grad_out.dtype))
     if config is None:
-        grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]) * num_cols,)  # noqa: E731
+        grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * num_cols,)  # noqa: E731
         _grad_input_kernel[grid](*args, **flags)
     else:
-        grid = (triton.cdiv(num_tokens, config["BM"]) * num_cols,)
+        grid = (cdiv(num_tokens, config["BM"]) * num_cols,)
         _grad_input_kernel.fn[grid](
             *args,
             **flags,
@@ -361,7 +366,7 @@ def split_tokens(programs: int, num_tokens: int, device: torch.device) -> int:
     sms = num_sms(device)
     if programs >= sms or num_tokens < 1024:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), num_tokens // 512, 16))
+    return max(1, min(cdiv(2 * sms, programs), num_tokens // 512, 16))
 
 
 def grad_values(
@@ -388,9 +393,9 @@ def grad_values(
     if config is not None and "SPLIT" in config:
         split = config["SPLIT"]
     elif tiled:
-        split = split_tokens(triton.cdiv(out_features, 128) * triton.cdiv(in_features, 128), num_tokens, x.device)
+        split = split_tokens(cdiv(out_features, 128) * cdiv(in_features, 128), num_tokens, x.device)
     else:
-        split = split_tokens(rows * triton.cdiv(k, max(1, 128 // block)), num_tokens, x.device)
+        split = split_tokens(rows * cdiv(k, max(1, 128 // block)), num_tokens, x.device)
     dv = torch.empty(rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     target = dv if split == 1 else torch.empty(split, rows, k, block, block, dtype=torch.float32, device=x.device)
     if out is not None and split > 1:
@@ -400,17 +405,17 @@ def grad_values(
         targs = (grad_out, x, table, target, num_tokens, m_bucket(num_tokens), out_features, in_features, k, rows, num_cols, split)
         tflags = dict(B=block, PARTIAL=split > 1, PRECISION=dot_precision(x.dtype), UPCAST=interpreter_upcast(x.dtype))
         if tiles is None:
-            grid = lambda meta: (triton.cdiv(out_features, meta["BO"]) * triton.cdiv(in_features, meta["BI"]), split)  # noqa: E731
+            grid = lambda meta: (cdiv(out_features, meta["BO"]) * cdiv(in_features, meta["BI"]), split)  # noqa: E731
             _tile_grad_values_kernel[grid](*targs, **tflags)
         else:
-            grid = (triton.cdiv(out_features, tiles["BO"]) * triton.cdiv(in_features, tiles["BI"]), split)
+            grid = (cdiv(out_features, tiles["BO"]) * cdiv(in_features, tiles["BI"]), split)
             _tile_grad_values_kernel.fn[grid](
                 *targs, **tflags, BO=tiles["BO"], BI=tiles["BI"], BT=tiles["BT"],
                 num_warps=tiles.get("num_warps", 4), num_stages=tiles.get("num_stages", 2),
             )
         if split > 1:
             total = rows * k * block * block
-            _reduce_partials_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](
+            _reduce_partials_kernel[(cdiv(total, REDUCE_BLOCK),)](
                 target, dv, dv, 1, total, split, HAS_BIAS=False, BLOCK=REDUCE_BLOCK
             )
         return dv
@@ -432,10 +437,10 @@ def grad_values(
         B=block, PARTIAL=split > 1, PRECISION=dot_precision(grad_out.dtype), UPCAST=interpreter_upcast(grad_out.dtype)
     )
     if config is None:
-        grid = lambda meta: (rows * triton.cdiv(k * block, meta["GSB"]), split)  # noqa: E731
+        grid = lambda meta: (rows * cdiv(k * block, meta["GSB"]), split)  # noqa: E731
         _grad_values_kernel[grid](*args, **flags)
     else:
-        grid = (rows * triton.cdiv(k * block, config["GSB"]), split)
+        grid = (rows * cdiv(k * block, config["GSB"]), split)
         _grad_values_kernel.fn[grid](
             *args,
             **flags,
@@ -446,7 +451,7 @@ def grad_values(
         )
     if split > 1:
         total = rows * k * block * block
-        _reduce_partials_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](
+        _reduce_partials_kernel[(cdiv(total, REDUCE_BLOCK),)](
             target, dv, dv, 1, total, split, HAS_BIAS=False, BLOCK=REDUCE_BLOCK
         )
     return dv

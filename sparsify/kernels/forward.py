@@ -1,18 +1,23 @@
 """Triton Block-ELL forward: y = x W^T + bias with W stored as values [R, K, B, B] and col_indices [R, K].
 
-One program owns an output tile [BM tokens x B] of one block-row r. It walks the row's K slots,
-KS slots at a time: the activation boxes of those KS slots are gathered side by side into one
-[BM, KS*B] tile (column col_indices[r, k]*B + j) and multiplied with the slots' blocks, which lie
-contiguously in memory as a [KS*B, B] tile of W^T. Gathering several slots per step gives the
-tensor cores a reduction depth of KS*B (64 or 128) even for 16x16 blocks.
+Three kernels; the launcher picks one (measured choices, see benchmarks/NOTES.md):
 
-Programs run in a grouped order (GROUP_M token tiles walk all block-rows before the next group),
-so an x panel stays in L2 while the blocks stream through. For decode-sized inputs (few token
-tiles, few block-rows) the slots are split over SPLIT programs that write float32 partial sums;
-a second kernel adds the partials in a fixed order (deterministic), adds the bias and casts.
+* ``_forward_kernel`` (gather, the general one): a program owns an output tile [BM tokens x B] of one
+  block-row r and walks the row's slots along the flattened reduction dimension p = k*B + j, KSB
+  positions a step: KSB >= B gathers KSB/B slots' activation boxes side by side (a 64..128-deep
+  ``tl.dot`` even for 16x16 blocks), KSB < B walks a block in parts (smaller stages, deeper
+  pipelines). Programs run in a grouped order (GROUP_M token tiles visit all block-rows) so an
+  activation panel stays in L2. For decode-sized inputs the slots are split over SPLIT programs
+  writing float32 partials, summed in a fixed order by ``_reduce_partials_kernel`` (+ bias, cast).
+* ``_forward_tma_kernel`` (B >= 128, many tokens, Hopper): the same walk with the activation box
+  and the block part loaded as tensor-memory copies through tensor descriptors.
+* ``_tile_kernel`` (B <= 32, many tokens, density >= 0.3): masked-dense tiles; the weight tile is
+  materialised from the blocks through an [R, C] slot table (absent blocks read as zeros), so an
+  activation tile serves 128 outputs instead of B. Also serves grad_input (backward.py).
 
 Launcher contract: forward(x [M, in], values [R, K, B, B], col_indices [R, K], bias [out] | None)
 -> y [M, out] in x's dtype, float32 accumulation; tf32 only when torch allows it for matmuls.
+Autotuned per (token-count bucket, shape, K, B), never on col_indices values.
 """
 
 from __future__ import annotations
@@ -335,10 +340,10 @@ def tile_matmul(a, values, table, bias, out, w_rows_are_kd: bool, config: dict |
         UPCAST=interpreter_upcast(a.dtype),
     )
     if config is None:
-        grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
         _tile_kernel[grid](*args, **flags)
     else:
-        grid = (triton.cdiv(num_tokens, config["BM"]) * triton.cdiv(n, config["BN"]),)
+        grid = (cdiv(num_tokens, config["BM"]) * cdiv(n, config["BN"]),)
         _tile_kernel.fn[grid](
             *args, **flags, BM=config["BM"], BN=config["BN"], BK=config["BK"],
             num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
@@ -451,12 +456,17 @@ def forward_tma(x, values, col, bias, y) -> None:
     dummy = [block, 64]  # the pre-hook sets the real block shapes per config
     x_desc = TensorDescriptor(x, [num_tokens, in_features], [in_features, 1], dummy)
     v_desc = TensorDescriptor(values, [rows * k * block, block], [block, 1], dummy)
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]) * rows,)  # noqa: E731
+    grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * rows,)  # noqa: E731
     _forward_tma_kernel[grid](
         x_desc, v_desc, col, bias if bias is not None else y, y,
         num_tokens, m_bucket(num_tokens), rows * block, in_features, k, rows, x.element_size(),
         B=block, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
     )
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a constexpr function in recent Triton: microseconds a call)."""
+    return -(-a // b)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -468,7 +478,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def m_bucket(m: int) -> int:
     """Autotuning key for the token count: powers of two, capped."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
+    return min(1 << max(m - 1, 0).bit_length(), 16384)
 
 
 def num_sms(device: torch.device) -> int:
@@ -487,7 +497,7 @@ def split_slots(num_tiles: int, k: int, device: torch.device) -> int:
     sms = num_sms(device)
     if num_tiles >= sms or k <= 1:
         return 1
-    return max(1, min(k, triton.cdiv(2 * sms, num_tiles), 16))
+    return max(1, min(k, cdiv(2 * sms, num_tiles), 16))
 
 
 def forward(
@@ -523,7 +533,7 @@ def forward(
         split = config["SPLIT"]
     else:
         tile_m = 16 if bucket <= 32 else 128
-        split = split_slots(triton.cdiv(num_tokens, tile_m) * rows, k, x.device)
+        split = split_slots(cdiv(num_tokens, tile_m) * rows, k, x.device)
     y = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device) if out is None else out
     partial = y if split == 1 else torch.empty(split, num_tokens, out_features, dtype=torch.float32, device=x.device)
     if out is not None and split > 1:
@@ -546,10 +556,10 @@ def forward(
     )
     flags = dict(B=block, HAS_BIAS=has_bias, PARTIAL=split > 1, PRECISION=dot_precision(x.dtype), UPCAST=interpreter_upcast(x.dtype))
     if config is None:
-        grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]) * rows, split)  # noqa: E731
+        grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * rows, split)  # noqa: E731
         _forward_kernel[grid](*args, **flags)
     else:
-        grid = (triton.cdiv(num_tokens, config["BM"]) * rows, split)
+        grid = (cdiv(num_tokens, config["BM"]) * rows, split)
         _forward_kernel.fn[grid](
             *args,
             **flags,
@@ -559,7 +569,7 @@ def forward(
             num_stages=config.get("num_stages", 2),
         )
     if split > 1:
-        grid = (triton.cdiv(num_tokens * out_features, REDUCE_BLOCK),)
+        grid = (cdiv(num_tokens * out_features, REDUCE_BLOCK),)
         _reduce_partials_kernel[grid](
             partial, bias if has_bias else y, y, num_tokens, out_features, split, HAS_BIAS=has_bias, BLOCK=REDUCE_BLOCK
         )
