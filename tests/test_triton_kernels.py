@@ -227,3 +227,17 @@ def test_many_tokens_take_the_masked_dense_tiles_for_small_blocks():
     assert relative_error(y, reference.forward(xd, vd, col, bias.double())) < 1e-5
     assert relative_error(gx, reference.grad_input(gd, vd, col, cols * block)) < 1e-5
     assert relative_error(gv, reference.grad_values(gd, xd, col, block)) < 1e-5
+
+
+@child_only
+@pytest.mark.parametrize("block", [64, 128])
+def test_tma_forward_matches_float64_reference(block):
+    """The tensor-descriptor forward (CUDA takes it for B >= 128), run directly: rows past M and
+    the descriptor's box shapes come from the autotune pre-hook, as on the GPU."""
+    from sparsify.kernels import forward, reference
+
+    m, rows, cols, k = 37, 3, 5, 3
+    x, _, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=13)
+    y = nan_like((m, rows * block), torch.float32)
+    forward.forward_tma(x, values, col, bias, y)
+    assert relative_error(y, reference.forward(x.double(), values.double(), col, bias.double())) < 1e-5
