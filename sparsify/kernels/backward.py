@@ -31,7 +31,7 @@ from sparsify.kernels.forward import (
     AUTOTUNE_TIMER,
     REDUCE_BLOCK,
     TILE_CONFIGS,
-    _interpreting,
+    tune_one_config,
     _reduce_partials_kernel,
     cdiv,
     dot_precision,
@@ -86,9 +86,7 @@ def _prune(configs, named_args, width_key, acc_cols_of, **kwargs):
     ]
     if not kept:
         kept = [triton.Config({"BM": 16 if bucket <= 32 else 64, width_key: block}, num_warps=4, num_stages=2)]
-    if _interpreting():
-        kept = kept[:1]
-    return kept
+    return kept[:1] if tune_one_config(args) else kept
 
 
 def _prune_grad_input(configs, named_args, **kwargs):
@@ -229,9 +227,7 @@ def _prune_tile_values(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     block = args["B"]
     kept = [c for c in configs if c.kwargs["BO"] % block == 0 and c.kwargs["BI"] % block == 0]
-    if _interpreting():
-        kept = kept[:1]
-    return kept
+    return kept[:1] if tune_one_config(args) else kept
 
 
 @triton.autotune(

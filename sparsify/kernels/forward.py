@@ -66,6 +66,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Below this many multiply-adds a problem takes the first fitting config instead of timing them all:
+# each config costs seconds of compilation on first call, more than a small layer ever gains back
+# (measured: a 4-layer quick-start Llama spent 123 s tuning on an H100 before this rule).
+AUTOTUNE_MIN_MACS = 1 << 31
+
+
+def tune_one_config(args: dict) -> bool:
+    """True where autotuning should keep a single config: under the interpreter, or for small problems."""
+    if _interpreting():
+        return True
+    out_features = args.get("N_OUT", args.get("N", 0))
+    return args["M_BUCKET"] * out_features * args["K"] * args["B"] < AUTOTUNE_MIN_MACS
+
+
 def _configs():
     return [
         triton.Config({"BM": bm, "KSB": ksb}, num_warps=w, num_stages=s) for bm, ksb, w, s in FORWARD_CONFIGS
@@ -106,9 +120,7 @@ def _prune_configs(configs, named_args, **kwargs):
     ]
     if not kept:  # always leave one that is valid for the block size
         kept = [triton.Config({"BM": 16 if m_bucket <= 32 else 64, "KSB": block}, num_warps=4, num_stages=2)]
-    if _interpreting():  # no timing on the CPU interpreter
-        kept = kept[:1]
-    return kept
+    return kept[:1] if tune_one_config(args) else kept
 
 
 @triton.autotune(
@@ -214,9 +226,7 @@ def _prune_tile_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     block = args["B"]
     kept = [c for c in configs if c.kwargs["BK"] % block == 0 and c.kwargs["BN"] % block == 0]
-    if _interpreting():
-        kept = kept[:1]
-    return kept
+    return kept[:1] if tune_one_config(args) else kept
 
 
 @triton.autotune(
@@ -375,7 +385,7 @@ def _prune_tma(configs, named_args, **kwargs):
         and (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * max(1, c.num_stages - 2) <= 224 * 1024
     ]
     kept = kept or [triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_tma_blocks)]
-    return kept[:1] if _interpreting() else kept
+    return kept[:1] if tune_one_config(args) else kept
 
 
 @triton.autotune(
