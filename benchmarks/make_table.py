@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--readme", default=str(HERE.parent / "README.md"))
     args = parser.parse_args()
     paths = [pathlib.Path(p) for p in args.results] or newest_results()
-    table = "\n\n".join(render(json.loads(p.read_text())) for p in paths)
+    results = [json.loads(p.read_text()) for p in paths]
+    table = "\n\n".join(render(r) for r in results if "rows" in r)  # layer benchmarks only
     print(table)
     if args.write_readme:
         write_readme(table, pathlib.Path(args.readme))
