@@ -1,4 +1,4 @@
-"""DDP: make every rank take the same topology decision, and prove it.
+"""DDP and FSDP2: make every rank take the same topology decision, and prove it.
 
 Everything a decision reads is made identical on every rank before it runs:
   * block-score EMAs come from ``values.grad``, which DDP has already averaged, but the probe
@@ -15,6 +15,10 @@ How to construct DDP: sparsify the model, move it to its device (and dtype), wra
 ``process_group`` is used; otherwise pass ``process_group=`` or the default group is used. Every rank
 must call ``step()`` the same number of times (as DDP itself requires). CPU (gloo) and CUDA (NCCL)
 tensors both work: the collectives use SUM and MAX, which every backend supports.
+
+FSDP2 (``fully_shard``): the same, except that each rank only sees the gradient of its own block-rows;
+those rows of the block-score EMAs are summed (others zeroed) in the same one all-reduce
+(:func:`reduce_`), see ``sparsify.topology.fsdp``. The group is the values' device mesh's group.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from sparsify.topology.fsdp import group_of_values, is_sharded
 
 _MASK61 = (1 << 61) - 1
 
@@ -38,12 +44,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def process_group_of(model: nn.Module, process_group=None):
-    """The group decisions are synchronized over: explicit, else the DDP wrapper's, else the default
-    group when torch.distributed is initialized, else None (single process)."""
+    """The group decisions are synchronized over: explicit, else the DDP wrapper's, else that of the
+    first parameter sharded by ``fully_shard``, else the default group when torch.distributed is
+    initialized, else None (single process)."""
     if process_group is not None:
         return process_group
     if not (dist.is_available() and dist.is_initialized()):
         return None
+    for p in unwrap(model).parameters():
+        if is_sharded(p):
+            return group_of_values(p)
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             return model.process_group
@@ -62,11 +72,19 @@ def average_(tensors: list[torch.Tensor], group) -> None:
 
     All tensors must share a device; they are flattened into a float32 buffer and copied back.
     """
+    reduce_(tensors, [], group)
+
+
+def reduce_(averaged: list[torch.Tensor], summed: list[torch.Tensor], group) -> None:
+    """Replace ``averaged`` by their means and ``summed`` by their sums over ``group``, in ONE
+    all-reduce (``summed`` carries row shards that are zero on every rank but their owner)."""
+    tensors = averaged + summed
     if world_size(group) == 1 or not tensors:
         return
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat.div_(world_size(group))
+    split = sum(t.numel() for t in averaged)
+    flat[:split].div_(world_size(group))
     offset = 0
     for t in tensors:
         n = t.numel()

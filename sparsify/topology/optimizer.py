@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from sparsify.layer import BlockSparseLinear
+from sparsify.topology import fsdp
 from sparsify.topology import scores as sc
 from sparsify.topology.decide import Plan, decide
-from sparsify.topology.distributed import (
-    average_, check_same_topology, decision_generator, process_group_of, unwrap,
-)
+from sparsify.topology.distributed import check_same_topology, decision_generator, process_group_of, reduce_, unwrap
 from sparsify.topology.metrics import TopologyDecision, column_entropy, decision_metrics
 
 logger = logging.getLogger("sparsify.topology")
@@ -106,7 +105,8 @@ class TopologyOptimizer(torch.optim.Optimizer):
 
     Build it after the model is on its device and dtype (and after DDP wrapping, if any) and before the
     first forward of a compiled model: it turns on each layer's ``stats_probe``. ``model`` may be the
-    plain model, its ``torch.compile`` wrapper or its DDP wrapper (see ``sparsify.topology.distributed``).
+    plain model, its ``torch.compile`` wrapper or its DDP wrapper (see ``sparsify.topology.distributed``),
+    or a model sharded by FSDP2's ``fully_shard`` (see ``sparsify.topology.fsdp``; build it after sharding).
     Only layers whose ``values`` the wrapped optimizer trains are evolved.
 
     Args:
@@ -235,7 +235,7 @@ class TopologyOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """Level 0 (the wrapped step and score EMAs), then Level 1 / Level 2 when their period is due."""
-        frozen = self._frozen()  # [(values, mask [R, K, 1, 1], saved values)]
+        frozen = self._frozen()  # [(values, mask [R_local, K, 1, 1], saved local values)]
 
         def masked_closure():
             with torch.enable_grad():
@@ -247,7 +247,8 @@ class TopologyOptimizer(torch.optim.Optimizer):
         loss = self.optimizer.step(masked_closure if closure is not None else None)
         with torch.no_grad():
             for values, mask, saved in frozen:
-                values.copy_(torch.where(mask, saved, values))
+                local = fsdp.local(values)
+                local.copy_(torch.where(mask, saved, local))
             self._after_step()
         return loss
 
@@ -256,8 +257,10 @@ class TopologyOptimizer(torch.optim.Optimizer):
         out = []
         for name, layer in self.layers.items():
             s = self.layer_scores[name]
-            if s.has_protected():
-                out.append((layer.values, s.protected[:, :, None, None], layer.values.detach().clone()))
+            if s.has_protected():  # under FSDP2: this rank's rows only
+                first, stop = fsdp.row_range(layer.values)
+                local = fsdp.local(layer.values.detach())
+                out.append((layer.values, s.protected[first:stop, :, None, None], local.clone()))
         return out
 
     def _after_step(self) -> None:
@@ -281,9 +284,21 @@ class TopologyOptimizer(torch.optim.Optimizer):
         config, step = self.config, self.global_step
         sc.advance_ages(list(self.layer_scores.values()), step - self._last_age_step)
         self._last_age_step = step
-        # identical inputs on every rank: one bucketed all-reduce of every statistic a decision reads
-        stats = [t for s in self.layer_scores.values() for t in (s.block_ema, s.probe_ema)]
-        average_(stats, self.process_group)
+        # identical inputs on every rank: one bucketed all-reduce of every statistic a decision reads.
+        # Probe statistics are local: averaged. Block EMAs are the same everywhere under DDP (averaged
+        # gradients): averaged too; under FSDP2 each rank knows its own rows: the others are zeroed, summed.
+        averaged, summed = [], []
+        for name, s in self.layer_scores.items():
+            averaged.append(s.probe_ema)
+            values = self.layers[name].values
+            if fsdp.is_sharded(values) and config.scorer == "gradient":
+                first, stop = fsdp.row_range(values)
+                s.block_ema[:first].zero_()
+                s.block_ema[stop:].zero_()
+                summed.append(s.block_ema)
+            else:
+                averaged.append(s.block_ema)
+        reduce_(averaged, summed, self.process_group)
         generator = decision_generator(config.seed, step)
         records = []
         for name, layer in self.layers.items():
@@ -315,16 +330,20 @@ class TopologyOptimizer(torch.optim.Optimizer):
         device, block = values.device, layer.block_size
         rows, slots = plan.rows.to(device), plan.slots.to(device)
         layer.col_indices.copy_(plan.col_indices)
-        grown = torch.zeros(plan.num_swaps, block, block)  # [S, B, B]
+        grown = torch.zeros(plan.num_swaps, block, block)  # [S, B, B], drawn whole on every rank
         if self.config.grow_init == "kaiming":
             bound = 0.1 / math.sqrt(layer.in_features)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound, x 0.1
             grown.uniform_(-bound, bound, generator=generator)
-        values.data.index_put_((rows, slots), grown.to(device=device, dtype=values.dtype))
+        # values, gradient, optimizer state: this rank's rows (all rows unless FSDP2 shards them)
+        first, stop = fsdp.row_range(values)
+        keep, local_rows = fsdp.index_local_rows(plan.rows, first, stop)  # on the CPU, like the plan
+        where = (local_rows.to(device), plan.slots[keep].to(device))
+        fsdp.local(values.data).index_put_(where, grown[keep].to(device=device, dtype=values.dtype))
         if values.grad is not None:
-            values.grad.index_put_((rows, slots), torch.zeros((), device=device, dtype=values.grad.dtype))
+            fsdp.local(values.grad).index_put_(where, torch.zeros((), device=device, dtype=values.grad.dtype))
         for state in self.optimizer.state.get(values, {}).values():
             if torch.is_tensor(state) and state.shape == values.shape:  # Adam exp_avg / exp_avg_sq, SGD momentum
-                state.index_put_((rows, slots), torch.zeros((), device=state.device, dtype=state.dtype))
+                fsdp.local(state).index_put_(where, torch.zeros((), device=state.device, dtype=state.dtype))
         # a grown block starts from the calibrated estimate that won it the slot, and age 0
         if self.config.scorer == "gradient":
             s.block_ema.index_put_((rows, slots), plan.grown_scores.to(device))
@@ -377,9 +396,16 @@ class TopologyOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict plus a ``"topology"`` entry (tensors and plain Python:
         loadable with ``torch.load(weights_only=True)``). Decisions draw from a generator seeded by
-        ``(config.seed, step)``, so no generator state needs saving."""
+        ``(config.seed, step)``, so no generator state needs saving. Under FSDP2 with
+        ``torch.distributed.checkpoint``, use ``sparsify.topology.fsdp.checkpoint_state`` instead."""
         out = dict(self.optimizer.state_dict())
-        out["topology"] = {
+        out["topology"] = self.topology_state_dict()
+        return out
+
+    def topology_state_dict(self) -> dict:
+        """This optimizer's own state (the ``"topology"`` entry of :meth:`state_dict`); it may differ
+        across ranks (probe statistics are local), so save it per rank."""
+        return {
             "global_step": self.global_step,
             "last_age_step": self._last_age_step,
             "warned_nonfinite": self._warned_nonfinite,
@@ -387,14 +413,16 @@ class TopologyOptimizer(torch.optim.Optimizer):
             "layers": {name: s.state_dict() for name, s in self.layer_scores.items()},
             "history": [d.to_dict() for d in self.history],
         }
-        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         topology = state_dict.pop("topology", None)
         self.optimizer.load_state_dict(state_dict)
-        if topology is None:
-            return
+        if topology is not None:
+            self.load_topology_state_dict(topology)
+
+    def load_topology_state_dict(self, topology: dict) -> None:
+        """Restore what :meth:`topology_state_dict` returned."""
         missing = set(self.layer_scores) - set(topology["layers"])
         if missing:
             raise ValueError(
@@ -416,4 +444,4 @@ class TopologyOptimizer(torch.optim.Optimizer):
 def _zero_protected_grads(frozen) -> None:
     for values, mask, _ in frozen:
         if values.grad is not None:
-            values.grad.masked_fill_(mask, 0)
+            fsdp.local(values.grad).masked_fill_(mask, 0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from sparsify.layer import BlockSparseLinear
+from sparsify.topology import fsdp
 
 _TINY = 1e-30
 
@@ -97,8 +98,11 @@ def block_gradient_norms(grad: torch.Tensor) -> torch.Tensor:
 
 
 def block_magnitudes(values: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of every block's weights: ``[R, K, B, B] -> [R, K]`` float32."""
-    return torch.linalg.vector_norm(values.detach(), dim=(2, 3), dtype=torch.float32)
+    """Frobenius norm of every block's weights: ``[R, K, B, B] -> [R, K]`` float32.
+
+    Row-sharded ``values`` (FSDP2) are reduced locally and then all-gathered (one collective per call)."""
+    norms = torch.linalg.vector_norm(values.detach(), dim=(2, 3), dtype=torch.float32)
+    return norms.full_tensor() if fsdp.is_sharded(norms) else norms
 
 
 def update_every_step(
@@ -107,12 +111,15 @@ def update_every_step(
     """Level 0: fold this step's gradient norms and probe energies into the EMAs; clear the probes.
 
     Layers without a gradient this step (unused, or frozen) keep their EMAs. No host synchronization.
+    Under FSDP2 the gradient is this rank's shard: only its rows of ``block_ema`` move (Level 2 gathers them).
     """
     block_emas, block_news, probe_emas, probe_grads = [], [], [], []
     for s, layer in zip(scores, layers):
-        if scorer == "gradient" and layer.values.grad is not None:
-            block_emas.append(s.block_ema)
-            block_news.append(block_gradient_norms(layer.values.grad))
+        grad = layer.values.grad
+        if scorer == "gradient" and grad is not None:
+            first, stop = fsdp.row_range(grad)
+            block_emas.append(s.block_ema[first:stop])
+            block_news.append(block_gradient_norms(fsdp.local(grad)))
         probe = layer.stats_probe
         if probe.grad is not None:
             probe_emas.append(s.probe_ema)
