@@ -160,6 +160,11 @@ def _setup_context(ctx, inputs, output):
     ctx.probe_dtype = stats_probe.dtype if stats_probe is not None else None
 
 
+def _block_norms(t: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
+    """L2 norm over tokens and block width of every block of columns of t [M, num_blocks * B], float32."""
+    return torch.linalg.vector_norm(t.reshape(-1, num_blocks, block_size), dim=(0, 2), dtype=torch.float32)
+
+
 def _backward(ctx, grad_y):
     x, values, col_indices = ctx.saved_tensors
     rows, _, block_size, _ = values.shape
@@ -175,8 +180,9 @@ def _backward(ctx, grad_y):
     if ctx.has_bias and needs[3]:
         grad_bias = grad_2d.float().sum(0).to(ctx.bias_dtype)
     if needs[4]:
-        error_energy = grad_2d.float().view(-1, rows, block_size).pow(2).sum(dim=(0, 2))  # [R]
-        activation_energy = x_2d.float().view(-1, in_features // block_size, block_size).pow(2).sum(dim=(0, 2))  # [C]
+        # One fused reduction per tensor (no float32 copies of x or grad_out): norms, then squared.
+        error_energy = _block_norms(grad_2d, rows, block_size).square()  # [R]
+        activation_energy = _block_norms(x_2d, in_features // block_size, block_size).square()  # [C]
         grad_probe = torch.cat([error_energy, activation_energy]).to(ctx.probe_dtype)
     return (grad_x, grad_values, None, grad_bias, grad_probe)[: len(ctx.needs_input_grad)]
 
