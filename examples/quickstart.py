@@ -1,6 +1,6 @@
 """Quick start: sparsify the middle MLPs of a small HF Llama and train it with a dynamic topology.
 
-    python examples/quickstart.py            # CPU or GPU; under a minute on two CPU cores
+    python examples/quickstart.py            # CPU or GPU; about a minute on two CPU cores
     python examples/quickstart.py --steps 200 --density 0.25
 
 The model is built from a config (random init, nothing is downloaded) and learns, character by
