@@ -41,6 +41,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=str(data.PROSE_FILE), help="the prepared prose corpus (prepare writes it)")
     p.add_argument("--report", default=None, help="markdown path (default OUT/report.md)")
     p.add_argument("--figures", default=None, help="figure folder (default OUT/figures)")
+    p.add_argument("--metric", choices=("exact", "bytes"), default="exact",
+                   help="forgetting in the headline and claims: exact match or answer-byte accuracy")
+    p.add_argument("--note", default=None, help="a markdown file whose text opens the report (what ran where)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0, help="parallel processes (0: in this process)")
     p.add_argument("--deadline", type=float, default=None, help="seconds from now; later runs are not started")
@@ -50,9 +53,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=0.5, help="density of the static, protected and variant arms")
     p.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="dynamic arms")
     p.add_argument("--big-block", type=int, default=64, help="block size of the extra dynamic arm (0: none)")
+    p.add_argument("--static-shares-a", action="store_true", help="static arm: B from the dynamic arm's A model")
+    p.add_argument("--late", nargs="*", default=[], help="arms run after all others (when time allows)")
+    p.add_argument("--ewc-lambdas", type=float, nargs="+", default=list(ExpConfig.ewc_lambdas))
     p.add_argument("--n-layers", type=int, default=ModelConfig.layers)
     p.add_argument("--hidden", type=int, default=ModelConfig.hidden)
     p.add_argument("--mlp", type=int, default=ModelConfig.mlp)
+    p.add_argument("--heads", type=int, default=0, help="attention heads (0: hidden // 64)")
+    p.add_argument("--seq", type=int, default=ModelConfig.seq_len, help="bytes per training sequence")
     p.add_argument("--a-steps", type=int, default=ExpConfig.a_steps)
     p.add_argument("--b-steps", type=int, default=ExpConfig.b_steps)
     p.add_argument("--batch", type=int, default=ExpConfig.batch)
@@ -64,9 +72,9 @@ def config(args) -> ExpConfig:
     if args.smoke:
         return ExpConfig(**SMOKE, device="cpu")
     model = ModelConfig(layers=args.n_layers, hidden=args.hidden, mlp=args.mlp, sparse_layers=args.layers,
-                        heads=max(1, args.hidden // 64))
+                        heads=args.heads or max(1, args.hidden // 64), seq_len=args.seq)
     return ExpConfig(model=model, a_steps=args.a_steps, b_steps=args.b_steps, batch=args.batch,
-                     b_lrs=tuple(args.b_lrs), device=args.device)
+                     b_lrs=tuple(args.b_lrs), ewc_lambdas=tuple(args.ewc_lambdas), device=args.device)
 
 
 def main(argv=None) -> dict:
@@ -87,17 +95,17 @@ def main(argv=None) -> dict:
     cfg.prose_file = str(prose)
     if args.command == "check":
         sys.exit(0 if backend_matches(cfg) else 1)
-    arms = make_arms(args.density, tuple(args.densities), args.big_block)
+    arms = make_arms(args.density, tuple(args.densities), args.big_block, args.static_shares_a)
     outcome = {}
     if args.command == "run":
         deadline = time.time() + args.deadline if args.deadline else None
-        jobs = plan(arms, 1 if args.smoke else args.seeds, cfg, sweep=not args.no_sweep)
+        jobs = plan(arms, 1 if args.smoke else args.seeds, cfg, sweep=not args.no_sweep, late=tuple(args.late))
         outcome = run_grid(jobs, cfg, out, args.workers, deadline)
         (out / "grid.json").write_text(json.dumps(outcome, indent=1))
         print("grid:", {k: len(v) for k, v in outcome.items()})
     report = Path(args.report) if args.report else out / "report.md"
     figures = Path(args.figures) if args.figures else out / "figures"
-    write_report(out, report, figures, cfg)
+    write_report(out, report, figures, cfg, Path(args.note).read_text() if args.note else None, args.metric)
     print("report ->", report)
     return outcome
 

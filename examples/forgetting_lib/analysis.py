@@ -36,14 +36,14 @@ def forgetting(run: dict, index: int, split: str = "acc_test") -> float:
     return (before - after) / before if before > 0 else math.nan
 
 
-def calibrate(runs: list[dict], base_lr: float) -> tuple[int, str]:
+def calibrate(runs: list[dict], base_lr: float, split: str = "acc_val") -> tuple[int, str]:
     """The B checkpoint at which arms are compared: the last one if dense forgets 30-80% of task A
     there (validation split, mean over seeds), else the one where dense forgets closest to 55%."""
     dense = [r for r in runs if r["arm"] == "dense" and r["lr"] == base_lr]
     if not dense:
         return -1, "no dense run: compared at the end of B"
     count = len(dense[0]["phase"]["evals"])
-    curve = [mean(forgetting(r, i, "acc_val") for r in dense) for i in range(count)]
+    curve = [mean(forgetting(r, i, split) for r in dense) for i in range(count)]
     steps = [e["step"] for e in dense[0]["phase"]["evals"]]
     if 0.3 <= curve[-1] <= 0.8:
         return count - 1, f"end of B (step {steps[-1]}): dense forgets {curve[-1]:.0%} of task A (validation split)"

@@ -27,6 +27,7 @@ class Arm:
     dynamic: bool = False
     ewc: bool = False
     protect: str | None = None  # "freeze" | "anchor"
+    a_dynamic: bool = False  # train task A with the TopologyOptimizer even if B is static
     anchor_rate: float = 0.1  # learning-rate factor of anchored slots
 
     @property
@@ -34,13 +35,16 @@ class Arm:
         """Arms with the same task-A training share one task-A run."""
         if self.density is None:
             return "dense"
-        kind = "dynamic" if self.dynamic else "static"
+        kind = "dynamic" if self.dynamic or self.a_dynamic else "static"
         return f"{kind}-{self.density}" + ("" if self.block_size == 16 else f"-b{self.block_size}")
 
 
-def make_arms(density: float = 0.5, densities=(0.25, 0.5, 0.75), big_block: int = 64) -> dict[str, Arm]:
-    """Every arm of the grid by name; ``density`` is the one of the static, protected and variant arms."""
-    arms = [Arm("dense"), Arm("ewc", ewc=True), Arm(f"static-{density}", density=density)]
+def make_arms(density: float = 0.5, densities=(0.25, 0.5, 0.75), big_block: int = 64,
+              static_shares_a: bool = False) -> dict[str, Arm]:
+    """Every arm of the grid by name; ``density`` is the one of the static, protected and variant arms.
+    ``static_shares_a``: the static arm starts B from the dynamic arm's task-A model and freezes the
+    topology for B only (one task-A run fewer; B then differs from dynamic-D in the topology alone)."""
+    arms = [Arm("dense"), Arm("ewc", ewc=True), Arm(f"static-{density}", density=density, a_dynamic=static_shares_a)]
     arms += [Arm(f"dynamic-{d}", density=d, dynamic=True) for d in densities]
     if big_block:
         arms.append(Arm(f"dynamic-{density}-b{big_block}", density=density, block_size=big_block, dynamic=True))

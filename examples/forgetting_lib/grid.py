@@ -41,7 +41,14 @@ class Job:
         return out / "runs" / f"{self.arm.name}__s{self.seed}__lr{self.lr:g}{lam}.json"
 
 
-def plan(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool) -> list[Job]:
+def plan(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool, late: tuple[str, ...] = ()) -> list[Job]:
+    """``late``: arms whose runs (and task-A runs used by them alone) come after everything else."""
+    jobs = _plan(arms, seeds, cfg, sweep)
+    early_keys = {a.a_key for a in arms.values() if a.name not in late}
+    return sorted(jobs, key=lambda j: j.priority + (10 if j.arm.name in late or j.arm.a_key not in early_keys else 0))
+
+
+def _plan(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool) -> list[Job]:
     low, base, high = cfg.b_lrs
     firsts = {}
     for seed in range(seeds):
@@ -94,6 +101,12 @@ def execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> floa
         a_summary = json.loads(json_path.read_text())
         ckpt = torch.load(pt_path, weights_only=True)
         lam = job.lam if job.lam is not None else _chosen_lambda(out) if job.arm.ewc else None
+        searched = out / "runs" / f"{job.arm.name}__s{job.seed}__lr{job.lr:g}__lam{lam:g}.json" if job.arm.ewc else None
+        if searched is not None and job.lam is None and searched.exists():  # the lambda search already ran it
+            record = json.loads(searched.read_text())
+            record["lam_search"] = False
+            _write(job.path(out), record)
+            return time.time() - start
         record = run_b(job.arm, job.seed, job.lr, cfg, a_summary, ckpt, lam, deadline)
         record["lam_search"] = job.lam_search
         _write(job.path(out), record)

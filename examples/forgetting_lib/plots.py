@@ -37,7 +37,7 @@ def forgetting_bars(rows: list[dict], path: Path) -> str:
     return _save(fig, path)
 
 
-def tradeoff(points: dict[str, list[tuple[float, float, float, float]]], path: Path) -> str:
+def tradeoff(points: dict[str, list[tuple[float, float, float, float]]], path: Path, measure: str = "exact match") -> str:
     """``points[arm] = [(lr, b_loss, forgetting, forgetting_ci)]``: forgetting against B's held-out loss."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for arm, pts in sorted(points.items()):
@@ -49,8 +49,8 @@ def tradeoff(points: dict[str, list[tuple[float, float, float, float]]], path: P
             if len(pts) > 1:
                 ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("task B held-out loss (nats/byte, lower = learned more)")
-    ax.set_ylabel("forgetting of task A (%)")
-    ax.set_title("forgetting at equal task-B learning (labels: B learning rate)")
+    ax.set_ylabel(f"forgetting of task A, {measure} (%)")
+    ax.set_title("forgetting at equal task-B learning (labels: B learning rate)", fontsize=10)
     ax.invert_xaxis()
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -25,7 +25,7 @@ def _pm(value: tuple[float, float], scale: float = 100, digits: int = 1, unit: s
     return f"{scale * m:.{digits}f}{unit}" + ("" if h != h else f" ± {scale * h:.{digits}f}")
 
 
-def _arm_rows(runs, index, base_lr):
+def _arm_rows(runs, index, base_lr, primary="acc_test"):
     by_arm = defaultdict(list)
     for r in runs:
         if r["lr"] == base_lr:
@@ -37,8 +37,14 @@ def _arm_rows(runs, index, base_lr):
         rows.append({
             "arm": arm, "seeds": len(group),
             "before": interval([r["phase"]["evals"][0]["acc_test"] for r in group]),
+            "primary_before": interval([r["phase"]["evals"][0].get(primary, math.nan) for r in group]),
+            "bytes_before": interval([r["phase"]["evals"][0].get("byte_test", math.nan) for r in group]),
+            "bytes_after": interval([r["phase"]["evals"][index].get("byte_test", math.nan) for r in group]),
             "after": interval([r["phase"]["evals"][index]["acc_test"] for r in group]),
-            "forgetting": interval([forgetting(r, index) for r in group]),
+            "forgetting": interval([forgetting(r, index, primary) for r in group if primary in r["phase"]["evals"][0]]),
+            "forgetting_exact": interval([forgetting(r, index) for r in group]),
+            "forgetting_bytes": interval([forgetting(r, index, "byte_test") for r in group
+                                          if "byte_test" in r["phase"]["evals"][0]]),
             "b_loss": interval([r["phase"]["evals"][index]["b_test_loss"] for r in group]),
             "b_loss_end": interval([r["phase"]["evals"][-1]["b_test_loss"] for r in group]),
             "overlap": interval([mean(v["jaccard"] for v in overlap(r).values()) for r in group if overlap(r)]),
@@ -50,14 +56,15 @@ def _arm_rows(runs, index, base_lr):
     return rows
 
 
-def _sweep_points(runs, index):
+def _sweep_points(runs, index, split="acc_test"):
     """``{arm: [(lr, b_loss, forgetting, ci)]}`` from every arm with runs at several learning rates."""
     grouped = defaultdict(lambda: defaultdict(list))
     for r in runs:
         grouped[r["arm"]][r["lr"]].append(r)
     out = {}
     for arm, by_lr in grouped.items():
-        out[arm] = [(lr, mean(r["phase"]["evals"][index]["b_test_loss"] for r in g), *interval([forgetting(r, index) for r in g]))
+        out[arm] = [(lr, mean(r["phase"]["evals"][index]["b_test_loss"] for r in g),
+                     *interval([forgetting(r, index, split) for r in g if split in r["phase"]["evals"][0]]))
                     for lr, g in sorted(by_lr.items())]
     return out
 
@@ -106,12 +113,12 @@ def _config_of(run: dict, fallback):
     return ExpConfig(**{k: v for k, v in saved.items() if k in known})
 
 
-def _dense_curve(runs, base_lr) -> str:
+def _dense_curve(runs, base_lr, split="acc_val") -> str:
     dense = [r for r in runs if r["arm"] == "dense" and r["lr"] == base_lr]
     if not dense:
         return "n/a"
     evals = dense[0]["phase"]["evals"]
-    return ", ".join(f"{e['step']}: {100 * mean(forgetting(r, i, 'acc_val') for r in dense):.0f}%"
+    return ", ".join(f"{e['step']}: {100 * mean(forgetting(r, i, split) for r in dense):.0f}%"
                      for i, e in enumerate(evals) if i)
 
 
@@ -120,7 +127,9 @@ def _bench():
     return json.loads(Path(files[-1]).read_text()) if files else None
 
 
-def write_report(out: Path, report: Path, figures: Path, cfg) -> None:
+def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None = None, metric: str = "exact") -> None:
+    """``metric``: what "forgetting" means in the headline numbers, the calibration and the claims:
+    "exact" (exact match of answers) or "bytes" (answer-byte accuracy); the other is shown beside it."""
     runs, a_runs = load(out)
     if not runs:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -128,20 +137,26 @@ def write_report(out: Path, report: Path, figures: Path, cfg) -> None:
         return
     cfg = _config_of(runs[0], cfg)  # the configuration the runs were made with, not today's defaults
     base_lr = cfg.b_lrs[1]
-    index, calibration = calibrate(runs, base_lr)
-    rows = _arm_rows(runs, index, base_lr)
-    points = _sweep_points(runs, index)
+    primary, secondary = ("byte_test", "acc_test") if metric == "bytes" else ("acc_test", "byte_test")
+    names = {"acc_test": "exact match", "byte_test": "answer bytes"}
+    index, calibration = calibrate(runs, base_lr, primary.replace("_test", "_val"))
+    rows = _arm_rows(runs, index, base_lr, primary)
+    points = _sweep_points(runs, index, primary)
+    byte_points = _sweep_points(runs, index, secondary)
     first = runs[0]
     rel = lambda p: f"{Path(report.parent.name if False else '')}" # noqa: E731
     fig = {}
     fig["bars"] = plots.forgetting_bars(rows, figures / "forgetting_bars.png")
-    fig["tradeoff"] = plots.tradeoff(points, figures / "forgetting_vs_b_loss.png")
+    fig["tradeoff"] = plots.tradeoff(points, figures / "forgetting_vs_b_loss.png", names[primary])
+    fig["tradeoff_bytes"] = plots.tradeoff(byte_points, figures / "forgetting_vs_b_loss_bytes.png", names[secondary])
     fig["curves"] = plots.accuracy_curves(a_runs, runs, base_lr, cfg.a_steps, figures / "accuracy_a_then_b.png")
     fig["topology"] = plots.topology_dynamics(runs, base_lr, cfg.a_steps, figures / "topology_dynamics.png")
     fig["masks"] = plots.masks([r for r in runs if r["lr"] == base_lr], figures / "masks_a_vs_b.png")
     link = lambda name: f"![{name}]({Path(figures.relative_to(report.parent) if figures.is_relative_to(report.parent) else figures) / name})"  # noqa: E731
 
     md = ["# Does dynamic block topology forget less at equal learning?", ""]
+    if note:
+        md += [note.strip(), ""]
     md += [f"Device: **{first['device']}** (backend `{first['backend']}`), torch {first['torch']}, "
            f"transformers {first['transformers']}. Runs: {len(runs)} task-B runs, {len(a_runs)} task-A runs.", ""]
     m = cfg.model
@@ -154,9 +169,12 @@ def write_report(out: Path, report: Path, figures: Path, cfg) -> None:
            f"{cfg.n_test} held-out test problems ({cfg.n_val} more for validation). {cfg.a_steps} steps, AdamW lr {cfg.a_lr:g}, cosine.",
            f"- Task B: English prose, {SOURCE_NOTE}; directives, markup, tables and code blocks stripped; split by file; "
            f"metric: held-out loss in nats per byte. {cfg.b_steps} steps, constant lr (base {base_lr:g}; sweep {cfg.b_lrs[0]:g} / {cfg.b_lrs[2]:g}).",
-           f"- Forgetting = (acc_A_before - acc_A_after) / acc_A_before on the test problems. Intervals: 95% t-intervals over seeds.",
+           f"- Forgetting = (acc_A_before - acc_A_after) / acc_A_before on the test problems, where acc is **{names[primary]}** "
+           f"in the headline numbers, the calibration and the claims ({names[secondary]} shown beside it). "
+           f"Intervals: 95% t-intervals over seeds.",
            f"- Calibration of B's length: {calibration}. All numbers below are taken at that checkpoint unless marked 'end'. "
-           f"Dense's forgetting (validation, base lr, mean over seeds) by B step: {_dense_curve(runs, base_lr)}.",
+           f"Dense's forgetting (validation, base lr, mean over seeds) by B step: "
+           f"{_dense_curve(runs, base_lr, primary.replace('_test', '_val'))}.",
            f"- Dynamic arms: `TopologyOptimizer(AdamW, model, TopologyConfig(update_every={cfg.update_every}, score_every={cfg.score_every}))`, "
            f"defaults otherwise (prune_fraction 0.1, swap_threshold 1.5, epsilon 0.05, gradient scorer), during A and during B. "
            f"Protected: the half of each row's slots with the highest task-A saliency (sum of (w*g)^2, OBD) frozen during B with "
@@ -170,18 +188,26 @@ def write_report(out: Path, report: Path, figures: Path, cfg) -> None:
                         headers=["lambda", "A val acc (end of B)", "B val loss"], tablefmt="github"), ""]
 
     md += ["## Forgetting per arm (base learning rate)", "", link(fig["bars"]), ""]
-    table = [[r["arm"], r["seeds"], _pm(r["before"]), _pm(r["after"]), _pm(r["forgetting"]),
-              _pm(r["b_loss"], 1, 3, ""), _pm(r["b_loss_end"], 1, 3, ""), _pm(r["overlap"], 1, 3, "")] for r in rows]
-    md += [tabulate(table, headers=["arm", "seeds", "acc A before", "acc A after", "forgetting", "B loss",
-                                    "B loss (end)", "Jaccard A/B"], tablefmt="github"), ""]
+    table = [[r["arm"], r["seeds"], _pm(r["before"]), _pm(r["after"]), _pm(r["forgetting_exact"]), _pm(r["bytes_before"]),
+              _pm(r["bytes_after"]), _pm(r["forgetting_bytes"]), _pm(r["b_loss"], 1, 3, ""), _pm(r["b_loss_end"], 1, 3, ""),
+              _pm(r["overlap"], 1, 3, "")] for r in rows]
+    md += [tabulate(table, headers=["arm", "seeds", "exact match before", "after", "forgetting (exact)",
+                                    "answer bytes before", "after", "forgetting (bytes)", "B loss", "B loss (end)",
+                                    "Jaccard A/B"], tablefmt="github"), "",
+           "acc: exact match of greedy answers on the test problems. 'answer bytes': the same forgetting measured on "
+           "the fraction of answer bytes that greedy decoding gets right given the true prefix (finer, less noisy).", ""]
 
     md += ["## Forgetting at equal task-B learning", "",
            "Learning less forgets less: each arm at three B learning rates, forgetting against B's held-out loss. "
            "An arm forgets less only where its point lies below dense's (and EWC's) curve at the same B loss "
            "(piecewise-linear between the reference's learning rates; '-' where outside its range).", "",
            link(fig["tradeoff"]), ""]
-    md += [tabulate(_equal_learning(points), headers=["arm", "B lr", "B loss", "forgetting", "vs dense", "vs EWC"],
-                    tablefmt="github"), ""]
+    md += [tabulate(_equal_learning(points), headers=["arm", "B lr", "B loss", f"forgetting ({names[primary]})",
+                                                      "vs dense", "vs EWC"], tablefmt="github"), ""]
+    md += [f"The same with forgetting measured on {names[secondary]}:", "",
+           link(fig["tradeoff_bytes"]), "",
+           tabulate(_equal_learning(byte_points), headers=["arm", "B lr", "B loss", f"forgetting ({names[secondary]})",
+                                                           "vs dense", "vs EWC"], tablefmt="github"), ""]
 
     md += ["## Accuracy through A then B", "", link(fig["curves"]), ""]
     md += ["## Topology: pathways, swaps, entropy, spikes", "", link(fig["topology"]), ""]
@@ -221,14 +247,15 @@ def write_report(out: Path, report: Path, figures: Path, cfg) -> None:
     quality = []
     for r in rows:
         if dense and r["arm"] != "dense":
-            da, db = dense["before"][0], dense["b_loss_end"][0]
-            quality.append([r["arm"], f"{100 * r['before'][0]:.1f}% vs {100 * da:.1f}%",
-                            f"{100 * (r['before'][0] - da) / da:+.1f}%" if da else "n/a",
+            da, db = dense["primary_before"][0], dense["b_loss_end"][0]
+            quality.append([r["arm"], f"{100 * r['primary_before'][0]:.1f}% vs {100 * da:.1f}%",
+                            f"{100 * (r['primary_before'][0] - da) / da:+.1f}%" if da else "n/a",
                             f"{r['b_loss_end'][0]:.3f} vs {db:.3f}", f"{100 * (r['b_loss_end'][0] - db) / db:+.1f}%"])
-    md += [tabulate(quality, headers=["arm", "task A acc after A", "relative", "task B loss (end of B)", "relative"],
+    md += [tabulate(quality, headers=["arm", f"task A after A ({names[primary]})", "relative", "task B loss (end of B)", "relative"],
                     tablefmt="github"), ""]
     md += _bench_section(_bench())
-    md += ["## Claims", "", tabulate(claims(rows, points, _bench()), headers=["claim", "verdict", "evidence"],
+    md += ["## Claims", "", f"Forgetting in the claims is measured on {names[primary]}; '(other measure: ...)' gives the "
+           f"verdict on {names[secondary]}.", "", tabulate(claims(rows, points, _bench(), byte_points), headers=["claim", "verdict", "evidence"],
                                      tablefmt="github"), ""]
     grid = out / "grid.json"
     if grid.exists():
@@ -268,7 +295,7 @@ def _bench_section(bench) -> list[str]:
     return md
 
 
-def claims(rows, points, bench) -> list[list[str]]:
+def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
     arms = {r["arm"]: r for r in rows}
     dense, dyn = arms.get("dense"), arms.get("dynamic-0.5")
     out = []
@@ -303,8 +330,8 @@ def claims(rows, points, bench) -> list[list[str]]:
     if dense and sparse:
         worst = []
         for r in sparse:
-            da, db = dense["before"][0], dense["b_loss_end"][0]
-            worst.append((r["arm"], (da - r["before"][0]) / da if da else math.nan, (r["b_loss_end"][0] - db) / db))
+            da, db = dense["primary_before"][0], dense["b_loss_end"][0]
+            worst.append((r["arm"], (da - r["primary_before"][0]) / da if da else math.nan, (r["b_loss_end"][0] - db) / db))
         ok = all(a <= 0.05 and b <= 0.05 for _, a, b in worst)
         out.append(["SC-006 quality within 5% of dense", "held" if ok else "refuted",
                     "; ".join(f"{n}: A {-100 * a:+.1f}%, B loss {100 * b:+.1f}%" for n, a, b in worst)])
@@ -317,7 +344,7 @@ def claims(rows, points, bench) -> list[list[str]]:
     else:
         out.append(["SC-007 weight memory proportional to density", "not measured", "no benchmark file"])
     if dense and dyn:
-        before = dyn["before"][0]
+        before = dyn["primary_before"][0]
         rel = dyn["forgetting"][0]
         out.append(["US1-1 A acc stays above 70% of an 85% start (< 20% relative loss)",
                     ("held" if rel < 0.2 else "refuted") + ("" if before >= 0.85 else " (precondition unmet)"),
@@ -331,5 +358,8 @@ def claims(rows, points, bench) -> list[list[str]]:
     for arm in [r["arm"] for r in sparse] + ["ewc"]:
         if len(points.get(arm, [])) > 1 or (arm in arms and arm not in ("ewc",)):
             verdict, evidence = _verdict(points, arm)
+            if byte_points:
+                bverdict, bevidence = _verdict(byte_points, arm)
+                verdict, evidence = f"{verdict} (other measure: {bverdict})", f"{evidence}; other measure: {bevidence}"
             out.append([f"{arm} forgets less than dense/EWC at equal B loss", verdict, evidence])
     return out

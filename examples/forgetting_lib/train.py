@@ -6,6 +6,7 @@ B's held-out loss at fixed checkpoints; forgetting = (before - after) / before a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from sparsify.ops import backend_name
 
 from forgetting_lib import arms as A
 from forgetting_lib import data
-from forgetting_lib.evaluate import exact_match, heldout_loss
+from forgetting_lib.evaluate import answer_scores, heldout_loss
 from forgetting_lib.model import ModelConfig, build_model
 
 
@@ -138,13 +139,15 @@ def _meta(cfg: ExpConfig) -> dict:
 def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, dict]:
     """Train task A for the arms sharing ``arm.a_key``; returns (summary, checkpoint)."""
     key = arm.a_key
+    arm = dataclasses.replace(arm, dynamic=arm.dynamic or arm.a_dynamic)
     math_task, math_stream, prose = tasks(cfg)
     model = build_model(cfg.model, arm.density, arm.block_size, seed).to(cfg.device)
     opt = A.make_optimizer(model, arm, cfg.a_lr, cfg.topology(seed))
     val_windows = data.fixed_windows(prose["val"], cfg.loss_windows, cfg.model.seq_len)
 
     def evaluate(step):
-        return {"step": step, "acc_test": exact_match(model, math_task.test, cfg.device)}
+        acc, byte_acc = answer_scores(model, math_task.test, cfg.device)
+        return {"step": step, "acc_test": acc, "byte_test": byte_acc}
 
     phase = train_phase(model, opt, math_stream, cfg, steps=cfg.a_steps, lr=cfg.a_lr, seed=1000 + seed, cosine=True,
                         evaluate=evaluate, eval_at=set(_checkpoints(cfg.a_steps, cfg.a_evals)), deadline=deadline)
@@ -156,8 +159,8 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, d
         ckpt["saliency"] = {k: v.cpu() for k, v in A.block_saliency(model, batches()).items()}
     summary = {
         "key": key, "seed": seed, **_meta(cfg), "phase": phase, "decisions": _decisions(opt),
-        "acc_test": exact_match(model, math_task.test, cfg.device),
-        "acc_val": exact_match(model, math_task.val, cfg.device),
+        "acc_test": answer_scores(model, math_task.test, cfg.device)[0],
+        "acc_val": answer_scores(model, math_task.val, cfg.device)[0],
         "b_val_loss": heldout_loss(model, val_windows, cfg.device),
         "params": sum(p.numel() for p in model.parameters()),
     }
@@ -192,8 +195,8 @@ def run_b(arm: A.Arm, seed: int, lr: float, cfg: ExpConfig, a_summary: dict, ckp
     test_w = data.fixed_windows(prose["test"], cfg.loss_windows, cfg.model.seq_len)
 
     def evaluate(step):
-        return {"step": step, "acc_test": exact_match(model, math_task.test, cfg.device),
-                "acc_val": exact_match(model, math_task.val, cfg.device),
+        (acc, byte_acc), (acc_val, byte_val) = (answer_scores(model, p, cfg.device) for p in (math_task.test, math_task.val))
+        return {"step": step, "acc_test": acc, "byte_test": byte_acc, "acc_val": acc_val, "byte_val": byte_val,
                 "b_val_loss": heldout_loss(model, val_w, cfg.device), "b_test_loss": heldout_loss(model, test_w, cfg.device)}
 
     phase = train_phase(model, opt, prose["train"], cfg, steps=cfg.b_steps, lr=lr, seed=2000 + seed, cosine=False,
