@@ -78,8 +78,8 @@ def test_report_has_every_section_arm_claim_and_figure(smoke):
         if line.startswith("|"):
             assert any(v in line for v in ("held", "refuted", "not measured")), line
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert figures == ["accuracy_a_then_b.png", "forgetting_bars.png", "forgetting_vs_b_loss.png",
-                       "forgetting_vs_b_loss_bytes.png", "masks_a_vs_b.png",
+    assert figures == ["accuracy_a_then_b.png", "forgetting_bars.png", "forgetting_vs_b_loss_answer_bytes.png",
+                       "forgetting_vs_b_loss_exact_match.png", "masks_a_vs_b.png",
                        "topology_dynamics.png"]
     assert all(f"]({Path('figures') / name})" in report for name in figures)
 

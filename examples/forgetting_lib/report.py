@@ -144,11 +144,13 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
     points = _sweep_points(runs, index, primary)
     byte_points = _sweep_points(runs, index, secondary)
     first = runs[0]
-    rel = lambda p: f"{Path(report.parent.name if False else '')}" # noqa: E731
     fig = {}
     fig["bars"] = plots.forgetting_bars(rows, figures / "forgetting_bars.png")
-    fig["tradeoff"] = plots.tradeoff(points, figures / "forgetting_vs_b_loss.png", names[primary])
-    fig["tradeoff_bytes"] = plots.tradeoff(byte_points, figures / "forgetting_vs_b_loss_bytes.png", names[secondary])
+    slug = {"acc_test": "exact_match", "byte_test": "answer_bytes"}  # file names say which metric they plot
+    fig["tradeoff"] = plots.tradeoff(points, figures / f"forgetting_vs_b_loss_{slug[primary]}.png", names[primary])
+    fig["tradeoff_bytes"] = plots.tradeoff(
+        byte_points, figures / f"forgetting_vs_b_loss_{slug[secondary]}.png", names[secondary]
+    )
     fig["curves"] = plots.accuracy_curves(a_runs, runs, base_lr, cfg.a_steps, figures / "accuracy_a_then_b.png")
     fig["topology"] = plots.topology_dynamics(runs, base_lr, cfg.a_steps, figures / "topology_dynamics.png")
     fig["masks"] = plots.masks([r for r in runs if r["lr"] == base_lr], figures / "masks_a_vs_b.png")
