@@ -198,13 +198,13 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
 
 def chosen_configs() -> dict:
     """What the autotuner picked per key, for the notes."""
-    from sparsify.kernels import backward, forward
+    from sparsify.kernels import backward, forward, forward_tma, tiles
 
     picked = {}
     for name, kernel in (
         ("forward", forward._forward_kernel),
-        ("forward_tma", forward._forward_tma_kernel),
-        ("tile (forward, grad_input)", forward._tile_kernel),
+        ("forward_tma", forward_tma._forward_tma_kernel),
+        ("tile (forward, grad_input)", tiles._tile_kernel),
         ("grad_input", backward._grad_input_kernel),
         ("grad_values", backward._grad_values_kernel),
         ("tile grad_values", backward._tile_grad_values_kernel),

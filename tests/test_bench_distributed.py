@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +12,17 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bench_distributed_tiny_on_two_cpu_processes_writes_agreeing_checksums(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()), str(ROOT / "benchmarks" / "bench_distributed.py"), "--device", "cpu", "--tiny", "--out", str(tmp_path)]
+               "--master-port", str(free_port()), str(ROOT / "benchmarks" / "bench_distributed.py"), "--device", "cpu", "--tiny", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

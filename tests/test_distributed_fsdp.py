@@ -9,23 +9,19 @@ torch.distributed.checkpoint save / load that resumes bit-identically.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
+
 WORLD = 2
 STEPS = 13  # decisions at steps 3, 6, 9, 12, then one step of local statistics
 SAVE_AT = 7  # checkpoint after the decision at step 6 and one more step
 UPDATE_EVERY = 3
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_llama():
@@ -159,7 +155,7 @@ def fsdp_run(tmp_path_factory):
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

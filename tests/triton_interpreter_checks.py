@@ -171,11 +171,11 @@ def test_op_gradients_through_the_triton_backend_match_float64(block, dtype):
 
 def test_many_tokens_take_the_masked_dense_tiles_for_small_blocks():
     """Above TILE_MIN_TOKENS the launcher switches kernels for B <= 32; both must agree with float64."""
-    from sparsify.kernels import backward, forward, reference
+    from sparsify.kernels import backward, forward, reference, tiles
 
     block, rows, cols, k = 16, 2, 4, 2
-    m = forward.TILE_MIN_TOKENS + 3
-    assert forward.use_tiles(block, k / cols, m)
+    m = tiles.TILE_MIN_TOKENS + 3
+    assert tiles.use_tiles(block, k / cols, m)
     x, g, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=5)
     y = forward.forward(x, values, col, bias, out=nan_like((m, rows * block), torch.float32))
     gx = backward.grad_input(g, values, col, cols * block, out=nan_like((m, cols * block), torch.float32))
@@ -190,10 +190,10 @@ def test_many_tokens_take_the_masked_dense_tiles_for_small_blocks():
 def test_tma_forward_matches_float64_reference(block):
     """The tensor-descriptor forward (CUDA takes it for B >= 128), run directly: rows past M and
     the descriptor's box shapes come from the autotune pre-hook, as on the GPU."""
-    from sparsify.kernels import forward, reference
+    from sparsify.kernels import forward_tma, reference
 
     m, rows, cols, k = 37, 3, 5, 3
     x, _, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=13)
     y = nan_like((m, rows * block), torch.float32)
-    forward.forward_tma(x, values, col, bias, y)
+    forward_tma.forward_tma(x, values, col, bias, y)
     assert relative_error(y, reference.forward(x.double(), values.double(), col, bias.double())) < 1e-5

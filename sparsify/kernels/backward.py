@@ -27,22 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsify.kernels.forward import (
-    AUTOTUNE_TIMER,
-    REDUCE_BLOCK,
-    TILE_CONFIGS,
-    tune_one_config,
-    _reduce_partials_kernel,
-    cdiv,
-    dot_precision,
-    interpreter_upcast,
-    m_bucket,
-    mma,
-    num_sms,
-    slot_table,
-    tile_matmul,
-    use_tiles,
+from sparsify.kernels.common import (
+    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tune_one_config,
 )
+from sparsify.kernels.forward import REDUCE_BLOCK, _reduce_partials_kernel
+from sparsify.kernels.tiles import TILE_CONFIGS, prune_tiles, slot_table, tile_matmul, use_tiles
 
 # (BM tokens, TS*B or GS*B reduction/gather width, num_warps, num_stages)
 GRAD_INPUT_CONFIGS = [
@@ -64,7 +53,6 @@ GRAD_VALUES_CONFIGS = [
     (32, 128, 4, 3),
     (16, 128, 4, 3),
 ]
-GROUP_M = tl.constexpr(8)
 
 
 def _fits(bm: int, width: int, block: int, bucket: int, elem: int, stages: int, acc_cols: int) -> bool:
@@ -223,19 +211,12 @@ def _grad_values_kernel(
         tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=k_ok[:, None])
 
 
-def _prune_tile_values(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    block = args["B"]
-    kept = [c for c in configs if c.kwargs["BO"] % block == 0 and c.kwargs["BI"] % block == 0]
-    return kept[:1] if tune_one_config(args) else kept
-
-
 @triton.autotune(
     configs=[
         triton.Config({"BO": bn, "BI": bm, "BT": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in TILE_CONFIGS
     ],
     key=["M_BUCKET", "N_OUT", "IN_F", "K", "B", "SPLIT"],
-    prune_configs_by={"early_config_prune": _prune_tile_values},
+    prune_configs_by={"early_config_prune": prune_tiles("BO", "BI")},
     **AUTOTUNE_TIMER,
 )
 @triton.jit(do_not_specialize=["M"])

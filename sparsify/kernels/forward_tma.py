@@ -1,0 +1,126 @@
+"""Tensor-memory (TMA) forward for large blocks on Hopper: the same walk as the gather forward, with
+the activation box [BM, KC] at the dynamic column col*B + j0 and the block part [B, KC] loaded as bulk
+copies through tensor descriptors."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsify.kernels.common import (
+    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreting, m_bucket, tune_one_config,
+)
+
+# (BM, KC, num_warps, num_stages); KC divides B.
+TMA_CONFIGS = [
+    (128, 64, 4, 4),
+    (128, 64, 8, 5),
+    (256, 64, 8, 4),
+    (128, 128, 8, 3),
+]
+
+
+def _tma_blocks(nargs):
+    nargs["x_desc"].block_shape = [nargs["BM"], nargs["KC"]]
+    nargs["v_desc"].block_shape = [nargs["B"], nargs["KC"]]
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    block, elem = args["B"], args["ELEM_BYTES"]
+    kept = [
+        c for c in configs
+        if block % c.kwargs["KC"] == 0
+        and (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * max(1, c.num_stages - 2) <= 224 * 1024
+    ]
+    kept = kept or [triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_tma_blocks)]
+    return kept[:1] if tune_one_config(args) else kept
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BM": bm, "KC": kc}, num_warps=w, num_stages=s, pre_hook=_tma_blocks)
+        for bm, kc, w, s in TMA_CONFIGS
+    ],
+    key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
+    prune_configs_by={"early_config_prune": _prune_tma},
+    **AUTOTUNE_TIMER,
+)
+@triton.jit(do_not_specialize=["M"])
+def _forward_tma_kernel(
+    x_desc,  # x [M, IN_F], block [BM, KC]
+    v_desc,  # values as [R*K*B, B], block [B, KC]
+    col_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    M_BUCKET,
+    N_OUT,
+    IN_F,
+    K,
+    R,
+    ELEM_BYTES,
+    B: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    KC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    per_group = GROUP_M * R
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    r = (pid % per_group) // group_size
+    m0 = pid_m * BM
+    acc = tl.zeros((BM, B), dtype=tl.float32)
+    for p0 in range(0, K * B, KC):
+        k = p0 // B
+        j0 = p0 % B
+        col = tl.load(col_ptr + r * K + k)
+        xt = x_desc.load([m0, col * B + j0])  # [BM, KC]; rows past M read as zeros
+        w = v_desc.load([(r * K + k) * B, j0])  # [B, KC] = values[r, k, :, j0:j0+KC]
+        acc = tl.dot(xt, w.T, acc, input_precision=PRECISION)
+    rows = m0 + tl.arange(0, BM)
+    outs = r * B + tl.arange(0, B)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * N_OUT + outs[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None])
+
+
+TMA_MIN_BLOCK = 128  # measured on the H100 (benchmarks/NOTES.md): faster at B = 128, a wash at B = 64
+TMA_MIN_TOKENS = 256
+
+
+def use_tma(x: torch.Tensor, values: torch.Tensor, block: int, num_tokens: int) -> bool:
+    """TMA forward for large blocks and many tokens on Hopper or newer. SPARSIFY_TMA=1 also takes it
+    for B = 64, SPARSIFY_TMA=0 turns it off."""
+    choice = os.environ.get("SPARSIFY_TMA", "auto")
+    if choice == "0" or x.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    if x.data_ptr() % 16 or values.data_ptr() % 16 or (x.shape[1] * x.element_size()) % 16:
+        return False  # tensor descriptors need 16-byte aligned bases and row strides
+    return block >= (64 if choice == "1" else TMA_MIN_BLOCK)
+
+
+def forward_tma(x, values, col, bias, y) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows, k, block, _ = values.shape
+    num_tokens, in_features = x.shape
+    dummy = [block, 64]  # the pre-hook sets the real block shapes per config
+    x_desc = TensorDescriptor(x, [num_tokens, in_features], [in_features, 1], dummy)
+    v_desc = TensorDescriptor(values, [rows * k * block, block], [block, 1], dummy)
+    grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * rows,)  # noqa: E731
+    _forward_tma_kernel[grid](
+        x_desc, v_desc, col, bias if bias is not None else y, y,
+        num_tokens, m_bucket(num_tokens), rows * block, in_features, k, rows, x.element_size(),
+        B=block, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
+    )
