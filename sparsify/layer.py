@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparsify import block_ell
-from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
+from sparsify.functional import block_ell_linear
 
 
 class BlockSparseLinear(nn.Module):
@@ -142,7 +142,7 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probe = self.stats_probe if self.stats_probe.requires_grad else None
-        return torch.ops.sparsify.block_ell_linear(x, self.values, self.col_indices, self.bias, probe)
+        return block_ell_linear(x, self.values, self.col_indices, self.bias, probe)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         topology = state_dict.get(prefix + "col_indices")

@@ -93,15 +93,10 @@ def _check_indices_in_range(col_indices: torch.Tensor, num_cols: int) -> None:
             )
 
 
-@torch.library.custom_op("sparsify::block_ell_linear", mutates_args=())
-def block_ell_linear(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    col_indices: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stats_probe: torch.Tensor | None = None,
+def forward_impl(
+    x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """y = x W^T + bias with W in Block-ELL form; x is [..., in_features]."""
+    """The forward computation behind the op (and behind ``functional``'s eager path): validate, run the kernel."""
     _check_operands(x, values, col_indices, bias)
     in_features = x.shape[-1]
     _check_indices_in_range(col_indices, in_features // values.shape[2])
@@ -111,6 +106,33 @@ def block_ell_linear(
         return x.new_empty(*x.shape[:-1], out_features)
     y = _kernels_for(x.device).forward(x2.contiguous(), values.contiguous(), col_indices.contiguous(), bias)
     return y.view(*x.shape[:-1], out_features)
+
+
+def grad_input_impl(grad_out: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    if grad_out.shape[0] == 0:
+        return grad_out.new_zeros(0, in_features)
+    kernels = _kernels_for(grad_out.device)
+    return kernels.grad_input(grad_out.contiguous(), values.contiguous(), col_indices.contiguous(), in_features)
+
+
+def grad_values_impl(grad_out: torch.Tensor, x: torch.Tensor, col_indices: torch.Tensor, block_size: int) -> torch.Tensor:
+    rows, k = col_indices.shape
+    if grad_out.shape[0] == 0:
+        return grad_out.new_zeros(rows, k, block_size, block_size)
+    kernels = _kernels_for(grad_out.device)
+    return kernels.grad_values(grad_out.contiguous(), x.contiguous(), col_indices.contiguous(), block_size)
+
+
+@torch.library.custom_op("sparsify::block_ell_linear", mutates_args=())
+def block_ell_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_indices: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stats_probe: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x W^T + bias with W in Block-ELL form; x is [..., in_features]."""
+    return forward_impl(x, values, col_indices, bias)
 
 
 @block_ell_linear.register_fake
@@ -124,10 +146,7 @@ def block_ell_grad_input(
     grad_out: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, in_features: int
 ) -> torch.Tensor:
     """grad_out [M, out] -> dL/dx [M, in]."""
-    if grad_out.shape[0] == 0:
-        return grad_out.new_zeros(0, in_features)
-    kernels = _kernels_for(grad_out.device)
-    return kernels.grad_input(grad_out.contiguous(), values.contiguous(), col_indices.contiguous(), in_features)
+    return grad_input_impl(grad_out, values, col_indices, in_features)
 
 
 @block_ell_grad_input.register_fake
@@ -140,11 +159,7 @@ def block_ell_grad_values(
     grad_out: torch.Tensor, x: torch.Tensor, col_indices: torch.Tensor, block_size: int
 ) -> torch.Tensor:
     """grad_out [M, out], x [M, in] -> dL/dvalues [R, K, B, B]."""
-    rows, k = col_indices.shape
-    if grad_out.shape[0] == 0:
-        return grad_out.new_zeros(rows, k, block_size, block_size)
-    kernels = _kernels_for(grad_out.device)
-    return kernels.grad_values(grad_out.contiguous(), x.contiguous(), col_indices.contiguous(), block_size)
+    return grad_values_impl(grad_out, x, col_indices, block_size)
 
 
 @block_ell_grad_values.register_fake
@@ -152,12 +167,16 @@ def _(grad_out, x, col_indices, block_size):
     return grad_out.new_empty(col_indices.shape[0], col_indices.shape[1], block_size, block_size)
 
 
-def _setup_context(ctx, inputs, output):
-    x, values, col_indices, bias, stats_probe = inputs
+def save_for_backward(ctx, x, values, col_indices, bias, stats_probe) -> None:
+    """What the backward needs, on an autograd context (the op's and ``functional``'s)."""
     ctx.save_for_backward(x, values, col_indices)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.probe_dtype = stats_probe.dtype if stats_probe is not None else None
+
+
+def _setup_context(ctx, inputs, output):
+    save_for_backward(ctx, *inputs)
 
 
 def _block_norms(t: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
@@ -165,7 +184,9 @@ def _block_norms(t: torch.Tensor, num_blocks: int, block_size: int) -> torch.Ten
     return torch.linalg.vector_norm(t.reshape(-1, num_blocks, block_size), dim=(0, 2), dtype=torch.float32)
 
 
-def _backward(ctx, grad_y):
+def backward_grads(ctx, grad_y, grad_input_fn, grad_values_fn) -> tuple:
+    """Gradients for (x, values, col_indices, bias, stats_probe), trimmed to the inputs the context saw.
+    ``grad_input_fn`` / ``grad_values_fn`` compute the two products (the ops, or their impls directly)."""
     x, values, col_indices = ctx.saved_tensors
     rows, _, block_size, _ = values.shape
     in_features = x.shape[-1]
@@ -174,11 +195,11 @@ def _backward(ctx, grad_y):
     grad_x = grad_values = grad_bias = grad_probe = None
     needs = ctx.needs_input_grad + (False,) * (5 - len(ctx.needs_input_grad))  # trailing defaults may be absent
     if needs[0]:
-        grad_x = torch.ops.sparsify.block_ell_grad_input(grad_2d, values, col_indices, in_features).view(x.shape)
+        grad_x = grad_input_fn(grad_2d, values, col_indices, in_features).view(x.shape)
     if needs[1]:
-        grad_values = torch.ops.sparsify.block_ell_grad_values(grad_2d, x_2d, col_indices, block_size).to(values.dtype)
+        grad_values = grad_values_fn(grad_2d, x_2d, col_indices, block_size).to(values.dtype)
     if ctx.has_bias and needs[3]:
-        grad_bias = grad_2d.float().sum(0).to(ctx.bias_dtype)
+        grad_bias = grad_2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     if needs[4]:
         # One fused reduction per tensor (no float32 copies of x or grad_out): norms, then squared.
         error_energy = _block_norms(grad_2d, rows, block_size).square()  # [R]
@@ -187,7 +208,29 @@ def _backward(ctx, grad_y):
     return (grad_x, grad_values, None, grad_bias, grad_probe)[: len(ctx.needs_input_grad)]
 
 
+def _backward(ctx, grad_y):
+    ops = torch.ops.sparsify
+    return backward_grads(ctx, grad_y, ops.block_ell_grad_input, ops.block_ell_grad_values)
+
+
 block_ell_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_cast(t: torch.Tensor | None, device_type: str) -> torch.Tensor | None:
+    dtype = torch.get_autocast_dtype(device_type)
+    return t.to(dtype) if t is not None and t.is_floating_point() and t.device.type == device_type else t
+
+
+def autocast_inputs(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """(x, values, bias) cast to the autocast dtype in force on x's device, like ``nn.Linear``; unchanged
+    outside autocast. The op's autocast kernels and ``functional``'s eager path both use it."""
+    device_type = x.device.type
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return x, values, bias
+    return _autocast_cast(x, device_type), _autocast_cast(values, device_type), _autocast_cast(bias, device_type)
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def _register_autocast(device_type: str) -> None:
@@ -196,13 +239,10 @@ def _register_autocast(device_type: str) -> None:
     key = getattr(torch._C.DispatchKey, key_name)
     op = torch.ops.sparsify.block_ell_linear.default
 
-    def cast(t):
-        dtype = torch.get_autocast_dtype(device_type)
-        return t.to(dtype) if t is not None and t.is_floating_point() and t.device.type == device_type else t
-
     def autocast_impl(x, values, col_indices, bias=None, stats_probe=None):
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(cast(x), cast(values), col_indices, cast(bias), stats_probe)
+            cast = [_autocast_cast(t, device_type) for t in (x, values, bias)]
+            return op(cast[0], cast[1], col_indices, cast[2], stats_probe)
 
     if op.has_kernel_for_dispatch_key(key):
         op.py_kernels.pop(key)
@@ -211,5 +251,5 @@ def _register_autocast(device_type: str) -> None:
 
 
 _autocast_library = torch.library.Library("sparsify", "FRAGMENT")
-for _device_type in ("cpu", "cuda"):
+for _device_type in AUTOCAST_DEVICES:
     _register_autocast(_device_type)

@@ -10,6 +10,8 @@ Accumulation is in float32 (float64 inputs stay float64); outputs take the input
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # gathered elements per token chunk: [m, R, K, B] stays under 64 MB in fp32
@@ -25,6 +27,19 @@ def _token_chunks(num_tokens: int, elements_per_token: int):
         yield slice(start, min(num_tokens, start + step))
 
 
+def _without_autocast(fn):
+    """The reference computes in the dtypes it chooses: an ambient torch.autocast (a backward called
+    inside one, or the eager route's forward) must not turn its float32 einsums into bfloat16."""
+
+    @functools.wraps(fn)
+    def wrapped(first: torch.Tensor, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args)
+
+    return wrapped
+
+
+@_without_autocast
 def forward(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + bias for x [M, in]: returns [M, out] in x's dtype."""
     rows, k, block_size, _ = values.shape
@@ -43,6 +58,7 @@ def forward(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, bi
     return y
 
 
+@_without_autocast
 def grad_input(grad_out: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, in_features: int) -> torch.Tensor:
     """dL/dx = grad_out W for grad_out [M, out]: returns [M, in] in grad_out's dtype."""
     rows, k, block_size, _ = values.shape
@@ -60,6 +76,7 @@ def grad_input(grad_out: torch.Tensor, values: torch.Tensor, col_indices: torch.
     return grad_x
 
 
+@_without_autocast
 def grad_values(grad_out: torch.Tensor, x: torch.Tensor, col_indices: torch.Tensor, block_size: int) -> torch.Tensor:
     """dL/dvalues: grad_out^T x sampled at the kept blocks, [R, K, B, B] in grad_out's dtype."""
     num_tokens, in_features = x.shape
