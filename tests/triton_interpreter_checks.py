@@ -197,3 +197,17 @@ def test_tma_forward_matches_float64_reference(block):
     y = nan_like((m, rows * block), torch.float32)
     forward_tma.forward_tma(x, values, col, bias, y)
     assert relative_error(y, reference.forward(x.double(), values.double(), col, bias.double())) < 1e-5
+
+
+@pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (3, 5, 2), (7, 40, 17), (5, 300, 300), (40, 33, 1)])
+def test_column_view_lists_every_columns_slots_in_order(rows, cols, k):
+    from sparsify.kernels.backward import column_view
+
+    gen = torch.Generator().manual_seed(rows * 1000 + cols + k)
+    topology = torch.rand(rows, cols, generator=gen).argsort(dim=1)[:, :k].to(torch.int32)
+    slots_by_col, col_start = column_view(topology, cols)
+    flat = topology.reshape(-1).long()
+    expected_order = torch.sort(flat, stable=True).indices  # slots grouped by column, increasing within one
+    expected_start = torch.searchsorted(flat.sort().values, torch.arange(cols + 1))
+    assert torch.equal(col_start.long(), expected_start)
+    assert torch.equal(slots_by_col.long(), expected_order)

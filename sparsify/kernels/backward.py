@@ -2,9 +2,9 @@
 
 grad_input: dL/dx = grad_out W. Block-column c of dL/dx gathers from every slot (r, k) whose
 col_indices[r, k] == c. The launcher builds the column-major view of the topology on the device
-each call (a stable argsort of the flat col_indices, a bincount and a cumulative sum: no host sync,
-always in sync with the topology): `slots_by_col` lists the flat slots r*K + k column by column and
-`col_start[c] : col_start[c+1]` is column c's stretch. One program owns an output tile [BM tokens x B]
+each call (``_column_view_kernel``: one launch, no host sync, always in sync with the topology):
+`slots_by_col` lists the flat slots r*K + k column by column and `col_start[c] : col_start[c+1]`
+is column c's stretch. One program owns an output tile [BM tokens x B]
 of one column and walks its stretch TS entries at a time: the grad_out boxes of those entries'
 block-rows are gathered into one [BM, TS*B] tile and multiplied with their blocks ([TS*B, B],
 each block read as stored). Every output element is written by exactly one program in one fixed
@@ -274,15 +274,42 @@ def _tile_grad_values_kernel(
         tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=kept)
 
 
+@triton.jit
+def _column_view_kernel(col_ptr, slots_ptr, start_ptr, TOTAL, C, CB: tl.constexpr, CHUNK: tl.constexpr):
+    """Columns [pid*CB, pid*CB + CB): col_start[c] = number of slots whose column is < c, then the
+    slots of column c (flat r*K + k, increasing) written from there. Two reads of col_indices."""
+    cols = tl.program_id(0) * CB + tl.arange(0, CB)
+    before = tl.zeros((CB,), dtype=tl.int32)
+    for s0 in range(0, TOTAL, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        v = tl.load(col_ptr + s, mask=s < TOTAL, other=C)  # padding: column C, after every real one
+        before += tl.sum((v[None, :] < cols[:, None]).to(tl.int32), axis=1)
+    seen = tl.zeros((CB,), dtype=tl.int32)
+    for s0 in range(0, TOTAL, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        v = tl.load(col_ptr + s, mask=s < TOTAL, other=C)
+        match = ((v[None, :] == cols[:, None]) & (s < TOTAL)[None, :]).to(tl.int32)  # [CB, CHUNK]
+        position = before[:, None] + seen[:, None] + tl.cumsum(match, axis=1) - 1
+        tl.store(slots_ptr + position, tl.broadcast_to(s[None, :], (CB, CHUNK)), mask=match > 0)
+        seen += tl.sum(match, axis=1)
+    tl.store(start_ptr + cols, before, mask=cols <= C)  # column C's start is TOTAL: the end of the last
+
+
+COLUMN_VIEW_CB = 16
+COLUMN_VIEW_CHUNK = 256
+
+
 def column_view(col_indices: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The topology column by column, built on the device without a host sync (so it can be
-    captured in a CUDA graph): (slots_by_col [R*K], col_start [C+1]) int32, column c's slots are
-    slots_by_col[col_start[c] : col_start[c+1]] in increasing slot order (stable sort)."""
+    """The topology column by column, built on the device in one launch without a host sync (so it can
+    be captured in a CUDA graph): (slots_by_col [R*K], col_start [C+1]) int32, column c's slots are
+    slots_by_col[col_start[c] : col_start[c+1]] in increasing slot order."""
     flat = col_indices.reshape(-1)
-    sorted_cols, slots_by_col = torch.sort(flat, stable=True)
-    bounds = torch.arange(num_cols + 1, device=flat.device, dtype=sorted_cols.dtype)
-    col_start = torch.searchsorted(sorted_cols, bounds, out_int32=True)
-    return slots_by_col.to(torch.int32), col_start
+    flat = flat if flat.dtype == torch.int32 else flat.to(torch.int32)
+    slots_by_col = torch.empty_like(flat)
+    col_start = torch.empty(num_cols + 1, dtype=torch.int32, device=flat.device)
+    grid = (cdiv(num_cols + 1, COLUMN_VIEW_CB),)
+    _column_view_kernel[grid](flat, slots_by_col, col_start, flat.numel(), num_cols, CB=COLUMN_VIEW_CB, CHUNK=COLUMN_VIEW_CHUNK)
+    return slots_by_col, col_start
 
 
 def grad_input(

@@ -11,7 +11,7 @@ Three kernels; the launcher here picks one (measured choices, see benchmarks/NOT
   writing float32 partials, summed in a fixed order by ``_reduce_partials_kernel`` (+ bias, cast).
 * ``forward_tma._forward_tma_kernel`` (B >= 128, many tokens, Hopper): the same walk with the activation box
   and the block part loaded as tensor-memory copies through tensor descriptors.
-* ``tiles._tile_kernel`` (B <= 32, many tokens, density >= 0.3): masked-dense tiles; the weight tile is
+* ``tiles._tile_kernel`` (B <= 32, many tokens, dense enough: tiles.TILE_MIN_DENSITY): masked-dense tiles; the weight tile is
   materialised from the blocks through an [R, C] slot table (absent blocks read as zeros), so an
   activation tile serves 128 outputs instead of B. Also serves grad_input (backward.py).
 

@@ -4,6 +4,7 @@ copies through tensor descriptors."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -97,13 +98,18 @@ TMA_MIN_BLOCK = 128  # measured on the H100 (benchmarks/NOTES.md): faster at B =
 TMA_MIN_TOKENS = 256
 
 
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def use_tma(x: torch.Tensor, values: torch.Tensor, block: int, num_tokens: int) -> bool:
     """TMA forward for large blocks and many tokens on Hopper or newer. SPARSIFY_TMA=1 also takes it
     for B = 64, SPARSIFY_TMA=0 turns it off."""
     choice = os.environ.get("SPARSIFY_TMA", "auto")
     if choice == "0" or x.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
         return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9:
+    if _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 9:
         return False
     if x.data_ptr() % 16 or values.data_ptr() % 16 or (x.shape[1] * x.element_size()) % 16:
         return False  # tensor descriptors need 16-byte aligned bases and row strides

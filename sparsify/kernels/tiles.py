@@ -1,4 +1,4 @@
-"""Masked-dense tiles for small blocks (B <= 32, many tokens, density >= 0.3): the weight tile is
+"""Masked-dense tiles for small blocks (B <= 32, many tokens, dense enough: TILE_MIN_DENSITY): the weight tile is
 materialised from the blocks through an [R, C] slot table (absent blocks read as zeros), so an
 activation tile serves 128 outputs instead of B. Serves the forward and grad_input (backward.py)."""
 
@@ -127,8 +127,11 @@ def slot_table(col_indices: torch.Tensor, num_cols: int) -> torch.Tensor:
 
 # Which kernel serves large token counts: "gather" (boxes per slot) or "tile" (masked-dense tiles).
 # SPARSIFY_BLOCK_KERNEL=gather|tile overrides (benchmarks compare both).
-TILE_MAX_BLOCK = 32  # tiles for B <= this ...
-TILE_MIN_DENSITY = 0.3  # ... when at least this fraction of blocks is kept
+# Masked-dense tiles do the dense FLOPs whatever the density, so they win where gathering is slower
+# than that: measured on the H100 (4096<->14336, M = 8192, benchmarks/NOTES.md), gathering at B = 16
+# was slower than the tiles from density 0.25 up (3.1 vs ~2.4 ms), at B = 32 faster at 0.25 (1.1 vs
+# ~2.2 ms), even at 0.5 and slower at 0.75. Key: block size -> the lowest density that takes the tiles.
+TILE_MIN_DENSITY = {16: 0.15, 32: 0.5}
 TILE_MIN_TOKENS = 256
 
 
@@ -136,9 +139,9 @@ def use_tiles(block: int, density: float, num_tokens: int) -> bool:
     choice = os.environ.get("SPARSIFY_BLOCK_KERNEL", "auto")
     if choice == "tile":
         return True
-    if choice == "gather" or num_tokens < TILE_MIN_TOKENS:
+    if choice == "gather" or num_tokens < TILE_MIN_TOKENS or block not in TILE_MIN_DENSITY:
         return False
-    return block <= TILE_MAX_BLOCK and density >= TILE_MIN_DENSITY
+    return density >= TILE_MIN_DENSITY[block]
 
 
 def tile_matmul(a, values, table, bias, out, w_rows_are_kd: bool, config: dict | None = None) -> None:
