@@ -1,6 +1,8 @@
 """CUDA correctness check of the Triton kernels against a float64 reference (run on the GPU machine).
 
     python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py --final [--tiny]   # the tiles the autotuner picked in the benchmark run
+    python benchmarks/gpu_check.py --routes           # eager route == registered op, column view == sort
 
 Every block size, bf16 / fp16 / fp32 (tf32 off and on), autotuned and fixed tiles, decode and
 prefill token counts not multiple of the tile, K from 1 to C; outputs are NaN-poisoned before the
@@ -178,5 +180,42 @@ def final() -> None:
     sys.exit(1 if failures else 0)
 
 
+def routes() -> None:
+    """sparsify.functional's eager route against the registered op on CUDA (bitwise, output and every
+    gradient, bf16 autocast over float32 weights, bias and stats probe), and the one-launch column view
+    against a stable sort, on benchmark-sized topologies."""
+    from sparsify import BlockSparseLinear
+    from sparsify.functional import block_ell_linear
+
+    torch.manual_seed(2)
+    failures = 0
+    for in_f, out_f, block, m in ((4096, 14336, 64, 2048), (14336, 4096, 16, 512), (1024, 512, 128, 16), (512, 2048, 32, 300)):
+        layer = BlockSparseLinear(in_f, out_f, block_size=block, density=0.5, device="cuda")
+        x = torch.randn(m, in_f, device="cuda")
+        g = torch.randn(m, out_f, device="cuda", dtype=torch.bfloat16)
+        results = []
+        for fn in (block_ell_linear, torch.ops.sparsify.block_ell_linear):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, layer.values, layer.bias, layer.stats_probe)]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fn(leaves[0], leaves[1], layer.col_indices, leaves[2], leaves[3])
+            y.backward(g)
+            results.append([y] + [t.grad for t in leaves])
+        same = all(torch.equal(a, b) for a, b in zip(*results))
+        err = rel(results[0][0], reference.forward(x.bfloat16().double(), layer.values.bfloat16().double(),
+                                                    layer.col_indices, layer.bias.bfloat16().double()))
+        ok = same and err < TOL[torch.bfloat16]
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} eager route vs op {in_f}->{out_f} B={block} M={m}: bitwise {same}, fwd {err:.2e}")
+        slots, starts = backward.column_view(layer.col_indices, in_f // block)
+        flat = layer.col_indices.reshape(-1).long()
+        ok = torch.equal(slots.long(), torch.sort(flat, stable=True).indices) and torch.equal(
+            starts.long(), torch.searchsorted(flat.sort().values, torch.arange(in_f // block + 1, device="cuda")))
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} column view R*K={flat.numel()} C={in_f // block}")
+    print(f"{failures} failures; device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}")
+    sys.exit(1 if failures else 0)
+
+
 if __name__ == "__main__":
-    final() if "--final" in sys.argv else main()
+    routes() if "--routes" in sys.argv else final() if "--final" in sys.argv else main()

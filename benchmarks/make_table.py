@@ -4,6 +4,9 @@
     python benchmarks/make_table.py results/X.json [Y.json]  # given files
     python benchmarks/make_table.py --write-readme           # also replace the README block between
                                                              # <!-- bench-table:start --> and <!-- bench-table:end -->
+    python benchmarks/make_table.py --merge OUT.json A.json B.json ...
+        # one table from several runs: per (shape, M, B, density) the row of the last file that has it
+        # wins; each row keeps its run's file name under "run" (every ratio is still within one run)
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ def render(result: dict, fmt: str = "github") -> str:
         "PyTorch BSR fwd vs dense",
         "weight state MiB (dense)",
     ]
+    merged = any("run" in r for r in result["rows"])
+    if merged:
+        headers.append("run")
     body = []
     for r in sorted(result["rows"], key=lambda r: (r["in"] * r["out"], r["in"], r["M"], r["B"], r["density"])):
         body.append(
@@ -66,6 +72,7 @@ def render(result: dict, fmt: str = "github") -> str:
                 _x(r.get("bsr_speedup_fwd")),
                 f"{r['weight_state_mib']:.1f} ({r['dense_weight_state_mib']:.1f})",
             ]
+            + ([r.get("run", "")] if merged else [])
         )
     caption = (
         f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['dtype']}, "
@@ -79,13 +86,32 @@ def render(result: dict, fmt: str = "github") -> str:
 
 
 def newest_results() -> list[pathlib.Path]:
-    """Every result file of the newest date, the plain <device>-<date>.json first."""
-    files = list((HERE / "results").glob("*.json"))
+    """The layer-benchmark files of the newest date: the plain <device>-<date>.json ones where there
+    are (the current table, possibly merged), else every file of that date."""
+    files = [p for p in (HERE / "results").glob("*.json") if "rows" in json.loads(p.read_text())]
     if not files:
         sys.exit("no benchmarks/results/*.json yet; run benchmarks/bench_layer.py on a GPU first")
     dates = {p: json.loads(p.read_text()).get("date", "") for p in files}
-    newest = max(dates.values())
-    return sorted((p for p in files if dates[p] == newest), key=lambda p: (len(p.stem), p.name))
+    newest = [p for p in files if dates[p] == max(dates.values())]
+    plain = [p for p in newest if p.stem.endswith(dates[p])]
+    return sorted(plain or newest, key=lambda p: (len(p.stem), p.name))
+
+
+def merge(paths: list[pathlib.Path]) -> dict:
+    """Rows of several runs of one device, the later file's row winning per (shape, M, B, density)."""
+    runs = [(p.stem, json.loads(p.read_text())) for p in paths]
+    devices = {r["device"] for _, r in runs}
+    if len(devices) != 1:
+        sys.exit(f"--merge takes runs of one device, got {sorted(devices)}")
+    rows = {}
+    for name, result in runs:
+        for row in result["rows"]:
+            rows[(row["in"], row["out"], row["M"], row["B"], row["density"])] = {**row, "run": name}
+    last = runs[-1][1]
+    notes = " ".join(f"[{name}] {r['note']}" for name, r in runs if r.get("note"))
+    return {**{k: last[k] for k in ("device", "date", "torch", "triton", "dtype") if k in last},
+            "merged_from": [name for name, _ in runs], "note": "Merged runs (column 'run'). " + notes,
+            "rows": list(rows.values())}
 
 
 def write_readme(table: str, readme: pathlib.Path) -> None:
@@ -102,7 +128,11 @@ def main() -> None:
     parser.add_argument("results", nargs="*", help="results JSON files (default: the newest date's under benchmarks/results)")
     parser.add_argument("--write-readme", action="store_true", help="replace the table block in README.md")
     parser.add_argument("--readme", default=str(HERE.parent / "README.md"))
+    parser.add_argument("--merge", metavar="OUT", help="write the merged runs (the files given) to OUT")
     args = parser.parse_args()
+    if args.merge:
+        pathlib.Path(args.merge).write_text(json.dumps(merge([pathlib.Path(p) for p in args.results]), indent=1))
+        args.results = [args.merge]
     paths = [pathlib.Path(p) for p in args.results] or newest_results()
     results = [json.loads(p.read_text()) for p in paths]
     table = "\n\n".join(render(r) for r in results if "rows" in r)  # layer benchmarks only
