@@ -31,6 +31,7 @@ from sparsify.kernels.common import (
     AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tune_one_config,
 )
 from sparsify.kernels.forward import REDUCE_BLOCK, _reduce_partials_kernel
+from sparsify.kernels.launch import launch
 from sparsify.kernels.tiles import TILE_CONFIGS, prune_tiles, slot_table, tile_matmul, use_tiles
 
 # (BM tokens, TS*B or GS*B reduction/gather width, num_warps, num_stages)
@@ -308,7 +309,8 @@ def column_view(col_indices: torch.Tensor, num_cols: int) -> tuple[torch.Tensor,
     slots_by_col = torch.empty_like(flat)
     col_start = torch.empty(num_cols + 1, dtype=torch.int32, device=flat.device)
     grid = (cdiv(num_cols + 1, COLUMN_VIEW_CB),)
-    _column_view_kernel[grid](flat, slots_by_col, col_start, flat.numel(), num_cols, CB=COLUMN_VIEW_CB, CHUNK=COLUMN_VIEW_CHUNK)
+    launch(_column_view_kernel, grid, (flat, slots_by_col, col_start, flat.numel(), num_cols),
+           dict(CB=COLUMN_VIEW_CB, CHUNK=COLUMN_VIEW_CHUNK), flat.device)
     return slots_by_col, col_start
 
 
@@ -351,7 +353,7 @@ def grad_input(
     flags = dict(B=block, PRECISION=dot_precision(grad_out.dtype), UPCAST=interpreter_upcast(grad_out.dtype))
     if config is None:
         grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * num_cols,)  # noqa: E731
-        _grad_input_kernel[grid](*args, **flags)
+        launch(_grad_input_kernel, grid, args, flags, grad_out.device)
     else:
         grid = (cdiv(num_tokens, config["BM"]) * num_cols,)
         _grad_input_kernel.fn[grid](
@@ -410,7 +412,7 @@ def grad_values(
         tflags = dict(B=block, PARTIAL=split > 1, PRECISION=dot_precision(x.dtype), UPCAST=interpreter_upcast(x.dtype))
         if tiles is None:
             grid = lambda meta: (cdiv(out_features, meta["BO"]) * cdiv(in_features, meta["BI"]), split)  # noqa: E731
-            _tile_grad_values_kernel[grid](*targs, **tflags)
+            launch(_tile_grad_values_kernel, grid, targs, tflags, x.device)
         else:
             grid = (cdiv(out_features, tiles["BO"]) * cdiv(in_features, tiles["BI"]), split)
             _tile_grad_values_kernel.fn[grid](
@@ -419,9 +421,8 @@ def grad_values(
             )
         if split > 1:
             total = rows * k * block * block
-            _reduce_partials_kernel[(cdiv(total, REDUCE_BLOCK),)](
-                target, dv, dv, 1, total, split, HAS_BIAS=False, BLOCK=REDUCE_BLOCK
-            )
+            launch(_reduce_partials_kernel, (cdiv(total, REDUCE_BLOCK),), (target, dv, dv, 1, total, split),
+                   dict(HAS_BIAS=False, BLOCK=REDUCE_BLOCK), x.device)
         return dv
     args = (
         grad_out,
@@ -442,7 +443,7 @@ def grad_values(
     )
     if config is None:
         grid = lambda meta: (rows * cdiv(k * block, meta["GSB"]), split)  # noqa: E731
-        _grad_values_kernel[grid](*args, **flags)
+        launch(_grad_values_kernel, grid, args, flags, x.device)
     else:
         grid = (rows * cdiv(k * block, config["GSB"]), split)
         _grad_values_kernel.fn[grid](
@@ -455,7 +456,6 @@ def grad_values(
         )
     if split > 1:
         total = rows * k * block * block
-        _reduce_partials_kernel[(cdiv(total, REDUCE_BLOCK),)](
-            target, dv, dv, 1, total, split, HAS_BIAS=False, BLOCK=REDUCE_BLOCK
-        )
+        launch(_reduce_partials_kernel, (cdiv(total, REDUCE_BLOCK),), (target, dv, dv, 1, total, split),
+               dict(HAS_BIAS=False, BLOCK=REDUCE_BLOCK), x.device)
     return dv

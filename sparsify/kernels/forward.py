@@ -30,6 +30,7 @@ from sparsify.kernels.common import (
     AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tune_one_config,
 )
 from sparsify.kernels.forward_tma import forward_tma, use_tma
+from sparsify.kernels.launch import launch
 from sparsify.kernels.tiles import slot_table, tile_matmul, use_tiles
 
 # Autotune configs as data: (BM tokens, KSB reduction depth per step, num_warps, num_stages).
@@ -236,7 +237,7 @@ def forward(
     flags = dict(B=block, HAS_BIAS=has_bias, PARTIAL=split > 1, PRECISION=dot_precision(x.dtype), UPCAST=interpreter_upcast(x.dtype))
     if config is None:
         grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * rows, split)  # noqa: E731
-        _forward_kernel[grid](*args, **flags)
+        launch(_forward_kernel, grid, args, flags, x.device)
     else:
         grid = (cdiv(num_tokens, config["BM"]) * rows, split)
         _forward_kernel.fn[grid](
@@ -249,7 +250,6 @@ def forward(
         )
     if split > 1:
         grid = (cdiv(num_tokens * out_features, REDUCE_BLOCK),)
-        _reduce_partials_kernel[grid](
-            partial, bias if has_bias else y, y, num_tokens, out_features, split, HAS_BIAS=has_bias, BLOCK=REDUCE_BLOCK
-        )
+        launch(_reduce_partials_kernel, grid, (partial, bias if has_bias else y, y, num_tokens, out_features, split),
+               dict(HAS_BIAS=has_bias, BLOCK=REDUCE_BLOCK), x.device)
     return y

@@ -13,6 +13,7 @@ import triton.language as tl
 from sparsify.kernels.common import (
     AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, tune_one_config,
 )
+from sparsify.kernels.launch import launch
 
 # Masked-dense tiles for small blocks: (BM, BN, BK, num_warps, num_stages)
 TILE_CONFIGS = [
@@ -159,7 +160,7 @@ def tile_matmul(a, values, table, bias, out, w_rows_are_kd: bool, config: dict |
     )
     if config is None:
         grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
-        _tile_kernel[grid](*args, **flags)
+        launch(_tile_kernel, grid, args, flags, a.device)
     else:
         grid = (cdiv(num_tokens, config["BM"]) * cdiv(n, config["BN"]),)
         _tile_kernel.fn[grid](

@@ -1,0 +1,90 @@
+"""A lean relaunch path for the Triton kernels: after the first launch of a kernel for a given argument
+specialization (through Triton's autotuner and JIT, which choose, compile and launch it), later launches
+call the compiled kernel's launcher directly.
+
+Why: every ``kernel[grid](...)`` call re-runs, in Python, the autotuner's key building, the JIT's
+argument binding and specialization, its cache lookup and launch metadata, tens of microseconds per
+launch on the H100 machine's host, several launches per layer call (benchmarks/NOTES.md). Here a
+relaunch costs one dict lookup on a key that mirrors what Triton specializes on (tensor dtype and
+16-byte alignment, integer divisibility by 16, == 1 and width), plus the C launcher call.
+
+Used only where it is exactly equivalent: on CUDA, not under the interpreter, with no launch hooks
+installed (profilers), for configs without pre-hooks. ``SPARSIFY_LEAN_LAUNCH=0`` turns it off.
+The launcher arguments (grid, stream, function, packed metadata, launch metadata, enter / exit hooks,
+then every kernel argument constexprs included, in signature order) are the same in Triton 3.6 and 3.9.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from sparsify.kernels.common import interpreting
+
+try:  # Triton >= 3.4
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton: no lean path
+    _knobs = None
+
+_COMPILED: dict = {}
+
+
+def enabled() -> bool:
+    if _knobs is None or interpreting() or os.environ.get("SPARSIFY_LEAN_LAUNCH", "1") == "0":
+        return False
+    runtime = _knobs.runtime
+    return runtime.launch_enter_hook is None and runtime.launch_exit_hook is None
+
+
+def _spec(value, exact: bool):
+    """The cache key of one runtime argument: what Triton's specialization distinguishes (tensor dtype
+    and 16-byte alignment; an integer's divisibility by 16, == 1 and width), and the exact value of
+    integers Triton does specialize on (shapes: they also pick the autotuner's config)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if exact or isinstance(value, bool) or not isinstance(value, int):
+        return value
+    return value % 16 == 0, value == 1, -(2**31) <= value < 2**31
+
+
+def _jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+_EXACT: dict = {}  # id(kernel) -> per parameter: keyed by value (False for do_not_specialize ones)
+
+
+def _exact_flags(kernel) -> tuple:
+    flags = _EXACT.get(id(kernel))
+    if flags is None:
+        flags = _EXACT[id(kernel)] = tuple(not p.do_not_specialize for p in _jit_function(kernel).params)
+    return flags
+
+
+def launch(kernel, grid, args: tuple, constexprs: dict, device: torch.device) -> None:
+    """``kernel[grid](*args, **constexprs)`` (kernel: a JITFunction or an Autotuner over one); ``grid``
+    a tuple or a function of the kernel's meta-parameters. ``args`` are the runtime arguments in
+    signature order, ``constexprs`` the remaining ones by name."""
+    if device.type != "cuda" or not enabled():
+        kernel[grid](*args, **constexprs)
+        return
+    key = (id(kernel), device.index, tuple(map(_spec, args, _exact_flags(kernel))), tuple(constexprs.items()))
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **constexprs)
+        config = getattr(kernel, "best_config", None)
+        if compiled is None or (config is not None and config.pre_hook is not None):
+            return
+        meta = {**constexprs, **(config.all_kwargs() if config is not None else {})}
+        tail = tuple(meta[name] for name in _jit_function(kernel).arg_names[len(args):])
+        _COMPILED[key] = (compiled, meta, tail)
+        return
+    compiled, meta, tail = entry
+    g = grid(meta) if callable(grid) else grid
+    stream = torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
+    compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *tail)
