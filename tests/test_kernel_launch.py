@@ -90,3 +90,17 @@ def test_configs_with_pre_hooks_and_cpu_tensors_always_take_tritons_path(enabled
         lean.launch(kernel, (1,), args, flags, CUDA)
         lean.launch(kernel, (1,), args, flags, torch.device("cpu"))
     assert len(kernel.launches) == 4 and not kernel.compiled.calls
+
+
+def test_the_lean_path_is_on_without_launch_hooks_and_off_with_one(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("SPARSIFY_LEAN_LAUNCH", raising=False)
+    assert lean.enabled()  # Triton's empty hook chains are no hooks
+    hook = lambda metadata: None  # noqa: E731
+    lean._knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert not lean.enabled()
+    finally:
+        lean._knobs.runtime.launch_enter_hook.remove(hook)
+    monkeypatch.setenv("SPARSIFY_LEAN_LAUNCH", "0")
+    assert not lean.enabled()

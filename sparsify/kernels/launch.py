@@ -31,11 +31,16 @@ except ImportError:  # pragma: no cover - older Triton: no lean path
 _COMPILED: dict = {}
 
 
+def _installed(hook) -> bool:
+    """Triton 3.6 / 3.9 keep launch hooks in a ``HookChain`` (empty: none installed); older ones use None."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def enabled() -> bool:
     if _knobs is None or interpreting() or os.environ.get("SPARSIFY_LEAN_LAUNCH", "1") == "0":
         return False
     runtime = _knobs.runtime
-    return runtime.launch_enter_hook is None and runtime.launch_exit_hook is None
+    return not _installed(runtime.launch_enter_hook) and not _installed(runtime.launch_exit_hook)
 
 
 def _spec(value, exact: bool):
