@@ -45,11 +45,16 @@ def profile(calls: int = 200) -> None:
     grad = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
     for name, fn in (("forward", lambda: sparse(x)), ("forward+backward", lambda: sparse(x).backward(grad))):
         per_call_us(fn, calls=20)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            fn()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(20):
+                fn()
             torch.cuda.synchronize()
-        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        print(f"\n== {name}: {len(kernels)} GPU kernels per call: {kernels}")
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_us = sum(e.time_range.elapsed_us() for e in kernels) / 20
+        print(f"\n== {name}: {len(kernels) / 20:.0f} GPU kernels per call, {gpu_us:.1f} us of GPU time per call: "
+              f"{sorted({e.name[:60] for e in kernels})}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(calls):
@@ -57,8 +62,8 @@ def profile(calls: int = 200) -> None:
         torch.cuda.synchronize()
         profiler.disable()
         stats = pstats.Stats(profiler)
-        stats.sort_stats("tottime").print_stats(25)
-        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(20)
+        stats.sort_stats("cumulative").print_stats(30)
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
     python benchmarks/make_table.py                          # the newest date's result files, markdown to stdout
     python benchmarks/make_table.py results/X.json [Y.json]  # given files
-    python benchmarks/make_table.py --write-readme           # also replace the README block between
-                                                             # <!-- bench-table:start --> and <!-- bench-table:end -->
+    python benchmarks/make_table.py --write-readme           # the README gets the summary (speedups per block
+                                                             # size x density) between <!-- bench-table:start -->
+                                                             # and <!-- bench-table:end -->; the full table goes
+                                                             # to benchmarks/results/<result name>.md
     python benchmarks/make_table.py --merge OUT.json A.json B.json ...
         # one table from several runs: per (shape, M, B, density) the row of the last file that has it
         # wins; each row keeps its run's file name under "run" (every ratio is still within one run)
@@ -85,6 +87,35 @@ def render(result: dict, fmt: str = "github") -> str:
     return caption + "\n\n" + tabulate(body, headers=headers, tablefmt=fmt)
 
 
+def summary(result: dict) -> str:
+    """Speedups over dense per (shape, M, B) x density: forward / forward+backward, and for decode rows the
+    forward inside a CUDA graph (the kernel without host overhead)."""
+    nominal = (0.25, 0.5, 0.75)  # the benchmark's densities; K = round(density * C) may land beside them
+    densities = sorted({min(nominal, key=lambda d: abs(d - r["density"])) for r in result["rows"]})
+    cells: dict = {}
+    for r in result["rows"]:
+        column = min(nominal, key=lambda d: abs(d - r["density"]))
+        text = f"{_x(r['speedup_fwd'])} / {_x(r['speedup_fwdbwd'])}"
+        if r.get("graph_speedup_fwd"):
+            text += f" (graph {_x(r['graph_speedup_fwd'])})"
+        if abs(r["density"] - column) > 0.01:
+            text += f" at {r['density']:.2f}"
+        cells.setdefault((r["in"], r["out"], r["M"], r["B"]), {})[column] = text
+    body = [
+        [f"{i}->{o}", m, b] + [row.get(d, "-") for d in densities]
+        for (i, o, m, b), row in sorted(cells.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
+    ]
+    caption = (
+        f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['dtype']}, {result['date']}. "
+        "Speedup over dense `F.linear` (cuBLAS) measured in the same run, `triton.testing.do_bench` medians: "
+        "forward / forward+backward; decode rows (M = 16) also the forward inside a CUDA graph (graph), since plain "
+        "eager calls at that size measure host overhead. Density = kept fraction of blocks, K / C per row; "
+        "where K / C cannot hit it (few block-columns) the cell names the density measured."
+    )
+    return caption + "\n\n" + tabulate(body, headers=["in->out", "M", "B"] + [f"density {d:g}" for d in densities],
+                                         tablefmt="github")
+
+
 def newest_results() -> list[pathlib.Path]:
     """The layer-benchmark files of the newest date: the plain <device>-<date>.json ones where there
     are (the current table, possibly merged), else every file of that date."""
@@ -135,10 +166,15 @@ def main() -> None:
         args.results = [args.merge]
     paths = [pathlib.Path(p) for p in args.results] or newest_results()
     results = [json.loads(p.read_text()) for p in paths]
-    table = "\n\n".join(render(r) for r in results if "rows" in r)  # layer benchmarks only
+    layer_results = [(p, r) for p, r in zip(paths, results) if "rows" in r]  # layer benchmarks only
+    table = "\n\n".join(render(r) for _, r in layer_results)
     print(table)
     if args.write_readme:
-        write_readme(table, pathlib.Path(args.readme))
+        for path, result in layer_results:
+            path.with_suffix(".md").write_text(render(result) + "\n")
+        links = " ".join(f"Every row: [{p.with_suffix('.md').name}](benchmarks/results/{p.with_suffix('.md').name})."
+                         for p, _ in layer_results)
+        write_readme("\n\n".join(summary(r) for _, r in layer_results) + "\n\n" + links, pathlib.Path(args.readme))
 
 
 if __name__ == "__main__":
