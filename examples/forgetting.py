@@ -1,7 +1,8 @@
 """Does dynamic block topology forget less at equal learning? Task A (arithmetic) then task B (prose).
 
     python examples/forgetting.py prepare                  # clean the prose corpus once into data/
-    python examples/forgetting.py run --device cuda --workers 14 --deadline 300
+    python examples/forgetting.py run --device cuda --workers 14 --deadline 300 --tf32
+    bash examples/forgetting_lib/gpu_run.sh                # the whole GPU grid in one call (see its header)
     python examples/forgetting.py report                   # markdown + figures from results/forgetting
     python examples/forgetting.py --smoke                  # every arm, tiny, CPU, under a minute
 
@@ -47,6 +48,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0, help="parallel processes (0: in this process)")
     p.add_argument("--deadline", type=float, default=None, help="seconds from now; later runs are not started")
+    p.add_argument("--deadline-at", type=float, default=None, help="the same as a Unix time (wins over --deadline)")
+    p.add_argument("--no-report", action="store_true", help="run: leave the report for later (`report`)")
+    p.add_argument("--tf32", action="store_true", help="CUDA: float32 matmuls on TF32 tensor cores (all arms)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--no-sweep", action="store_true", help="skip the learning-rate sweeps")
     p.add_argument("--layers", default=ModelConfig.sparse_layers, help="sparse MLP layers, e.g. 1..4")
@@ -62,6 +66,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=0, help="attention heads (0: hidden // 64)")
     p.add_argument("--seq", type=int, default=ModelConfig.seq_len, help="bytes per training sequence")
     p.add_argument("--a-steps", type=int, default=ExpConfig.a_steps)
+    p.add_argument("--a-lr", type=float, default=ExpConfig.a_lr)
+    p.add_argument("--a-evals", type=int, default=ExpConfig.a_evals, help="task-A accuracy checkpoints during A")
+    p.add_argument("--b-evals", type=int, default=ExpConfig.b_evals, help="checkpoints during B (calibration)")
     p.add_argument("--b-steps", type=int, default=ExpConfig.b_steps)
     p.add_argument("--batch", type=int, default=ExpConfig.batch)
     p.add_argument("--b-lrs", type=float, nargs=3, default=list(ExpConfig.b_lrs), metavar=("LOW", "BASE", "HIGH"))
@@ -73,8 +80,9 @@ def config(args) -> ExpConfig:
         return ExpConfig(**SMOKE, device="cpu")
     model = ModelConfig(layers=args.n_layers, hidden=args.hidden, mlp=args.mlp, sparse_layers=args.layers,
                         heads=args.heads or max(1, args.hidden // 64), seq_len=args.seq)
-    return ExpConfig(model=model, a_steps=args.a_steps, b_steps=args.b_steps, batch=args.batch,
-                     b_lrs=tuple(args.b_lrs), ewc_lambdas=tuple(args.ewc_lambdas), device=args.device)
+    return ExpConfig(model=model, a_steps=args.a_steps, b_steps=args.b_steps, batch=args.batch, a_lr=args.a_lr,
+                     a_evals=args.a_evals, b_evals=args.b_evals, b_lrs=tuple(args.b_lrs),
+                     ewc_lambdas=tuple(args.ewc_lambdas), device=args.device, tf32=args.tf32)
 
 
 def main(argv=None) -> dict:
@@ -94,15 +102,18 @@ def main(argv=None) -> dict:
     cfg = config(args)
     cfg.prose_file = str(prose)
     if args.command == "check":
-        sys.exit(0 if backend_matches(cfg) else 1)
+        sys.exit(0 if backend_matches(cfg, (16, args.big_block) if args.big_block else (16,)) else 1)
     arms = make_arms(args.density, tuple(args.densities), args.big_block, args.static_shares_a)
     outcome = {}
     if args.command == "run":
-        deadline = time.time() + args.deadline if args.deadline else None
+        deadline = args.deadline_at or (time.time() + args.deadline if args.deadline else None)
         jobs = plan(arms, 1 if args.smoke else args.seeds, cfg, sweep=not args.no_sweep, late=tuple(args.late))
         outcome = run_grid(jobs, cfg, out, args.workers, deadline)
-        (out / "grid.json").write_text(json.dumps(outcome, indent=1))
-        print("grid:", {k: len(v) for k, v in outcome.items()})
+        print(f"grid: {len(outcome['seconds'])} runs done in {outcome['wall_seconds']:.0f} s;",
+              ", ".join(f"{len(outcome[k])} {k}" for k in ("failed", "skipped", "cut")))
+        print(json.dumps({k: outcome[k] for k in ("failed", "skipped", "cut")}))
+        if args.no_report:
+            return outcome
     report = Path(args.report) if args.report else out / "report.md"
     figures = Path(args.figures) if args.figures else out / "figures"
     write_report(out, report, figures, cfg, Path(args.note).read_text() if args.note else None, args.metric)

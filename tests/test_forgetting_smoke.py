@@ -1,20 +1,24 @@
-"""examples/forgetting.py --smoke: every arm trains on the CPU, the report has its parts, reruns resume."""
+"""examples/forgetting.py --smoke: every arm trains on the CPU, the report has its parts, reruns resume;
+the grid's order and deadline rule; the answer metric against greedy decoding problem by problem."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "forgetting.py"
+sys.path.insert(0, str(ROOT / "examples"))
 ARMS = ("dense", "ewc", "static-0.5", "dynamic-0.25", "dynamic-0.5", "dynamic-0.75", "dynamic-0.5-b64",
         "protected-0.5", "anchored-0.5")
-SECTIONS = ("## Setup", "## Forgetting per arm", "## Forgetting at equal task-B learning", "## Accuracy through A then B",
+SECTIONS = ("## Setup", "## Runs per arm", "## Forgetting per arm", "## Forgetting at equal task-B learning", "## Accuracy through A then B",
             "## Topology: pathways, swaps, entropy, spikes", "## Final quality against dense", "## Claims")
 CLAIMS = ("SC-001", "SC-002", "SC-003", "SC-004", "SC-005", "SC-006", "SC-007", "US1-1", "US1-2", "US1-3")
 
@@ -22,8 +26,9 @@ CLAIMS = ("SC-001", "SC-002", "SC-003", "SC-004", "SC-005", "SC-006", "SC-007", 
 def _run(out: Path) -> float:
     """CPU seconds the smoke run used (user + system, not wall time: CI machines are shared)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True, text=True, timeout=600)
+                   capture_output=True, text=True, timeout=600, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
@@ -90,3 +95,119 @@ def test_smoke_finishes_within_a_minute_and_a_rerun_resumes_without_training(smo
     before = {p: p.stat().st_mtime for p in (out / "runs").glob("*.json")}
     _run(out)
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*.json")} == before
+
+
+# ---------------------------------------------------------------- the grid's order and deadline (no training)
+def test_plan_puts_the_whole_base_table_before_any_sweep_and_late_arms_last():
+    from forgetting_lib.arms import make_arms
+    from forgetting_lib.grid import plan
+    from forgetting_lib.train import ExpConfig
+
+    cfg = ExpConfig()
+    jobs = plan(make_arms(), 3, cfg, sweep=True)
+    names = [j.path(Path(".")).name for j in jobs]
+    kinds = [j.kind for j in jobs]
+    assert kinds == sorted(kinds), "every task-A run comes before the task-B runs"
+    assert names[:6] == ["dense__s0.json", "dynamic-0.5__s0.json", "dynamic-0.5__s1.json", "dynamic-0.5__s2.json",
+                         "dense__s1.json", "dense__s2.json"], "the task-A runs most B runs wait on come first"
+    base = [i for i, j in enumerate(jobs) if j.kind == "B" and j.lr == cfg.b_lrs[1] and not j.lam_search]
+    sweeps = [i for i, j in enumerate(jobs) if j.kind == "B" and j.lr != cfg.b_lrs[1]]
+    search = [i for i, j in enumerate(jobs) if j.lam_search]
+    assert len(base) == 9 * 3 and len(search) == len(cfg.ewc_lambdas) and sweeps
+    assert max(search) < min(base) and max(base) < min(sweeps)
+
+    late = plan(make_arms(static_shares_a=True), 3, cfg, sweep=True, late=("static-0.5",))
+    late_names = [j.path(Path(".")).name for j in late]
+    assert late_names[1] == "dynamic-0.5__s0.json", "a task-A run shared with early arms is not late"
+    assert late_names[-3:] == [f"static-0.5__s{s}__lr{cfg.b_lrs[1]:g}.json" for s in range(3)]
+
+
+def test_grid_starts_no_run_that_cannot_finish_before_the_deadline(tmp_path, monkeypatch):
+    from forgetting_lib import grid
+    from forgetting_lib.arms import Arm
+    from forgetting_lib.train import ExpConfig
+
+    clock = [1000.0]
+    monkeypatch.setattr(grid.time, "time", lambda: clock[0])
+
+    def fake_execute(job, cfg, out, deadline):  # task A: 10 s dense, 20 s sparse; task B: 5 s
+        took = (10 if job.arm.density is None else 20) if job.kind == "A" else 5
+        clock[0] += took
+        for path in (job.path(out), job.path(out).with_suffix(".pt")):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+        return took, True
+
+    monkeypatch.setattr(grid, "execute", fake_execute)
+    arms = {"dense": Arm("dense"), "dynamic-0.5": Arm("dynamic-0.5", density=0.5, dynamic=True)}
+    jobs = grid.plan(arms, 2, ExpConfig(a_steps=100, b_steps=100), sweep=False)
+    outcome = grid.run_grid(jobs, ExpConfig(a_steps=100, b_steps=100), tmp_path, 0, deadline=1000.0 + 56)
+    # dense s0 ends at 10 s, dynamic s0 (no sparse estimate yet: dense's 10 s) at 30, dense s1 at 40;
+    # dynamic s1 would need 1.1 x 20 s from 40: not started, nor its B run. The B runs (estimated from
+    # task A's 10 s, then from B's 5 s) end at 45, 50 and 55
+    assert list(outcome["seconds"]) == ["dense__s0.json", "dynamic-0.5__s0.json", "dense__s1.json",
+                                        "dense__s0__lr0.0003.json", "dynamic-0.5__s0__lr0.0003.json",
+                                        "dense__s1__lr0.0003.json"]
+    assert outcome["skipped"] == ["dynamic-0.5__s1.json", "dynamic-0.5__s1__lr0.0003.json"]
+    assert clock[0] <= 1000.0 + 56
+    assert json.loads((tmp_path / "grid.json").read_text())["skipped"] == outcome["skipped"]
+
+
+# ---------------------------------------------------------------- the answer metric
+class _Oracle:
+    """A causal stand-in for the model: after ``A: `` it spells the true answer and its newline, except
+    that it gets the second answer byte wrong for questions starting with an odd digit."""
+
+    training = False
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, input_ids, use_cache=False):
+        from types import SimpleNamespace
+
+        n, width = input_ids.shape
+        logits = torch.zeros(n, width, 256)
+        for row in range(n):
+            text = bytes(input_ids[row].tolist()).decode("latin-1")
+            for t in range(width):
+                prefix = text[: t + 1]
+                guess = 0
+                if " A: " in prefix:
+                    question, so_far = prefix[4:].split(" A: ", 1)
+                    answer = self.answers[question] + "\n"
+                    if answer.startswith(so_far) and len(so_far) < len(answer):
+                        guess = ord(answer[len(so_far)])
+                        if len(so_far) == 1 and question[0] in "13579":
+                            guess = ord("?")
+                logits[row, t, guess] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_teacher_forced_scores_equal_greedy_decoding_problem_by_problem():
+    from forgetting_lib.data import MathTask, encode
+    from forgetting_lib.evaluate import answer_scores
+
+    problems = MathTask.generate(n_train=10, n_val=10, n_test=60).test
+    model = _Oracle(dict(problems))
+    exact, right, total = 0, 0, 0
+    for q, a in problems:  # greedy decoding, one byte at a time
+        ids = encode(f"\nQ: {q} A: ")
+        target = encode(f"{a}\n")
+        out = []
+        for _ in target:
+            out.append(int(model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+        exact += out == target
+        for k, byte in enumerate(target):  # answer bytes given the true prefix
+            right += int(model(torch.tensor([ids + target[:k]])).logits[0, -1].argmax()) == byte
+        total += len(target)
+    scores = answer_scores(model, problems, "cpu", batch=7)  # batches of uneven widths
+    assert 0 < exact < len(problems)
+    assert scores == (exact / len(problems), right / total)
+    assert answer_scores(model, problems, "cpu", batch=7) == scores  # the cached encoding

@@ -127,11 +127,14 @@ class Anchor:
         self.opt, self.masks, self.rate = opt, masks, rate
         self.layers = {n: opt.layers[n] for n in masks}
         self.saved: dict[str, torch.Tensor] = {}
+        self.decision = False
 
     def before_step(self) -> None:
-        decision = (self.opt.global_step + 1) % self.opt.config.update_every == 0
+        # protect() reads the mask back to the host (a sync): set it only around Level 2 steps
+        self.decision = (self.opt.global_step + 1) % self.opt.config.update_every == 0
         for name, mask in self.masks.items():
-            self.opt.protect(name, mask if decision else None)
+            if self.decision:
+                self.opt.protect(name, mask)
             self.saved[name] = self.layers[name].values.detach().clone()
 
     @torch.no_grad()
@@ -140,4 +143,5 @@ class Anchor:
             values, old = self.layers[name].values, self.saved[name]
             damped = old + self.rate * (values - old)
             values.copy_(torch.where(mask[:, :, None, None], damped, values))
-            self.opt.protect(name, None)
+            if self.decision:
+                self.opt.protect(name, None)

@@ -220,10 +220,20 @@ def load_prose(path: Path = PROSE_FILE) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- batches
+def window_starts(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator, count: int = 1) -> torch.Tensor:
+    """Start offsets of ``count`` batches of random windows: [count, batch] int64. Drawing all of a phase's
+    batches at once gives the same numbers as drawing them one batch at a time from the same generator."""
+    return torch.randint(0, len(stream) - seq_len - 1, (count, batch), generator=gen)
+
+
+def gather_windows(stream: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The windows of ``seq_len + 1`` bytes at ``starts`` [batch], on the stream's device: [batch, seq_len + 1] int64."""
+    return stream[starts[:, None] + torch.arange(seq_len + 1, device=stream.device)].long()
+
+
 def random_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
     """``batch`` random windows of ``seq_len + 1`` bytes: [batch, seq_len + 1] int64."""
-    starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
-    return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()]).long()
+    return gather_windows(stream, window_starts(stream, batch, seq_len, gen)[0], seq_len)
 
 
 def fixed_windows(stream: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:

@@ -1,9 +1,19 @@
 """The grid: which runs, in what order, on how many worker processes, resumable and deadline-aware.
 
 Every run writes one JSON under ``out`` (task-A runs also a ``.pt`` checkpoint); a run whose JSON
-exists is skipped, so the grid resumes where it stopped. Jobs are started by priority:
-task-A runs, EWC's lambda search (seed 0, validation split), every arm at the base LR for every seed,
-then the learning-rate sweeps. A job that cannot finish before the deadline is not started.
+exists is skipped, so the grid resumes where it stopped. Jobs are started by priority, so that a grid
+cut off by its deadline still has the complete base table:
+
+    0  task-A runs, those that most task-B runs wait on first (dense, then the density of the variants)
+    1  EWC's lambda search (seed 0, validation split): EWC's other runs wait on its choice
+    2  every arm at the base learning rate, every seed
+    3  the learning-rate sweeps on seed 0, then 4 on the other seeds, then 5 the protected arm's
+    +10 the ``late`` arms (and task-A runs that only they use)
+
+A worker takes the first job whose inputs exist. A job is not started unless it can finish before the
+deadline: 1.1 x the longest past run like it (task A or B, dense or sparse; before any finished, the
+nearest kind's, scaled by steps) must fit. The first wave starts on no estimate. A run still going at
+the deadline stops at its next 50-step mark ("cut"), so the workers are free by the deadline.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import json
 import os
 import time
 import traceback
+from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -21,7 +32,8 @@ import torch
 from tqdm import tqdm
 
 from forgetting_lib.arms import Arm
-from forgetting_lib.train import ExpConfig, run_a, run_b
+from forgetting_lib.evaluate import EVAL_BATCH
+from forgetting_lib.train import DeadlinePassed, ExpConfig, run_a, run_b, tasks
 
 
 @dataclass(frozen=True)
@@ -42,19 +54,33 @@ class Job:
 
 
 def plan(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool, late: tuple[str, ...] = ()) -> list[Job]:
-    """``late``: arms whose runs (and task-A runs used by them alone) come after everything else."""
+    """Every job in the order it is started (see the module's docstring). ``late``: arms whose task-B runs,
+    and the task-A runs that only they use, come after everything else."""
     jobs = _plan(arms, seeds, cfg, sweep)
     early_keys = {a.a_key for a in arms.values() if a.name not in late}
-    return sorted(jobs, key=lambda j: j.priority + (10 if j.arm.name in late or j.arm.a_key not in early_keys else 0))
+
+    def is_late(job: Job) -> bool:  # a task-A run stands for its key, not for the arm that named it
+        return job.arm.a_key not in early_keys if job.kind == "A" else job.arm.name in late
+
+    return sorted(jobs, key=lambda j: j.priority + (10 if is_late(j) else 0))
 
 
 def _plan(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool) -> list[Job]:
-    low, base, high = cfg.b_lrs
+    b_jobs = _plan_b(arms, seeds, cfg, sweep)
     firsts = {}
     for seed in range(seeds):
         for arm in arms.values():
             firsts.setdefault((arm.a_key, seed), Job(0, "A", arm, seed))
-    jobs = sorted(firsts.values(), key=lambda j: (j.arm.a_key != "dense", j.seed))
+    # the task-A runs that most task-B runs wait on start first
+    waiting = {key: sum((j.arm.a_key, j.seed) == key for j in b_jobs) for key in firsts}
+    keys = list(firsts)
+    a_jobs = sorted(firsts.values(), key=lambda j: (-waiting[(j.arm.a_key, j.seed)], keys.index((j.arm.a_key, j.seed))))
+    return a_jobs + b_jobs
+
+
+def _plan_b(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool) -> list[Job]:
+    low, base, high = cfg.b_lrs
+    jobs = []
     if "ewc" in arms:
         jobs += [Job(1, "B", arms["ewc"], 0, base, lam, lam_search=True) for lam in cfg.ewc_lambdas]
     for seed in range(seeds):
@@ -85,10 +111,23 @@ def _write(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> float:
-    """Run one job in this process and write its files; returns its wall time."""
-    start = time.time()
+_WARM: list[bool] = []  # set once this process has finished a job (its first one also compiled kernels)
+
+
+def execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> tuple[float, bool]:
+    """Run one job in this process and write its files; returns its wall time (without building the
+    tasks, once per process) and whether an earlier job in this process had already warmed it up."""
     torch.set_num_threads(int(os.environ.get("FORGETTING_THREADS", "1")))
+    cfg.set_precision()
+    tasks(cfg)
+    warm = bool(_WARM)
+    seconds = _execute(job, cfg, out, deadline)
+    _WARM.append(True)
+    return seconds, warm
+
+
+def _execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> float:
+    start = time.time()
     if job.kind == "A":
         summary, ckpt = run_a(job.arm, job.seed, cfg, deadline)
         json_path, pt_path = _a_files(out, job.arm, job.seed)
@@ -113,24 +152,37 @@ def execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> floa
     return time.time() - start
 
 
-def backend_matches(cfg: ExpConfig, tolerance: float = 2e-2) -> bool:
-    """Forward and backward of one training step of a sparse model: the device's backend against the
-    PyTorch reference (relative error of the output and of every gradient)."""
+def backend_matches(cfg: ExpConfig, block_sizes: tuple[int, ...] = (16,), tolerance: float = 2e-2) -> bool:
+    """Forward and backward of one training step of a sparse model per block size: the device's backend
+    against the PyTorch reference (relative error of the output and of every gradient)."""
     from forgetting_lib.model import build_model
-
-    results = {}
-    for backend in ("reference", "auto"):
-        os.environ["SPARSIFY_BACKEND"] = backend
-        model = build_model(cfg.model, 0.5, 16, seed=0).to(cfg.device)
-        x = torch.randint(0, 256, (cfg.batch, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
-        x = x.to(cfg.device)
-        logits = model(input_ids=x[:, :-1], use_cache=False).logits
-        torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1)).backward()
-        results[backend] = [logits.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
-    errors = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(results["auto"], results["reference"])]
     from sparsify.ops import backend_name
-    print(f"backend {backend_name(torch.device(cfg.device))} vs reference: max relative error {max(errors):.2e}")
-    return max(errors) < tolerance
+
+    cfg.set_precision()
+    worst = 0.0
+    for block_size in block_sizes:
+        results = {}
+        for backend in ("reference", "auto"):
+            os.environ["SPARSIFY_BACKEND"] = backend
+            model = build_model(cfg.model, 0.5, block_size, seed=0).to(cfg.device)
+            x = torch.randint(0, 256, (cfg.batch, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
+            x = x.to(cfg.device)
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+            torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1)).backward()
+            results[backend] = [logits.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
+        errors = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(results["auto"], results["reference"])]
+        print(f"B={block_size}: backend {backend_name(torch.device(cfg.device))} vs reference "
+              f"(tf32 {'on' if cfg.tf32 else 'off'}): max relative error {max(errors):.2e}")
+        worst = max(worst, *errors)
+        # the other shapes a run meets (evaluation batches, the Fisher / saliency mini-batches), compiled here
+        # once, so the workers find them in Triton's disk cache instead of all compiling them at once
+        for rows, grad in ((EVAL_BATCH, False), (8, True), (cfg.loss_windows, False)):
+            x = torch.randint(0, 256, (rows, 24 if rows == EVAL_BATCH else cfg.model.seq_len), device=cfg.device)
+            with torch.set_grad_enabled(grad):
+                logits = model(input_ids=x, use_cache=False).logits
+                if grad:
+                    logits.float().sum().backward()
+    return worst < tolerance
 
 
 def _chosen_lambda(out: Path) -> float:
@@ -158,28 +210,64 @@ def choose_lambda(out: Path, cfg: ExpConfig, tolerance: float = 0.05) -> dict | 
 
 
 def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline: float | None) -> dict:
-    """Run every job not done yet; ``workers == 0`` runs them in this process (smoke test, CPU)."""
+    """Run every job not done yet; ``workers == 0`` runs them in this process (smoke test, CPU).
+    Returns (and keeps ``out/grid.json`` up to date with) what failed, what was skipped for time (never
+    started), what was cut at the deadline, and every finished job's seconds."""
     todo = [j for j in jobs if not j.path(out).exists()]
     lam_jobs = [j for j in jobs if j.lam_search]
-    failed, skipped, durations = [], [], {"A": [], "B": []}
+    failed, skipped, cut = [], [], []
+    durations = defaultdict(list)  # (kind, dense or sparse) -> seconds of runs in warm processes
+    first_runs = defaultdict(list)  # the same for a process's first run (Triton compiles during it)
+    seconds: dict[str, float] = {}
+    began = time.time()
     bar = tqdm(total=len(todo), desc="runs", unit="run")
+
+    def a_job(job: Job) -> Job | None:
+        return next((f for f in jobs if f.kind == "A" and f.arm.a_key == job.arm.a_key and f.seed == job.seed), None)
 
     def ready(job: Job) -> bool | None:  # None: can never run
         json_path, pt_path = _a_files(out, job.arm, job.seed)
         if job.kind == "B" and not (json_path.exists() and pt_path.exists()):
-            return None if any(f.kind == "A" and f.arm.a_key == job.arm.a_key and f.seed == job.seed for f in failed) else False
+            return None if a_job(job) in failed + skipped + cut else False
         if job.kind == "B" and job.arm.ewc and job.lam is None and not (out / "ewc_lambda.json").exists():
-            pending_search = [j for j in lam_jobs if not j.path(out).exists() and j not in failed and j not in skipped]
+            pending_search = [j for j in lam_jobs if not j.path(out).exists() and j not in failed + skipped + cut]
             if not pending_search and (out / "runs" / f"dense__s0__lr{cfg.b_lrs[1]:g}.json").exists():
                 return choose_lambda(out, cfg) is not None or None
             return False
         return True
 
+    def expected(job: Job) -> float | None:
+        """The longest past run like this one: same kind (task A or B) and family (dense or sparse), else
+        same kind, else the other kind's scaled by steps; runs in warm processes where there are any
+        (every worker is warm after the first wave)."""
+        other = "B" if job.kind == "A" else "A"
+        steps = {"A": cfg.a_steps, "B": cfg.b_steps}
+        for kind in (job.kind, other):
+            for families in ((_family(job),), ("dense", "sparse")):
+                past = [v for f in families for v in durations[(kind, f)]]
+                past = past or [v for f in families for v in first_runs[(kind, f)]]
+                if past:
+                    return max(past) * steps[job.kind] / max(1, steps[kind])
+        return None
+
     def fits(job: Job) -> bool:
-        past = durations[job.kind]
         if deadline is None:
             return True
-        return time.time() < deadline and (not past or time.time() + 1.1 * max(past) < deadline)
+        guess = expected(job)
+        return time.time() < deadline and (guess is None or time.time() + 1.1 * guess < deadline)
+
+    def record() -> dict:
+        names = lambda js: [j.path(out).name for j in js]  # noqa: E731
+        outcome = {"failed": names(failed), "skipped": names(skipped), "cut": names(cut), "seconds": seconds,
+                   "wall_seconds": round(time.time() - began, 1), "workers": workers, "not_done": names(todo)}
+        _write(out / "grid.json", outcome)
+        return outcome
+
+    def drop(job: Job) -> None:  # never started: blocked by a failed task-A run, or no time left
+        todo.remove(job)
+        blocker = a_job(job) if job.kind == "B" else None
+        (failed if blocker is not None and blocker in failed else skipped).append(job)
+        bar.update(1)
 
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 0 else None
     running: dict = {}
@@ -190,9 +278,7 @@ def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline:
                     break
                 state = ready(job)
                 if state is None or not fits(job):
-                    todo.remove(job)
-                    (failed if state is None else skipped).append(job)
-                    bar.update(1)
+                    drop(job)
                 elif state:
                     todo.remove(job)
                     if pool is None:
@@ -201,23 +287,32 @@ def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline:
                     running[pool.submit(execute, job, cfg, out, deadline)] = job
             if not running:
                 if todo and not any(ready(j) for j in todo):  # nothing can ever start
-                    skipped.extend(todo)
-                    todo.clear()
+                    for job in list(todo):
+                        drop(job)
                 continue
             done, _ = wait(list(running), return_when=FIRST_COMPLETED) if pool else (list(running), None)
             for future in done:
                 job = running.pop(future)
                 try:
-                    durations[job.kind].append(future.result())
+                    took, warm = future.result()
+                    (durations if warm else first_runs)[(job.kind, _family(job))].append(took)
+                    seconds[job.path(out).name] = round(took, 1)
+                except DeadlinePassed:
+                    cut.append(job)
                 except Exception as error:  # noqa: BLE001  (a failed run is reported, the grid goes on)
                     failed.append(job)
                     tqdm.write(f"FAILED {job.path(out).name}: {error!r}")
                 bar.update(1)
+                record()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         bar.close()
-    return {"failed": [j.path(out).name for j in failed], "skipped": [j.path(out).name for j in skipped]}
+    return record()
+
+
+def _family(job: Job) -> str:
+    return "dense" if job.arm.density is None else "sparse"
 
 
 class _Done:

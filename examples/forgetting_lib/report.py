@@ -161,12 +161,15 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
         md += [note.strip(), ""]
     md += [f"Device: **{first['device']}** (backend `{first['backend']}`), torch {first['torch']}, "
            f"transformers {first['transformers']}. Runs: {len(runs)} task-B runs, {len(a_runs)} task-A runs.", ""]
+    md += _grid_lines(out)
     m = cfg.model
     md += ["## Setup", "",
            f"- Model: HF `LlamaForCausalLM` from a config, random init, {m.layers} layers, hidden {m.hidden}, MLP {m.mlp}, "
-           f"{m.heads} heads, byte vocabulary (256), sequences of {m.seq_len} bytes, batch {cfg.batch}. "
+           f"{m.heads} heads, byte vocabulary (256), sequences of {m.seq_len} bytes, batch {cfg.batch}"
+           f"{', float32 weights, matmuls in TF32' if getattr(cfg, 'tf32', False) else ', float32'}. "
            f"Sparse arms rewrite the MLPs (gate, up, down) of layers {m.sparse_layers} with `sparsify(..., components=\"mlp\")`.",
-           f"- Task A: arithmetic and algebra as text (`Q: 417+385= A: 802`, `a-b`, `a*b`, `a+b-c`, `mx+c=y, x=`), "
+           f"- Task A: arithmetic and algebra as text (`Q: 41+38= A: 79`, two-digit `a-b`, three-digit `417+385=`, "
+           f"`a+b+c` of digits, `x+38=79, x=`), "
            f"generated from a seed, split by problem (hash of the question); metric: exact match of greedy answers on "
            f"{cfg.n_test} held-out test problems ({cfg.n_val} more for validation). {cfg.a_steps} steps, AdamW lr {cfg.a_lr:g}, cosine.",
            f"- Task B: English prose, {SOURCE_NOTE}; directives, markup, tables and code blocks stripped; split by file; "
@@ -189,6 +192,10 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
         md += [tabulate([[k, f"{100 * v['acc_val']:.1f}%", f"{v['b_val_loss']:.3f}"] for k, v in choice["candidates"].items()],
                         headers=["lambda", "A val acc (end of B)", "B val loss"], tablefmt="github"), ""]
 
+    md += ["## Runs per arm", "", "Seeds that finished, per arm and task-B learning rate (a cut-off grid shows here "
+           "what it lacks; the tables below use what there is).", "",
+           tabulate(_coverage(runs, cfg.b_lrs), headers=["arm"] + [f"B lr {lr:g}" + (" (base)" if lr == base_lr else "")
+                                                             for lr in cfg.b_lrs], tablefmt="github"), ""]
     md += ["## Forgetting per arm (base learning rate)", "", link(fig["bars"]), ""]
     table = [[r["arm"], r["seeds"], _pm(r["before"]), _pm(r["after"]), _pm(r["forgetting_exact"]), _pm(r["bytes_before"]),
               _pm(r["bytes_after"]), _pm(r["forgetting_bytes"]), _pm(r["b_loss"], 1, 3, ""), _pm(r["b_loss_end"], 1, 3, ""),
@@ -262,10 +269,42 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
     grid = out / "grid.json"
     if grid.exists():
         g = json.loads(grid.read_text())
-        if g.get("failed") or g.get("skipped"):
-            md += [f"Not run: failed {g.get('failed')}, skipped for time {g.get('skipped')}.", ""]
+        if g.get("failed") or g.get("skipped") or g.get("cut") or g.get("not_done"):
+            md += [f"Not run: failed {g.get('failed')}, skipped for time {g.get('skipped')}, stopped at the deadline "
+                   f"{g.get('cut', [])}" + (f", not reached {g['not_done']}" if g.get("not_done") else "") + ".", ""]
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(md))
+
+
+def _coverage(runs, lrs) -> list[list]:
+    seeds = defaultdict(lambda: defaultdict(set))
+    for r in runs:
+        seeds[r["arm"]][r["lr"]].add(r["seed"])
+    order = ["dense", "ewc"] + sorted(a for a in seeds if a not in ("dense", "ewc"))
+    return [[arm] + [len(seeds[arm][lr]) or "-" for lr in lrs] for arm in order if arm in seeds]
+
+
+def _grid_lines(out: Path) -> list[str]:
+    """How the grid ran (gpu_run.sh's run_info.json and the grid's grid.json), when they exist."""
+    info_file, grid_file = out / "run_info.json", out / "grid.json"
+    if not info_file.exists() and not grid_file.exists():
+        return []
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    g = json.loads(grid_file.read_text()) if grid_file.exists() else {}
+    parts = []
+    if info:
+        parts.append(f"{info.get('workers', '?')} worker processes on {info.get('device') or 'the CPU'}, "
+                     f"CUDA MPS {info.get('mps', '?')}, kernel check {info.get('check', '?')}, "
+                     f"grid deadline {info.get('grid_seconds', '?')} s of a {info.get('total_seconds', '?')} s call "
+                     f"started {info.get('started', '?')}")
+    if g:
+        a = [v for k, v in g.get("seconds", {}).items() if k.count("__") == 1]
+        b = [v for k, v in g.get("seconds", {}).items() if k.count("__") > 1]
+        took = ", ".join(f"task-{kind} runs {min(v):.0f}-{max(v):.0f} s" for kind, v in (("A", a), ("B", b)) if v)
+        parts.append(f"grid wall time {g.get('wall_seconds', '?')} s" + (f" ({took})" if took else "") +
+                     f"; {len(g.get('skipped', []))} runs skipped for time, {len(g.get('cut', []))} stopped at the deadline, "
+                     f"{len(g.get('failed', []))} failed")
+    return ["Grid: " + "; ".join(parts) + ".", ""]
 
 
 def _bench_section(bench) -> list[str]:

@@ -38,7 +38,7 @@ class ExpConfig:
     b_lrs: tuple[float, float, float] = (1e-4, 3e-4, 1e-3)  # low, base, high
     warmup: int = 50
     a_evals: int = 4  # accuracy checkpoints during A
-    b_evals: int = 6  # checkpoints during B
+    b_evals: int = 6  # checkpoints during B (the calibration picks one of them)
     update_every: int = 50
     score_every: int = 10
     n_test: int = 1000
@@ -49,6 +49,12 @@ class ExpConfig:
     n_train: int = 200_000
     prose_file: str = str(data.PROSE_FILE)
     device: str = "cpu"
+    tf32: bool = False  # CUDA: float32 matmuls (cuBLAS and the Triton kernels alike) on TF32 tensor cores
+
+    def set_precision(self) -> None:
+        """The float32 matmul precision of this process (the sparse kernels follow torch's switch)."""
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
 
     def topology(self, seed: int) -> TopologyConfig:
         return TopologyConfig(update_every=self.update_every, score_every=self.score_every, seed=seed)
@@ -66,6 +72,15 @@ def tasks(cfg: ExpConfig):
     return _CACHE[key]
 
 
+def on_device(stream: torch.Tensor, device) -> torch.Tensor:
+    """A byte stream's copy on ``device`` (made once per process): batches are then gathered there,
+    with no host-to-device copy, hence no host synchronization, per step."""
+    key = (id(stream), str(device))
+    if key not in _CACHE or _CACHE[key][0] is not stream:
+        _CACHE[key] = (stream, stream.to(device))
+    return _CACHE[key][1]
+
+
 def _checkpoints(steps: int, count: int) -> list[int]:
     return sorted({round(steps * i / count) for i in range(1, count + 1)})
 
@@ -80,7 +95,19 @@ def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, 
     """The training loop: warmup then constant (B) or cosine (A) learning rate; returns the loss curve,
     the evaluations and the wall time."""
     gen = torch.Generator().manual_seed(seed)
-    losses, evals, start = [], [evaluate(0)], time.time()
+    # every step's windows drawn up front (the same numbers as one draw per step), gathered on the device
+    starts = data.window_starts(stream, cfg.batch, cfg.model.seq_len, gen, count=steps).to(cfg.device)  # [steps, batch]
+    stream = on_device(stream, cfg.device)
+    start, eval_seconds = time.time(), 0.0
+
+    def timed_eval(step):
+        nonlocal eval_seconds
+        began = time.time()
+        result = evaluate(step)
+        eval_seconds += time.time() - began
+        return result
+
+    losses, evals = [], [timed_eval(0)]
     model.train()
     for step in range(1, steps + 1):
         frac = min(1.0, step / cfg.warmup)
@@ -88,7 +115,7 @@ def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, 
             frac *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr * frac
-        x = data.random_windows(stream, cfg.batch, cfg.model.seq_len, gen).to(cfg.device, non_blocking=True)
+        x = data.gather_windows(stream, starts[step - 1], cfg.model.seq_len)  # [batch, seq + 1]
         loss = _loss(model, x)
         (loss + penalty() if penalty is not None else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -100,11 +127,11 @@ def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, 
             hooks.after_step()
         losses.append(loss.detach())
         if step in eval_at:
-            evals.append(evaluate(step))
+            evals.append(timed_eval(step))
         if deadline is not None and step % 50 == 0 and time.time() > deadline:
             raise DeadlinePassed(f"deadline passed at step {step}")
     return {"loss": [round(v, 4) for v in torch.stack(losses).tolist()], "evals": evals,
-            "seconds": time.time() - start}
+            "seconds": time.time() - start, "eval_seconds": eval_seconds}
 
 
 def _decisions(opt) -> list[dict]:
@@ -159,7 +186,8 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, d
         ckpt["saliency"] = {k: v.cpu() for k, v in A.block_saliency(model, batches()).items()}
     summary = {
         "key": key, "seed": seed, **_meta(cfg), "phase": phase, "decisions": _decisions(opt),
-        "acc_test": answer_scores(model, math_task.test, cfg.device)[0],
+        "acc_test": (phase["evals"][-1]["acc_test"] if phase["evals"][-1]["step"] == cfg.a_steps  # at the end of A
+                     else answer_scores(model, math_task.test, cfg.device)[0]),
         "acc_val": answer_scores(model, math_task.val, cfg.device)[0],
         "b_val_loss": heldout_loss(model, val_windows, cfg.device),
         "params": sum(p.numel() for p in model.parameters()),
@@ -191,8 +219,8 @@ def run_b(arm: A.Arm, seed: int, lr: float, cfg: ExpConfig, a_summary: dict, ckp
                 opt.protect(name, mask)
         else:
             hooks = A.Anchor(opt, masks, arm.anchor_rate)
-    val_w = data.fixed_windows(prose["val"], cfg.loss_windows, cfg.model.seq_len)
-    test_w = data.fixed_windows(prose["test"], cfg.loss_windows, cfg.model.seq_len)
+    val_w = data.fixed_windows(prose["val"], cfg.loss_windows, cfg.model.seq_len).to(cfg.device)
+    test_w = data.fixed_windows(prose["test"], cfg.loss_windows, cfg.model.seq_len).to(cfg.device)
 
     def evaluate(step):
         (acc, byte_acc), (acc_val, byte_val) = (answer_scores(model, p, cfg.device) for p in (math_task.test, math_task.val))
