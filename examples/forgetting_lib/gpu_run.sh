@@ -19,9 +19,9 @@
 #   work: 18 task-A runs (3 dense, 15 sparse) x 1000 steps + 60 task-B runs (21 dense or EWC, including
 #         4 lambda-search runs, 39 sparse) x 600 steps = 15.6k dense steps x 32 ms + 38.4k sparse x 45 ms
 #         = 2230 process-seconds / 14 workers = 160 s
-#   + per-run overhead (model build, 13 or 7 evaluations of 1500 problems at ~2 steps each, Fisher or
-#     saliency, checkpoint I/O: ~3 s x 78 runs / 14) ~ 17 s, worker start-up and Triton compilation
-#     ~ 20 s, the last wave's tail ~ one run (30 s)  =>  ~230 s,
+#   + per-run overhead (model build; 13 evaluations in B, 6 in A, each ~2 steps' worth of forward passes;
+#     Fisher or saliency; checkpoint I/O: ~3 s x 78 runs / 14) ~ 17 s, worker start-up and Triton
+#     compilation ~ 20 s, the last wave's tail ~ one run (30 s)  =>  ~230 s,
 # against a grid deadline of ~470 s (560 s - ~50 s start-up and check - 40 s packing): about 2x margin.
 # The base table (every arm, 3 seeds, base learning rate: 36k of the 54k steps) comes first, ~150 s;
 # the sweeps follow. Task A: 1000 steps (600 gave dense 9-23% exact match last call, not converged);
