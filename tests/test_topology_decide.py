@@ -9,7 +9,7 @@ import torch
 
 from sparsify.block_ell import check_col_indices
 from sparsify.topology import TopologyConfig, decide
-from sparsify.topology.decide import swaps_per_row
+from sparsify.topology.decide import decide_layers, random_bits, swaps_per_row, to_host, to_uniform
 
 
 def _random_topology(rows: int, k: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -171,3 +171,39 @@ def test_swaps_per_row_is_a_ceiling_of_the_fraction_capped_by_free_columns():
     assert swaps_per_row(4, 4, 0.5) == 0
     assert swaps_per_row(3, 4, 1.0) == 1
     assert swaps_per_row(8, 16, 0.0) == 0
+
+
+def test_layers_decided_together_are_each_valid_and_skipped_layers_are_left_alone():
+    layers, rows, k, cols = 3, 32, 4, 12
+    topology = torch.stack([_random_topology(rows, k, cols, seed) for seed in range(layers)])
+    g = torch.Generator().manual_seed(0)
+    block, cand = torch.rand(layers, rows, k, generator=g), 3 * torch.rand(layers, rows, cols, generator=g)
+    cand[2, 0, 0] = math.nan  # layer 2 has a non-finite score; layer 1 is not allowed (e.g. flagged statistics)
+    allowed = torch.tensor([True, False, True])
+    d = decide_layers(block, cand, topology, TopologyConfig(prune_fraction=0.5, epsilon=0.3), 7, allowed=allowed)
+    assert d.taken.tolist() == [True, False, False]
+    assert torch.equal(d.col_indices[1:], topology[1:]) and not bool(d.swap[1:].any()) and not bool(d.changed[1:].any())
+    check_col_indices(d.col_indices[0], cols, "decide_layers")
+    assert bool(d.swap[0].any()) and torch.equal(d.changed[0], d.col_indices[0] != topology[0])
+    # every swapped pair names its slot, the column it dropped and the one it grew
+    layer, row, pair = d.swap.nonzero(as_tuple=True)
+    slots = d.slots[layer, row, pair]
+    assert torch.equal(topology[layer, row, slots].long(), d.pruned_cols[layer, row, pair])
+    assert torch.equal(d.col_indices[layer, row, slots].long(), d.grown_cols[layer, row, pair])
+
+
+def test_random_numbers_are_a_fixed_function_of_seed_stream_and_position():
+    bits = random_bits(12345, 0, 1000, "cpu")
+    assert bits.unique().numel() == 1000 and int(bits.min()) >= 0 and int(bits.max()) < 2**32  # distinct keys
+    assert bits[:3].tolist() == [2561064575, 3180275736, 3444791479]  # a change here changes every decision
+    assert torch.equal(bits[:4], random_bits(12345, 0, 4, "cpu")) and not torch.equal(bits[:4], random_bits(12345, 1, 4, "cpu"))
+    u = to_uniform(random_bits(1, 0, 100_000, "cpu"))
+    assert u.dtype == torch.float32 and 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.01) and float((u < 0.05).float().mean()) == pytest.approx(0.05, abs=0.005)
+
+
+def test_to_host_brings_tensors_of_any_dtype_back_in_one_piece():
+    tensors = [torch.arange(3, dtype=torch.int32), torch.tensor([True, False]), torch.tensor(2.5, dtype=torch.float64),
+               torch.rand(2, 3), torch.arange(5, dtype=torch.int64).view(5, 1)]
+    for mine, theirs in zip(tensors, to_host(tensors)):
+        assert theirs.dtype == mine.dtype and theirs.shape == mine.shape and torch.equal(theirs, mine)

@@ -236,6 +236,22 @@ def test_nonfinite_gradient_skips_that_layers_decision_and_leaves_its_topology()
     assert bool(torch.isfinite(opt.layer_scores[name].block_ema).all())  # repaired for the next decision
 
 
+def test_a_nonfinite_gradient_leaves_its_score_entries_as_they_were_until_the_decision():
+    model, opt = make(TopologyConfig(update_every=100))
+    name, layer = next(iter(opt.layers.items()))
+    scores = opt.layer_scores[name]
+    train(model, opt, range(1))
+    before = scores.block_ema.clone()
+    assert not bool(scores.nonfinite())
+    ids = batch(1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    layer.values.grad[0, 0, 0, 0] = float("inf")
+    opt.step()  # no warning yet: the flag is read at the next decision, not now (that would stall a GPU)
+    assert scores.block_ema[0, 0] == before[0, 0] and bool(torch.isfinite(scores.block_ema).all())
+    assert not torch.equal(scores.block_ema[1:], before[1:])  # every other block moved
+    assert bool(scores.nonfinite()) and opt.state_dict()["topology"]["layers"][name]["nonfinite"]
+
+
 def test_nonfinite_statistics_are_warned_once_and_later_decisions_recover():
     model, opt = make(TopologyConfig(**NAN_CONFIG))
     name, layer = next(iter(opt.layers.items()))

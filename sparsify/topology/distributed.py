@@ -7,7 +7,8 @@ Everything a decision reads is made identical on every rank before it runs:
   * randomness comes from one CPU generator per Level 2 event, seeded from ``config.seed`` and the
     step (:func:`decision_generator`), so it needs no communication and no checkpointed state;
   * afterwards a checksum of every layer's ``col_indices`` is compared across ranks (one more
-    all-reduce, :func:`check_same_topology`) and a divergence raises.
+    all-reduce, :func:`check_same_topology`) and a divergence raises. Neither collective reads
+    anything on the host: the comparison travels with the decision records (one host sync per Level 2).
 
 How to construct DDP: sparsify the model, move it to its device (and dtype), wrap it in
 ``DistributedDataParallel`` (defaults are fine; ``broadcast_buffers`` may stay on), then build the
@@ -77,19 +78,22 @@ def average_(tensors: list[torch.Tensor], group) -> None:
 
 def reduce_(averaged: list[torch.Tensor], summed: list[torch.Tensor], group) -> None:
     """Replace ``averaged`` by their means and ``summed`` by their sums over ``group``, in ONE
-    all-reduce (``summed`` carries row shards that are zero on every rank but their owner)."""
+    all-reduce (``summed`` carries row shards that are zero on every rank but their owner). A single
+    contiguous float32 tensor is reduced in place; anything else goes through one flat buffer."""
     tensors = averaged + summed
     if world_size(group) == 1 or not tensors:
+        return
+    if len(tensors) == 1 and tensors[0].dtype == torch.float32 and tensors[0].is_contiguous():
+        dist.all_reduce(tensors[0], op=dist.ReduceOp.SUM, group=group)
+        if averaged:
+            tensors[0].div_(world_size(group))
         return
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     split = sum(t.numel() for t in averaged)
     flat[:split].div_(world_size(group))
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+    pieces = flat.split([t.numel() for t in tensors])
+    torch._foreach_copy_(tensors, [piece.view_as(t) for piece, t in zip(pieces, tensors)])
 
 
 def decision_generator(seed: int, step: int) -> torch.Generator:
@@ -101,25 +105,46 @@ def decision_generator(seed: int, step: int) -> torch.Generator:
 
 def topology_checksum(col_indices: torch.Tensor) -> torch.Tensor:
     """A position-sensitive int64 hash of one topology (on its device, no host sync)."""
-    cols = col_indices.reshape(-1).long()
-    position = torch.arange(cols.numel(), device=cols.device, dtype=torch.int64)
+    return topology_checksums(col_indices[None])[0]
+
+
+def topology_checksums(col_indices: torch.Tensor) -> torch.Tensor:
+    """:func:`topology_checksum` of each of L same-shaped topologies ``[L, ...]``: ``[L]`` int64."""
+    cols = col_indices.reshape(col_indices.shape[0], -1).long()
+    position = torch.arange(cols.shape[1], device=cols.device, dtype=torch.int64)
     weight = (position * 2_654_435_761 + 97_531) % 2_147_483_629 + 1  # < 2**31
-    return (((cols + 1) * weight) % 2_147_483_647).sum()
+    return (((cols + 1) * weight) % 2_147_483_647).sum(1)
 
 
-def check_same_topology(names: list[str], topologies: list[torch.Tensor], group, step: int) -> None:
-    """Raise RuntimeError naming the layers whose topology differs across ranks (one all-reduce)."""
+def check_same_topology(names: list[str], topologies: list[torch.Tensor], group, step: int, *, wait: bool = True):
+    """Raise RuntimeError naming the layers whose topology differs across ranks (one all-reduce).
+
+    With ``wait=False`` nothing is read on the host: the result is ``[L]`` bool on the device (True
+    where ranks differ), or None in a single process; hand its host copy to :func:`raise_if_diverged`."""
     if world_size(group) == 1 or not topologies:
-        return
-    sums = torch.stack([topology_checksum(t) for t in topologies])  # [L]
+        return None
+    runs = [[topologies[0]]]  # one batched checksum per run of same-shaped topologies
+    for t in topologies[1:]:
+        if t.shape == runs[-1][0].shape:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    sums = torch.cat([topology_checksums(torch.stack(run)) for run in runs])  # [L]
     both = torch.cat([sums, -sums])  # max of -x is -min of x: MAX and MIN in one collective
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    high, low = both[: len(names)], -both[len(names) :]
-    differ = (high != low).cpu()
-    if bool(differ.any()):
-        bad = [name for name, d in zip(names, differ.tolist()) if d]
-        raise RuntimeError(
-            f"topology diverged across ranks after the decision at step {step} in {len(bad)} layer(s): "
-            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Every rank must call step() equally often "
-            "and hold the same model and optimizer state (load the same checkpoint on every rank)"
-        )
+    differ = both[: len(names)] != -both[len(names) :]
+    if wait:
+        raise_if_diverged(names, differ.cpu(), step)
+    return differ
+
+
+def raise_if_diverged(names: list[str], differ: torch.Tensor | None, step: int) -> None:
+    """Raise RuntimeError naming the layers flagged in ``differ`` ([L] bool, on the host)."""
+    if differ is None or not bool(differ.any()):
+        return
+    bad = [name for name, d in zip(names, differ.tolist()) if d]
+    raise RuntimeError(
+        f"topology diverged across ranks after the decision at step {step} in {len(bad)} layer(s): "
+        f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Every rank must call step() equally often "
+        "and hold the same model and optimizer state (load the same checkpoint on every rank)"
+    )

@@ -41,7 +41,7 @@ class TopologyDecision:
     mean_block_score: float = 0.0  # over all active blocks, before the decision
     mean_age: float = 0.0  # steps, after the decision
     column_entropy: float = 0.0  # after the decision
-    seconds: float = 0.0  # wall time of this layer's decision and its application
+    seconds: float = 0.0  # this layer's share of its Level 2 event's host wall time (layers are decided together)
     skipped: str | None = None  # e.g. "nonfinite": no decision was taken
 
     def to_dict(self) -> dict:
@@ -76,10 +76,20 @@ def column_entropy(col_indices: torch.Tensor, num_cols: int) -> float:
     """Entropy of how often each block-column is used, divided by ``log(C)``: 1.0 is perfectly even."""
     if num_cols <= 1 or col_indices.numel() == 0:
         return 1.0
-    counts = torch.bincount(col_indices.flatten().long().cpu(), minlength=num_cols).double()
-    p = counts / counts.sum()
-    p = p[p > 0]
-    return float(-(p * p.log()).sum() / math.log(num_cols))
+    return entropy_of_counts(torch.bincount(col_indices.flatten().long().cpu(), minlength=num_cols)[None])[0]
+
+
+def entropy_of_counts(counts: torch.Tensor) -> list[float]:
+    """:func:`column_entropy` of L topologies from their column use counts ``[L, C]`` (on the host)."""
+    num_cols = counts.shape[1]
+    if num_cols <= 1:
+        return [1.0] * counts.shape[0]
+    counts = counts.double()
+    total = counts.sum(1, keepdim=True)
+    p = counts / total.clamp_min(1)
+    terms = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
+    entropy = -terms.sum(1) / math.log(num_cols)
+    return torch.where(total[:, 0] > 0, entropy, torch.ones_like(entropy)).tolist()
 
 
 class TopologyReport(list):

@@ -5,10 +5,15 @@
 
 The CMS schedule, counted in calls to ``step()``:
   Level 0, every step: the wrapped optimizer's step, then per-block score EMAs (from ``values.grad``)
-      and candidate statistics (from the layers' stats probes); no host synchronization.
-  Level 1, every ``score_every`` steps: candidate scores are recalibrated against block scores, ages advance.
-  Level 2, every ``update_every`` steps: statistics are averaged across ranks, ``decide`` picks swaps
-      per layer, and this module applies them in place (the one place that mutates the topology).
+      and candidate statistics (from the layers' stats probes): one norm kernel per layer and a few
+      kernels over all layers' flat statistics (``scores.ScoreBank``); no host synchronization.
+  Level 1, every ``score_every`` steps: candidate scores are recalibrated against block scores, ages
+      advance; a few kernels per group of same-shaped layers, no host synchronization.
+  Level 2, every ``update_every`` steps: statistics are averaged across ranks, ``decide_layers`` picks
+      swaps for each group of same-shaped layers on the device, and this module applies them in place
+      (the one place that mutates the topology). The host reads the decision records, the non-finite
+      flags and the cross-rank topology check in ONE transfer: one host synchronization per event
+      (per device holding evolved layers), however many layers there are.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from sparsify.layer import BlockSparseLinear
 from sparsify.topology.config import TopologyConfig
 from sparsify.topology import fsdp
 from sparsify.topology import scores as sc
-from sparsify.topology.decide import Plan, decide
-from sparsify.topology.distributed import check_same_topology, decision_generator, process_group_of, reduce_, unwrap
-from sparsify.topology.metrics import TopologyDecision, column_entropy, decision_metrics
+from sparsify.topology.decide import decide_layers, random_bits, to_host, to_uniform
+from sparsify.topology.distributed import (
+    check_same_topology, decision_generator, process_group_of, raise_if_diverged, reduce_, unwrap,
+)
+from sparsify.topology.metrics import TopologyDecision, decision_metrics, entropy_of_counts
 
 logger = logging.getLogger("sparsify.topology")
 
@@ -58,7 +65,8 @@ class TopologyOptimizer(torch.optim.Optimizer):
     Attributes:
         history: list of TopologyDecision, one per layer per Level 2 event (oldest dropped past
             ``config.history_size``).
-        layer_scores: ``{layer name: LayerScores}`` (block EMAs, ages, protected slots ...).
+        layer_scores: ``{layer name: LayerScores}`` (block EMAs, ages, protected slots ...), views into
+            ``banks``: one ``ScoreBank`` per device holding evolved layers (the flat statistics of its layers).
         global_step: number of ``step()`` calls so far.
     """
 
@@ -95,7 +103,12 @@ class TopologyOptimizer(torch.optim.Optimizer):
             )
         for layer in self.layers.values():
             sc.enable_probe(layer)
-        self.layer_scores = {name: sc.LayerScores(layer) for name, layer in self.layers.items()}
+        by_device: dict[torch.device, list] = {}
+        for name, layer in self.layers.items():
+            by_device.setdefault(layer.values.device, []).append((name, layer))
+        self.banks = [sc.ScoreBank(named) for named in by_device.values()]  # one per device, usually one
+        scores = {name: s for bank in self.banks for name, s in zip(bank.names, bank.scores)}
+        self.layer_scores = {name: scores[name] for name in self.layers}
         self.process_group = process_group_of(model, process_group)
         self.global_step = 0
         self._last_age_step = 0
@@ -206,113 +219,187 @@ class TopologyOptimizer(torch.optim.Optimizer):
     def _after_step(self) -> None:
         self.global_step += 1
         config, step = self.config, self.global_step
-        names = list(self.layers)
-        sc.update_every_step([self.layer_scores[n] for n in names], [self.layers[n] for n in names],
-                             config.scorer, config.score_ema, config.candidate_ema)
+        self._level0()
         if step % config.score_every == 0:
             self._level1()
         if step % config.update_every == 0:
             self._level2()
 
+    def _level0(self) -> None:
+        for bank in self.banks:
+            bank.update(self.config.scorer, self.config.score_ema, self.config.candidate_ema)
+
     def _level1(self) -> None:
-        sc.advance_ages(list(self.layer_scores.values()), self.global_step - self._last_age_step)
+        for bank in self.banks:
+            bank.advance_ages(self.global_step - self._last_age_step)
+            bank.calibrate_all(self.config.scorer)
         self._last_age_step = self.global_step
-        for name, layer in self.layers.items():
-            sc.calibrate(self.layer_scores[name], layer, self.config.scorer)
 
     def _level2(self) -> None:
-        config, step = self.config, self.global_step
-        sc.advance_ages(list(self.layer_scores.values()), step - self._last_age_step)
+        start = time.perf_counter()
+        step = self.global_step
+        for bank in self.banks:
+            bank.advance_ages(step - self._last_age_step)
         self._last_age_step = step
-        # identical inputs on every rank: one bucketed all-reduce of every statistic a decision reads.
-        # Probe statistics are local: averaged. Block EMAs are the same everywhere under DDP (averaged
-        # gradients): averaged too; under FSDP2 each rank knows its own rows: the others are zeroed, summed.
-        averaged, summed = [], []
-        for name, s in self.layer_scores.items():
-            averaged.append(s.probe_ema)
-            values = self.layers[name].values
-            if fsdp.is_sharded(values) and config.scorer == "gradient":
-                first, stop = fsdp.row_range(values)
-                s.block_ema[:first].zero_()
-                s.block_ema[stop:].zero_()
-                summed.append(s.block_ema)
-            else:
-                averaged.append(s.block_ema)
-        reduce_(averaged, summed, self.process_group)
-        generator = decision_generator(config.seed, step)
-        records = []
-        for name, layer in self.layers.items():
-            start = time.perf_counter()
-            s = self.layer_scores[name]
-            nonfinite = sc.repair_nonfinite(s)
-            if not nonfinite:
-                sc.calibrate(s, layer, config.scorer)
-                block = sc.block_scores(s, layer, config.scorer)
-                plan = decide(block, sc.candidate_scores(s), layer.col_indices, config, generator, s.protected)
-                mean_score = float(block.mean())
-            else:
-                plan, mean_score = None, float("nan")
-            if nonfinite or plan.skipped is not None:
-                self._warn_nonfinite(step, name)
-                records.append(self._record(name, layer, s, None, mean_score, start, skipped="nonfinite"))
-                continue
-            self._apply(layer, s, plan, generator)
-            records.append(self._record(name, layer, s, plan, mean_score, start))
-        check_same_topology(list(self.layers), [m.col_indices for m in self.layers.values()], self.process_group, step)
-        self._publish(step, records)
+        # every random number of this event comes from one seed per group, drawn in a fixed order
+        generator = decision_generator(self.config.seed, step)
+        seeds = torch.randint(0, 2**62, (sum(len(bank.groups) for bank in self.banks),), generator=generator).tolist()
+        records: dict[str, TopologyDecision] = {}
+        for bank in self.banks:
+            records.update(self._decide(bank, seeds[: len(bank.groups)], step))
+            seeds = seeds[len(bank.groups) :]
+        ordered = [records[name] for name in self.layers]
+        seconds = (time.perf_counter() - start) / len(ordered)
+        for record in ordered:
+            record.seconds = seconds
+            if record.skipped is not None:
+                self._warn_nonfinite(step, record.layer)
+        self._publish(step, ordered)
 
-    # -- applying a decision: the one place that mutates the topology ----------------------------
+    # -- a decision: the one place that mutates the topology -------------------------------------
     @torch.no_grad()
-    def _apply(self, layer: BlockSparseLinear, s: sc.LayerScores, plan: Plan, generator: torch.Generator) -> None:
-        if plan.num_swaps == 0:
+    def _decide(self, bank: sc.ScoreBank, seeds: list[int], step: int) -> dict[str, TopologyDecision]:
+        """Decide and apply for every layer of ``bank``; the host waits for the device once."""
+        config = self.config
+        bank.collect_nonfinite()
+        # identical inputs on every rank: one all-reduce of every statistic a decision reads (and of the
+        # non-finite flags). Probe statistics are local: averaged. Block EMAs are the same everywhere under
+        # DDP (averaged gradients): averaged too; under FSDP2 each rank knows its own rows: the others are
+        # zeroed, then summed.
+        sharded = [fsdp.is_sharded(m.values) and config.scorer == "gradient" for m in bank.layers]
+        if not any(sharded):
+            reduce_([bank.stats], [], self.process_group)
+        else:
+            averaged, summed = [bank.stats[bank.num_blocks :]], []
+            for layer, s, shard in zip(bank.layers, bank.scores, sharded):
+                if shard:
+                    first, stop = fsdp.row_range(layer.values)
+                    s.block_ema[:first].zero_()
+                    s.block_ema[stop:].zero_()
+                    summed.append(s.block_ema)
+                else:
+                    averaged.append(s.block_ema)
+            reduce_(averaged, summed, self.process_group)
+        allowed = bank.flags == 0  # [L]: no non-finite statistic on any rank
+        decisions, transfer = [], []
+        for group, seed in zip(bank.groups, seeds):
+            members = slice(group.first, group.first + len(group.members))
+            block = bank.block_scores(group, config.scorer)  # [L, R, K]
+            cols = bank.col_indices(group)  # [L, R, K]
+            bank.calibrate(group, block, cols)
+            d = decide_layers(block, bank.candidate_scores(group), cols, config, seed,
+                              group.block_view(bank.protected), allowed[members])
+            mean_score = block.mean((1, 2))  # [L], before grown slots take their scores below
+            torch._foreach_copy_([bank.layers[i].col_indices for i in group.members], list(d.col_indices.unbind(0)))
+            if config.scorer == "gradient":  # a grown block starts from the calibrated estimate that won it the slot
+                ema = group.block_view(bank.stats)
+                ema.scatter_(2, d.slots, torch.where(d.swap, d.grown_scores, ema.gather(2, d.slots)))
+            ages = group.block_view(bank.age)
+            ages.masked_fill_(d.changed, 0)
+            used = d.col_indices.flatten(1).long()
+            counts = torch.zeros(len(group.members), group.cols, dtype=torch.int64, device=bank.device)
+            counts.scatter_add_(1, used, torch.ones_like(used))  # [L, C] column use, for the entropy
+            decisions.append((group, seed, d))
+            transfer += d.records() + [d.taken, mean_score, ages.sum((1, 2)), counts]
+        differ = check_same_topology(bank.names, [m.col_indices for m in bank.layers], self.process_group, step,
+                                     wait=False)
+        bank.reset_nonfinite()
+        host = to_host(transfer + ([] if differ is None else [differ]))  # the one host synchronization
+        records, swaps = {}, []
+        for g, (group, _, _) in enumerate(decisions):
+            ints, floats, taken, mean_score, age_sum, counts = host[6 * g : 6 * g + 6]
+            which, row, pair = (ints[3] & 1).nonzero(as_tuple=True)  # the swaps, by layer, row, then slot
+            records.update(self._records(bank, group, ints[:, which, row, pair], floats[:, which, row, pair], which,
+                                         row, taken, mean_score, age_sum, counts, step))
+            swaps.append((which, row, ints[0, which, row, pair].long()))
+        self._apply(bank, decisions, swaps)
+        raise_if_diverged(bank.names, None if differ is None else host[-1], step)
+        return records
+
+    def _records(self, bank, group, ints, floats, which, row, taken, mean_score, age_sum, counts, step) -> dict:
+        """The group's TopologyDecision records from the host copy of its swaps (``ints [4, S]``: slot,
+        pruned column, grown column, flags; ``floats [2, S]``: pruned and grown scores; ``which``, ``row``)."""
+        per_layer = torch.bincount(which, minlength=len(group.members)).tolist()
+        slots, pruned, grown = ints[:3].tolist()
+        explored = ((ints[3] & 2) > 0).tolist()
+        pruned_scores, grown_scores = floats.tolist()
+        rows = row.tolist()
+        entropies = entropy_of_counts(counts)
+        num_blocks = group.rows * group.k
+        out, offset = {}, 0
+        for j, index in enumerate(group.members):
+            name, num = bank.names[index], per_layer[j]
+            part = slice(offset, offset + num)
+            out[name] = TopologyDecision(
+                step=step, layer=name, num_swaps=num, swap_rate=num / num_blocks, num_blocks=num_blocks,
+                mean_block_score=float(mean_score[j]) if taken[j] else math.nan,
+                mean_age=int(age_sum[j]) / num_blocks, column_entropy=entropies[j],
+                skipped=None if taken[j] else "nonfinite",
+                pruned=list(zip(rows[part], slots[part], pruned[part])),
+                grown=list(zip(rows[part], slots[part], grown[part])),
+                explored=sum(explored[part]), pruned_scores=pruned_scores[part], grown_scores=grown_scores[part],
+            )
+            bank.scores[index].swaps_total += num
+            offset += num
+        return out
+
+    def _apply(self, bank: sc.ScoreBank, decisions: list[tuple], swaps: list[tuple]) -> None:
+        """Write the swapped slots' values (``grow_init``), zero their gradient and the wrapped optimizer's
+        per-element state (Adam's moments, SGD momentum): this rank's rows (all unless FSDP2 shards them).
+        ``swaps``: per group, the host tensors ``(layer in group, row, slot)`` of its swaps. The slots go
+        to the device in one non-blocking copy; new values are drawn there, the same on every rank."""
+        host, pieces, offset = [], [], 0
+        for g, ((group, _, _), (which, row, slot)) in enumerate(zip(decisions, swaps)):
+            if which.numel() == 0:
+                continue
+            bounds = torch.tensor([fsdp.row_range(bank.layers[i].values) for i in group.members])  # [L, 2]
+            lo, hi = bounds[which, 0], bounds[which, 1]
+            kept = ((row >= lo) & (row < hi)).nonzero().squeeze(1)  # positions in the group's swaps
+            host += [row[kept] - lo[kept], slot[kept], kept]
+            pieces.append((g, offset, kept.numel(), torch.bincount(which[kept], minlength=len(group.members)).tolist()))
+            offset += 3 * kept.numel()
+        if not offset:
             return
-        values = layer.values
-        device, block = values.device, layer.block_size
-        rows, slots = plan.rows.to(device), plan.slots.to(device)
-        layer.col_indices.copy_(plan.col_indices)
-        grown = torch.zeros(plan.num_swaps, block, block)  # [S, B, B], drawn whole on every rank
-        if self.config.grow_init == "kaiming":
-            bound = 0.1 / math.sqrt(layer.in_features)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound, x 0.1
-            grown.uniform_(-bound, bound, generator=generator)
-        # values, gradient, optimizer state: this rank's rows (all rows unless FSDP2 shards them)
-        first, stop = fsdp.row_range(values)
-        keep, local_rows = fsdp.index_local_rows(plan.rows, first, stop)  # on the CPU, like the plan
-        where = (local_rows.to(device), plan.slots[keep].to(device))
-        fsdp.local(values.data).index_put_(where, grown[keep].to(device=device, dtype=values.dtype))
-        if values.grad is not None:
-            fsdp.local(values.grad).index_put_(where, torch.zeros((), device=device, dtype=values.grad.dtype))
-        for state in self.optimizer.state.get(values, {}).values():
-            if torch.is_tensor(state) and state.shape == values.shape:  # Adam exp_avg / exp_avg_sq, SGD momentum
-                fsdp.local(state).index_put_(where, torch.zeros((), device=state.device, dtype=state.dtype))
-        # a grown block starts from the calibrated estimate that won it the slot, and age 0
-        if self.config.scorer == "gradient":
-            s.block_ema.index_put_((rows, slots), plan.grown_scores.to(device))
-        s.age.index_put_((rows, slots), torch.zeros((), dtype=s.age.dtype, device=device))
-        s.swaps_total += plan.num_swaps
+        device = bank.device
+        packed = torch.cat(host)
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        zeros: dict[torch.dtype, torch.Tensor] = {}
+
+        def zero(dtype: torch.dtype) -> torch.Tensor:
+            if dtype not in zeros:
+                zeros[dtype] = torch.zeros((), device=device, dtype=dtype)
+            return zeros[dtype]
+
+        for g, start, num, per_layer in pieces:
+            group, seed, _ = decisions[g]
+            rows, slots, kept = packed[start : start + 3 * num].view(3, num)
+            grown = None
+            if self.config.grow_init == "kaiming":  # drawn for all the group's swaps, this rank's taken
+                total, size = swaps[g][0].numel(), group.block_size
+                bound = 0.1 / math.sqrt(group.cols * size)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound, x 0.1
+                grown = to_uniform(random_bits(seed, 1, total * size * size, device)).mul_(2.0).sub_(1.0).mul_(bound)
+                grown = grown.view(total, size, size).index_select(0, kept)
+                grown = grown.to(bank.layers[group.first].values.dtype)
+            first = 0
+            for index, count in zip(group.members, per_layer):
+                if count == 0:
+                    continue
+                values, part = bank.layers[index].values, slice(first, first + count)
+                where = (rows[part], slots[part])
+                first += count
+                fsdp.local(values.data).index_put_(where, zero(values.dtype) if grown is None else grown[part].to(values.dtype))
+                if values.grad is not None:
+                    fsdp.local(values.grad).index_put_(where, zero(values.grad.dtype))
+                for state in self.optimizer.state.get(values, {}).values():
+                    if torch.is_tensor(state) and state.shape == values.shape:  # Adam exp_avg / exp_avg_sq, SGD momentum
+                        fsdp.local(state).index_put_(where, zero(state.dtype))
 
     # -- records, logging, callbacks -------------------------------------------------------------
-    def _record(self, name, layer, s, plan: Plan | None, mean_score: float, start: float, skipped=None):
-        num_blocks = layer.num_rows * layer.blocks_per_row
-        record = TopologyDecision(
-            step=self.global_step, layer=name, num_swaps=0, swap_rate=0.0, num_blocks=num_blocks,
-            mean_block_score=mean_score, mean_age=float(s.age.double().mean()),
-            column_entropy=column_entropy(layer.col_indices, layer.num_cols), skipped=skipped,
-        )
-        if plan is not None:
-            rows, slots = plan.rows.tolist(), plan.slots.tolist()
-            record.num_swaps = plan.num_swaps
-            record.swap_rate = plan.num_swaps / num_blocks
-            record.pruned = list(zip(rows, slots, plan.pruned_cols.tolist()))
-            record.grown = list(zip(rows, slots, plan.grown_cols.tolist()))
-            record.explored = int(plan.explored.sum())
-            record.pruned_scores = plan.pruned_scores.tolist()
-            record.grown_scores = plan.grown_scores.tolist()
-        record.seconds = time.perf_counter() - start
-        return record
-
     def _warn_nonfinite(self, step: int, name: str) -> None:
         message = (f"sparsify.topology: non-finite scores in {name} at step {step}; the topology decision was skipped "
-                   "and the statistics were reset (warned once; later skips are logged)")
+                   "and the non-finite values were left out of the statistics (warned once; later skips are logged)")
         if not self._warned_nonfinite:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
             self._warned_nonfinite = True

@@ -8,9 +8,13 @@ For a layer with R block-rows, K slots and C block-columns, :class:`LayerScores`
     ratio:      [] float32      calibration of candidate scores against block scores (Level 1)
     protected:  [R, K] bool     slots that are neither pruned nor trained (see TopologyOptimizer.protect)
 
-All EMAs follow ``ema = a * ema + (1 - a) * new``. Every-step work is a handful of device kernels
-with no host synchronization; a non-finite gradient poisons the EMA, which the Level 2 decision
-detects, skips and repairs (see ``repair_nonfinite``).
+These are views into the flat buffers of a :class:`ScoreBank`, which holds every layer of one device,
+ordered by shape. So a step is a handful of kernels for all layers together (one block-norm kernel
+per layer, then a few over the flat buffers, no host synchronization), and a decision reads the
+layers of one shape as ``[L, R, K]`` stacks without copying them.
+
+All EMAs follow ``ema = a * ema + (1 - a) * new``. A non-finite new value leaves its EMA entry as it
+was and marks the layer; the next Level 2 decision skips marked layers (see ``ScoreBank.collect_nonfinite``).
 
 Candidate scores: a would-be block (r, c) has gradient ``G_r^T X_c`` whose norm is at most
 ``||G_r|| * ||X_c|| = error_norm[r] * activation_norm[c]``. That bound always beats real blocks, so
@@ -19,6 +23,8 @@ known: ``ratio = sum(block_score) / sum(error_norm[r] * activation_norm[col])`` 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -29,19 +35,20 @@ _TINY = 1e-30
 
 
 class LayerScores:
-    """The statistics of one BlockSparseLinear (all tensors on the layer's device)."""
+    """The statistics of one BlockSparseLinear: views into its :class:`ScoreBank` (on the layer's device)."""
 
     TENSORS = ("block_ema", "probe_ema", "age", "ratio", "protected")
 
-    def __init__(self, layer: BlockSparseLinear) -> None:
+    def __init__(self, bank: "ScoreBank", index: int, layer: BlockSparseLinear) -> None:
         rows, k, cols = layer.num_rows, layer.blocks_per_row, layer.num_cols
-        device = layer.values.device
         self.num_rows, self.num_cols = rows, cols
-        self.block_ema = torch.zeros(rows, k, device=device)  # [R, K]
-        self.probe_ema = torch.zeros(rows + cols, device=device)  # [R + C]
-        self.age = torch.zeros(rows, k, dtype=torch.int64, device=device)  # [R, K]
-        self.ratio = torch.ones((), device=device)  # []
-        self.protected = torch.zeros(rows, k, dtype=torch.bool, device=device)  # [R, K]
+        blocks, probes = bank.block_range[index], bank.probe_range[index]
+        self.block_ema = bank.stats[slice(*blocks)].view(rows, k)  # [R, K]
+        self.probe_ema = bank.stats[slice(*probes)]  # [R + C]
+        self.age = bank.age[slice(*blocks)].view(rows, k)  # [R, K]
+        self.ratio = bank.ratio[index]  # []
+        self.protected = bank.protected[slice(*blocks)].view(rows, k)  # [R, K]
+        self._finite = (bank.finite[slice(*blocks)], bank.finite[slice(*probes)])
         self.swaps_total = 0
         self.any_protected = False  # host copy of protected.any(), so unprotected layers cost no sync
 
@@ -65,8 +72,14 @@ class LayerScores:
         """EMA of the per-block-column input norm: [C]."""
         return self.probe_ema[self.num_rows :]
 
+    def nonfinite(self) -> torch.Tensor:
+        """[] bool on the device: a non-finite statistic arrived since the last decision."""
+        blocks, probes = self._finite
+        return ~(blocks.all() & probes.all())
+
     def state_dict(self) -> dict:
         out = {name: getattr(self, name).detach().clone() for name in self.TENSORS}
+        out["nonfinite"] = self.nonfinite()
         out["swaps_total"] = self.swaps_total
         return out
 
@@ -79,8 +92,201 @@ class LayerScores:
                     f"{tuple(mine.shape)}; sparsify the model the same way before loading the optimizer state"
                 )
             mine.copy_(theirs)
+        finite = ~torch.as_tensor(state.get("nonfinite", False), device=self.age.device)  # absent in older checkpoints
+        for flags in self._finite:
+            flags.copy_(finite.expand_as(flags))
         self.swaps_total = int(state["swaps_total"])
         self.any_protected = bool(self.protected.any())
+
+
+@dataclass
+class ShapeGroup:
+    """Layers of one bank with the same (R, K, C, B): their statistics are contiguous ``[L, ...]`` stacks."""
+
+    members: list[int]  # bank indices, in model order
+    rows: int
+    k: int
+    cols: int
+    block_size: int
+    blocks: tuple[int, int]  # element range of their block statistics in the bank's flat buffers
+    probes: tuple[int, int]  # element range of their probe statistics
+
+    @property
+    def first(self) -> int:
+        return self.members[0]
+
+    def block_view(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[L, R, K]`` view of a block-indexed flat buffer (stats, age, protected, finite)."""
+        return flat[self.blocks[0] : self.blocks[1]].view(len(self.members), self.rows, self.k)
+
+    def probe_view(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[L, R + C]`` view of the probe statistics: error norms ``[:, :R]``, activation norms ``[:, R:]``."""
+        return flat[self.probes[0] : self.probes[1]].view(len(self.members), self.rows + self.cols)
+
+
+class ScoreBank:
+    """The statistics of all evolved layers on one device, in flat buffers.
+
+    ``stats`` is float32 ``[NB + NP + L]``: every layer's block EMAs (NB = sum of R*K), then every
+    layer's probe EMAs (NP = sum of R + C), then one non-finite flag per layer that Level 2 fills and
+    all-reduces with the rest. Layers are ordered by shape group, so a group's statistics are one
+    contiguous ``[L, R, K]`` / ``[L, R + C]`` view; ``layers`` and ``names`` are in that order.
+    """
+
+    def __init__(self, named_layers: list[tuple[str, BlockSparseLinear]]) -> None:
+        keys: dict[tuple, list[tuple[str, BlockSparseLinear]]] = {}
+        for name, layer in named_layers:
+            key = (layer.num_rows, layer.blocks_per_row, layer.num_cols, layer.block_size)
+            keys.setdefault(key, []).append((name, layer))
+        ordered = [item for members in keys.values() for item in members]
+        self.names = [name for name, _ in ordered]
+        self.layers = [layer for _, layer in ordered]
+        self.device = self.layers[0].values.device
+        sizes = [(m.num_rows * m.blocks_per_row, m.num_rows + m.num_cols) for m in self.layers]
+        self.num_blocks = sum(b for b, _ in sizes)
+        self.num_probes = sum(p for _, p in sizes)
+        self.block_range, self.probe_range = [], []
+        b, p = 0, self.num_blocks
+        for blocks, probes in sizes:
+            self.block_range.append((b, b + blocks))
+            self.probe_range.append((p, p + probes))
+            b, p = b + blocks, p + probes
+        size, count, device = self.num_blocks + self.num_probes, len(self.layers), self.device
+        self.stats = torch.zeros(size + count, device=device)  # EMAs, then the per-layer flags
+        self.fresh = torch.zeros(size, device=device)  # this step's new values, before the EMA
+        self.finite = torch.ones(size, dtype=torch.bool, device=device)  # every new value since the last decision
+        self.age = torch.zeros(self.num_blocks, dtype=torch.int64, device=device)
+        self.ratio = torch.ones(count, device=device)
+        self.protected = torch.zeros(self.num_blocks, dtype=torch.bool, device=device)
+        self.scores = [LayerScores(self, i, layer) for i, layer in enumerate(self.layers)]
+        self._fresh = [(self.fresh[b0:b1].view_as(s.block_ema), self.fresh[p0:p1])  # per layer, made once
+                       for s, (b0, b1), (p0, p1) in zip(self.scores, self.block_range, self.probe_range)]
+        self.groups: list[ShapeGroup] = []
+        start = 0
+        for (rows, k, cols, block), members in keys.items():
+            index = list(range(start, start + len(members)))
+            start += len(members)
+            self.groups.append(ShapeGroup(
+                index, rows, k, cols, block,
+                (self.block_range[index[0]][0], self.block_range[index[-1]][1]),
+                (self.probe_range[index[0]][0], self.probe_range[index[-1]][1]),
+            ))
+
+    @property
+    def flags(self) -> torch.Tensor:
+        """[L] float32: per-layer non-finite flags (filled by :meth:`collect_nonfinite`)."""
+        return self.stats[self.num_blocks + self.num_probes :]
+
+    # -- Level 0 ---------------------------------------------------------------------------------
+    def update(self, scorer: str, score_ema: float, candidate_ema: float) -> None:
+        """Fold this step's gradient norms and probe energies into the EMAs; clear the probes.
+
+        Layers without a gradient this step (unused, or frozen) keep their EMAs; so does every entry
+        whose new value is not finite (the layer is marked). No host synchronization. Under FSDP2 the
+        gradient is this rank's shard: only its rows of ``block_ema`` move (Level 2 gathers them).
+        """
+        nb = self.num_blocks
+        blocks = scorer == "gradient"
+        keep_dst, keep_src, probe_dst, probe_grads = [], [], [], []
+        moved = False
+        for layer, s, (fresh_blocks, fresh_probes) in zip(self.layers, self.scores, self._fresh):
+            if blocks:
+                grad = layer.values.grad
+                if grad is None:
+                    keep_dst.append(fresh_blocks)
+                    keep_src.append(s.block_ema)
+                elif not fsdp.is_sharded(grad):
+                    torch.linalg.vector_norm(grad, dim=(2, 3), dtype=torch.float32, out=fresh_blocks)
+                    moved = True
+                else:  # this rank's rows; the others keep their EMAs
+                    first, stop = fsdp.row_range(grad)
+                    torch.linalg.vector_norm(fsdp.local(grad), dim=(2, 3), dtype=torch.float32, out=fresh_blocks[first:stop])
+                    for lo, hi in ((0, first), (stop, s.num_rows)):
+                        if hi > lo:
+                            keep_dst.append(fresh_blocks[lo:hi])
+                            keep_src.append(s.block_ema[lo:hi])
+                    moved = True
+            probe = layer.stats_probe
+            if probe.grad is None:
+                keep_dst.append(fresh_probes)
+                keep_src.append(s.probe_ema)
+            else:
+                probe_dst.append(fresh_probes)
+                probe_grads.append(probe.grad)
+                probe.grad = None  # the next step starts fresh; micro-batches of one step accumulate into it
+                moved = True
+        if not moved:
+            return
+        if probe_grads:
+            torch._foreach_copy_(probe_dst, probe_grads)
+            self.fresh[nb:].sqrt_()  # energies are sums of squares: their square roots are the norms
+        if keep_dst:  # unchanged entries: new value = EMA (after the sqrt, which must not touch them)
+            torch._foreach_copy_(keep_dst, keep_src)
+        lo = 0 if blocks else nb
+        fresh, ema = self.fresh[lo:], self.stats[lo : nb + self.num_probes]
+        finite = _finite(fresh)
+        torch.where(finite, fresh, ema, out=fresh)
+        self.finite[lo:].logical_and_(finite)
+        if blocks:
+            ema[:nb].lerp_(fresh[:nb], 1.0 - score_ema)
+        self.stats[nb : nb + self.num_probes].lerp_(self.fresh[nb:], 1.0 - candidate_ema)
+
+    # -- Level 1 ---------------------------------------------------------------------------------
+    def advance_ages(self, steps: int) -> None:
+        """Every block grew ``steps`` steps older."""
+        if steps > 0:
+            self.age.add_(steps)
+
+    def block_scores(self, group: ShapeGroup, scorer: str) -> torch.Tensor:
+        """The score of every active block of the group: ``[L, R, K]`` float32 (higher is more important)."""
+        if scorer == "gradient":
+            return group.block_view(self.stats)
+        return torch.stack([block_magnitudes(self.layers[i].values) for i in group.members])
+
+    def col_indices(self, group: ShapeGroup) -> torch.Tensor:
+        """The group's topologies: ``[L, R, K]`` int64 (a copy)."""
+        return torch.stack([self.layers[i].col_indices for i in group.members]).long()
+
+    def calibrate(self, group: ShapeGroup, block: torch.Tensor, cols: torch.Tensor) -> None:
+        """Refit the group's ``ratio`` so candidate scores are comparable with block scores."""
+        probes = group.probe_view(self.stats)
+        error, activation = probes[:, : group.rows], probes[:, group.rows :]  # [L, R], [L, C]
+        bound = error[:, :, None] * activation.gather(1, cols.flatten(1)).view_as(cols)  # [L, R, K]
+        total = bound.sum((1, 2))
+        fitted = block.sum((1, 2)) / total.clamp_min(_TINY)
+        self.ratio[group.first : group.first + len(group.members)] = torch.where(total > 0, fitted, torch.ones_like(fitted))
+
+    def calibrate_all(self, scorer: str) -> None:
+        """Level 1: refit every layer's ``ratio``."""
+        for group in self.groups:
+            self.calibrate(group, self.block_scores(group, scorer), self.col_indices(group))
+
+    def candidate_scores(self, group: ShapeGroup) -> torch.Tensor:
+        """Calibrated candidate score of every block position: ``[L, R, C]`` (meaningful where inactive)."""
+        probes = group.probe_view(self.stats)
+        error, activation = probes[:, : group.rows], probes[:, group.rows :]
+        ratio = self.ratio[group.first : group.first + len(group.members)]
+        return error[:, :, None] * activation[:, None, :] * ratio[:, None, None]
+
+    # -- Level 2 ---------------------------------------------------------------------------------
+    def collect_nonfinite(self) -> None:
+        """Fill :attr:`flags` (1.0 where a layer saw a non-finite value since the last decision, or holds
+        one) and zero any non-finite EMA entry. On the device: the flags are read with the decision."""
+        ema = self.stats[: self.num_blocks + self.num_probes]
+        finite = torch.isfinite(ema)
+        self.finite.logical_and_(finite)
+        ema.masked_fill_(finite.logical_not_(), 0.0)
+        for group in self.groups:
+            ok = group.block_view(self.finite).flatten(1).all(1) & group.probe_view(self.finite).all(1)
+            self.flags[group.first : group.first + len(group.members)] = (~ok).float()
+
+    def reset_nonfinite(self) -> None:
+        self.finite.fill_(True)
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite(x)`` in two kernels instead of four: ``x - x`` is 0 exactly when x is finite."""
+    return (x - x) == 0
 
 
 def enable_probe(layer: BlockSparseLinear) -> None:
@@ -103,69 +309,3 @@ def block_magnitudes(values: torch.Tensor) -> torch.Tensor:
     Row-sharded ``values`` (FSDP2) are reduced locally and then all-gathered (one collective per call)."""
     norms = torch.linalg.vector_norm(values.detach(), dim=(2, 3), dtype=torch.float32)
     return norms.full_tensor() if fsdp.is_sharded(norms) else norms
-
-
-def update_every_step(
-    scores: list[LayerScores], layers: list[BlockSparseLinear], scorer: str, score_ema: float, candidate_ema: float
-) -> None:
-    """Level 0: fold this step's gradient norms and probe energies into the EMAs; clear the probes.
-
-    Layers without a gradient this step (unused, or frozen) keep their EMAs. No host synchronization.
-    Under FSDP2 the gradient is this rank's shard: only its rows of ``block_ema`` move (Level 2 gathers them).
-    """
-    block_emas, block_news, probe_emas, probe_grads = [], [], [], []
-    for s, layer in zip(scores, layers):
-        grad = layer.values.grad
-        if scorer == "gradient" and grad is not None:
-            first, stop = fsdp.row_range(grad)
-            block_emas.append(s.block_ema[first:stop])
-            block_news.append(block_gradient_norms(fsdp.local(grad)))
-        probe = layer.stats_probe
-        if probe.grad is not None:
-            probe_emas.append(s.probe_ema)
-            probe_grads.append(probe.grad)
-            probe.grad = None  # the next step starts fresh; micro-batches of one step accumulate into it
-    if block_emas:
-        torch._foreach_lerp_(block_emas, block_news, 1.0 - score_ema)
-    if probe_emas:  # energies are sums of squares: their square roots are the norms
-        torch._foreach_lerp_(probe_emas, torch._foreach_sqrt(probe_grads), 1.0 - candidate_ema)
-
-
-def block_scores(s: LayerScores, layer: BlockSparseLinear, scorer: str) -> torch.Tensor:
-    """The score of every active block: ``[R, K]`` float32 (higher is more important)."""
-    return s.block_ema if scorer == "gradient" else block_magnitudes(layer.values)
-
-
-def raw_candidate_scores(s: LayerScores) -> torch.Tensor:
-    """``error_norm[r] * activation_norm[c]`` for every block position: ``[R, C]``, uncalibrated."""
-    return s.error_norm[:, None] * s.activation_norm[None, :]
-
-
-def calibrate(s: LayerScores, layer: BlockSparseLinear, scorer: str) -> None:
-    """Level 1: refit ``ratio`` so candidate scores are comparable with block scores."""
-    active = block_scores(s, layer, scorer)  # [R, K]
-    bound = s.error_norm[:, None] * s.activation_norm[layer.col_indices.long()]  # [R, K]
-    fitted = active.sum() / bound.sum().clamp_min(_TINY)
-    s.ratio.copy_(torch.where(bound.sum() > 0, fitted, torch.ones_like(fitted)))
-
-
-def candidate_scores(s: LayerScores) -> torch.Tensor:
-    """Calibrated candidate score of every block position: ``[R, C]`` (meaningful where inactive)."""
-    return raw_candidate_scores(s) * s.ratio
-
-
-def advance_ages(scores: list[LayerScores], steps: int) -> None:
-    """Level 1: every block grew ``steps`` steps older."""
-    if steps > 0:
-        torch._foreach_add_([s.age for s in scores], steps)
-
-
-def repair_nonfinite(s: LayerScores) -> bool:
-    """Zero every non-finite EMA entry; True when there was one (one host sync, Level 2 only)."""
-    bad = False
-    for t in (s.block_ema, s.probe_ema, s.ratio):
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
-            t.copy_(torch.where(finite, t, torch.zeros_like(t)))
-            bad = True
-    return bad
