@@ -33,6 +33,35 @@ def interpreting() -> bool:
 AUTOTUNE_MIN_MACS = 1 << 31
 
 
+# Shared memory a program may use on Hopper is 227 KB; keep room for Triton's own scratch (layout changes).
+SAFE_SMEM_BYTES = 200 * 1024
+
+
+def tuning_candidates(kept: list, args: dict, stage_bytes) -> list:
+    """What an autotune pruner returns: every kept config where they are timed (the autotuner skips any
+    that runs out of shared memory), else (``tune_one_config``) the one config launched untimed, which
+    must fit, since nothing catches an out-of-resources error at launch: the first whose every pipeline
+    stage fits in SAFE_SMEM_BYTES, trying fewer stages before giving up, else the smallest.
+    ``stage_bytes(config)``: shared memory of one pipeline stage."""
+    if not tune_one_config(args):
+        return kept
+    candidates = kept + [
+        triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages, pre_hook=c.pre_hook)
+        for stages in (2, 1) for c in kept if c.num_stages > stages
+    ]
+
+    def footprint(config) -> int:
+        return stage_bytes(config) * max(1, config.num_stages)
+
+    safe = [c for c in candidates if footprint(c) <= SAFE_SMEM_BYTES]
+    return [safe[0] if safe else min(candidates, key=footprint)]
+
+
+def element_bytes(args: dict) -> int:
+    """The element size of the first tensor among a kernel's arguments (its operands share a dtype)."""
+    return next(v.element_size() for v in args.values() if hasattr(v, "element_size"))
+
+
 def tune_one_config(args: dict) -> bool:
     """True where autotuning should keep a single config: under the interpreter, or for small problems."""
     if interpreting():

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tune_one_config,
+    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tuning_candidates,
 )
 from sparsify.kernels.forward_tma import forward_tma, use_tma
 from sparsify.kernels.launch import launch
@@ -79,7 +79,7 @@ def _prune_configs(configs, named_args, **kwargs):
     ]
     if not kept:  # always leave one that is valid for the block size
         kept = [triton.Config({"BM": 16 if m_bucket <= 32 else 64, "KSB": block}, num_warps=4, num_stages=2)]
-    return kept[:1] if tune_one_config(args) else kept
+    return tuning_candidates(kept, args, lambda c: (c.kwargs["BM"] + block) * c.kwargs["KSB"] * elem)
 
 
 @triton.autotune(

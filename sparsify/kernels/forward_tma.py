@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreting, m_bucket, tune_one_config,
+    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreting, m_bucket, tuning_candidates,
 )
 
 # (BM, KC, num_warps, num_stages); KC divides B.
@@ -38,7 +38,7 @@ def _prune_tma(configs, named_args, **kwargs):
         and (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * max(1, c.num_stages - 2) <= 224 * 1024
     ]
     kept = kept or [triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_tma_blocks)]
-    return kept[:1] if tune_one_config(args) else kept
+    return tuning_candidates(kept, args, lambda c: (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem)
 
 
 @triton.autotune(

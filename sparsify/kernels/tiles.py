@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, tune_one_config,
+    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, element_bytes, interpreter_upcast, m_bucket, mma, tuning_candidates,
 )
 from sparsify.kernels.launch import launch
 
@@ -24,13 +24,17 @@ TILE_CONFIGS = [
 ]
 
 
-def prune_tiles(*size_keys: str):
-    """An autotune pruner keeping the tile configs whose sizes under ``size_keys`` are multiples of B."""
+def prune_tiles(rows_key: str, depth_key: str, cols_key: str, *multiple_of_block: str):
+    """An autotune pruner for a tile kernel whose stage holds an [rows, depth] and a [depth, cols]
+    operand tile: keeps the configs whose sizes under ``multiple_of_block`` are multiples of B."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        kept = [c for c in configs if all(c.kwargs[key] % args["B"] == 0 for key in size_keys)]
-        return kept[:1] if tune_one_config(args) else kept
+        kept = [c for c in configs if all(c.kwargs[key] % args["B"] == 0 for key in multiple_of_block)]
+        elem = element_bytes(args)
+        return tuning_candidates(
+            kept, args, lambda c: (c.kwargs[rows_key] + c.kwargs[cols_key]) * c.kwargs[depth_key] * elem
+        )
 
     return prune
 
@@ -40,7 +44,7 @@ def prune_tiles(*size_keys: str):
         triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in TILE_CONFIGS
     ],
     key=["M_BUCKET", "N", "KD", "K", "B"],
-    prune_configs_by={"early_config_prune": prune_tiles("BK", "BN")},
+    prune_configs_by={"early_config_prune": prune_tiles("BM", "BK", "BN", "BK", "BN")},
     **AUTOTUNE_TIMER,
 )
 @triton.jit(do_not_specialize=["M"])
