@@ -301,9 +301,9 @@ def _grid_lines(out: Path) -> list[str]:
         a = [v for k, v in g.get("seconds", {}).items() if k.count("__") == 1]
         b = [v for k, v in g.get("seconds", {}).items() if k.count("__") > 1]
         took = ", ".join(f"task-{kind} runs {min(v):.0f}-{max(v):.0f} s" for kind, v in (("A", a), ("B", b)) if v)
-        parts.append(f"grid wall time {g.get('wall_seconds', '?')} s" + (f" ({took})" if took else "") +
-                     f"; {len(g.get('skipped', []))} runs skipped for time, {len(g.get('cut', []))} stopped at the deadline, "
-                     f"{len(g.get('failed', []))} failed")
+        wall = f"grid wall time {g['wall_seconds']} s" + (f" ({took})" if took else "") + "; " if "wall_seconds" in g else ""
+        parts.append(wall + f"{len(g.get('skipped', []))} runs skipped for time, {len(g.get('cut', []))} stopped at the "
+                     f"deadline, {len(g.get('failed', []))} failed")
     return ["Grid: " + "; ".join(parts) + ".", ""]
 
 
