@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tuning_candidates,
+    AUTOTUNE_TIMER, grouped_tile, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tuning_candidates,
 )
 from sparsify.kernels.forward import REDUCE_BLOCK, _reduce_partials_kernel
 from sparsify.kernels.launch import launch
@@ -124,13 +124,7 @@ def _grad_input_kernel(
 ):
     RUN: tl.constexpr = B if TSB >= B else TSB
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    per_group = GROUP_M * C
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    c = (pid % per_group) // group_size
+    pid_m, c = grouped_tile(pid, tl.cdiv(M, BM), C)  # token tile, block-column
 
     lo = tl.load(start_ptr + c)
     hi = tl.load(start_ptr + c + 1)

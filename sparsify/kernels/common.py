@@ -70,6 +70,16 @@ def tune_one_config(args: dict) -> bool:
     return args["M_BUCKET"] * out_features * args["K"] * args["B"] < AUTOTUNE_MIN_MACS
 
 @triton.jit
+def grouped_tile(pid, num_m, num_n):
+    """(token tile, output-column tile) of program ``pid`` in grouped order: GROUP_M token tiles visit
+    every column tile before the next group starts, so a panel of activations stays in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with float32 accumulation. UPCAST is set only under the CPU interpreter, whose
     dot multiplies bfloat16 storage as integers (Triton 3.9): there the operands go to float32 first,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tuning_candidates,
+    AUTOTUNE_TIMER, grouped_tile, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tuning_candidates,
 )
 from sparsify.kernels.forward_tma import forward_tma, use_tma
 from sparsify.kernels.launch import launch
@@ -114,14 +114,7 @@ def _forward_kernel(
     RUN: tl.constexpr = B if KSB >= B else KSB  # contiguous activation elements per gathered run
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    # grouped order: GROUP_M token tiles visit every block-row before the next group starts
-    num_m = tl.cdiv(M, BM)
-    per_group = GROUP_M * R
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    r = (pid % per_group) // group_size
+    pid_m, r = grouped_tile(pid, tl.cdiv(M, BM), R)  # token tile, block-row
 
     # this program's slots [k_lo, k_hi) as positions p = k*B + j of the row's reduction dimension
     per_split = tl.cdiv(K, SPLIT)

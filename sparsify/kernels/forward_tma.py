@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, interpreting, m_bucket, tuning_candidates,
+    AUTOTUNE_TIMER, grouped_tile, cdiv, dot_precision, interpreting, m_bucket, tuning_candidates,
 )
 
 # (BM, KC, num_warps, num_stages); KC divides B.
@@ -71,13 +71,7 @@ def _forward_tma_kernel(
     KC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    per_group = GROUP_M * R
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    r = (pid % per_group) // group_size
+    pid_m, r = grouped_tile(pid, tl.cdiv(M, BM), R)  # token tile, block-row
     m0 = pid_m * BM
     acc = tl.zeros((BM, B), dtype=tl.float32)
     for p0 in range(0, K * B, KC):

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, GROUP_M, cdiv, dot_precision, element_bytes, interpreter_upcast, m_bucket, mma, tuning_candidates,
+    AUTOTUNE_TIMER, grouped_tile, cdiv, dot_precision, element_bytes, interpreter_upcast, m_bucket, mma, tuning_candidates,
 )
 from sparsify.kernels.launch import launch
 
@@ -74,14 +74,7 @@ def _tile_kernel(
     tile and the activation tile [BM, BK] serves BN outputs. It does the dense FLOPs; for small
     blocks that beats gathering [BM, B] boxes, which serve only B outputs each."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BM), tl.cdiv(N, BN))
 
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < M
