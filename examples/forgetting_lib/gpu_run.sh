@@ -7,7 +7,8 @@
 #
 # Settings are environment variables (defaults in the code below): TOTAL_SECONDS (the whole call, 560),
 # TAR_SECONDS (kept for packing at the end, 40), WORKERS (14), USE_MPS (1), TF32 (1), N_LAYERS, HIDDEN,
-# MLP, HEADS, SEQ, BATCH, LAYERS (sparse MLP layers), A_STEPS, B_STEPS, A_EVALS, B_EVALS, SEEDS, BIG_BLOCK,
+# MLP, HEADS, SEQ, BATCH, LAYERS (sparse MLP layers), A_STEPS, B_STEPS, A_EVALS, B_EVALS, B_LRS ("low base high"),
+# SEEDS, BIG_BLOCK,
 # RESULTS (results/forgetting-gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options).
 #
 # Why this configuration fits (estimate for one H100, 16 cores): the last call measured 600 task-A steps
@@ -26,6 +27,12 @@
 # The base table (every arm, 3 seeds, base learning rate: 36k of the 54k steps) comes first, ~150 s;
 # the sweeps follow. Task A: 1000 steps (600 gave dense 9-23% exact match last call, not converged);
 # task B: 600 steps with 12 checkpoints, so the calibration can pick where dense forgets 30-80%.
+#
+# Calibration after the first H100 grid (2026-11-23, docs/forgetting_report_gpu.md): at B lr 3e-4 dense forgot
+# 97% of task A by the first checkpoint (B step 50), so no checkpoint fell in the 30-80% band. Defaults since:
+# task B 300 steps at learning rates 3e-5 / 1e-4 / 3e-4 (base 1e-4) with 30 checkpoints (every 10 steps).
+# Measured there: task-B runs of 600 steps + 12 evaluations took 62-82 s with 14 workers under MPS, so the
+# grid (18 task-A runs of 1000 steps, ~60 task-B runs of 300 steps + 30 evaluations) is ~300 s of the ~470 s.
 set -u -o pipefail
 cd "$(dirname "$0")/../.." || exit 1
 START=$(date +%s)
@@ -36,8 +43,11 @@ TOTAL=${TOTAL_SECONDS:-560} TAR=${TAR_SECONDS:-40} WORKERS=${WORKERS:-14} DEVICE
 RESULTS=${RESULTS:-results/forgetting-gpu}
 ARGS=(--device "$DEVICE" --out "$RESULTS" --n-layers "${N_LAYERS:-6}" --hidden "${HIDDEN:-256}" --mlp "${MLP:-1024}"
       --heads "${HEADS:-4}" --seq "${SEQ:-128}" --batch "${BATCH:-64}" --layers "${LAYERS:-1..4}"
-      --a-steps "${A_STEPS:-1000}" --b-steps "${B_STEPS:-600}" --a-evals "${A_EVALS:-5}" --b-evals "${B_EVALS:-12}"
+      --a-steps "${A_STEPS:-1000}" --b-steps "${B_STEPS:-300}" --a-evals "${A_EVALS:-5}" --b-evals "${B_EVALS:-30}"
       --seeds "${SEEDS:-3}" --big-block "${BIG_BLOCK:-64}")
+# shellcheck disable=SC2206  # three numbers: low, base, high
+B_LR_LIST=(${B_LRS:-3e-5 1e-4 3e-4})
+ARGS+=(--b-lrs "${B_LR_LIST[@]}")
 [ "${TF32:-1}" = 1 ] && ARGS+=(--tf32)
 # shellcheck disable=SC2206  # EXTRA is a list of options, split on purpose
 [ -n "${EXTRA:-}" ] && ARGS+=($EXTRA)
