@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from sparsify.kernels import backward, forward, reference  # noqa: E402
+from sparsify.kernels.column_view import column_view  # noqa: E402
 
 TOL = {torch.float32: 1e-5, "tf32": 5e-3, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
@@ -206,7 +207,7 @@ def routes() -> None:
         ok = same and err < TOL[torch.bfloat16]
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} eager route vs op {in_f}->{out_f} B={block} M={m}: bitwise {same}, fwd {err:.2e}")
-        slots, starts = backward.column_view(layer.col_indices, in_f // block)
+        slots, starts = column_view(layer.col_indices, in_f // block)
         flat = layer.col_indices.reshape(-1).long()
         ok = torch.equal(slots.long(), torch.sort(flat, stable=True).indices) and torch.equal(
             starts.long(), torch.searchsorted(flat.sort().values, torch.arange(in_f // block + 1, device="cuda")))

@@ -201,7 +201,7 @@ def test_tma_forward_matches_float64_reference(block):
 
 @pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (3, 5, 2), (7, 40, 17), (5, 300, 300), (40, 33, 1)])
 def test_column_view_lists_every_columns_slots_in_order(rows, cols, k):
-    from sparsify.kernels.backward import column_view
+    from sparsify.kernels.column_view import column_view
 
     gen = torch.Generator().manual_seed(rows * 1000 + cols + k)
     topology = torch.rand(rows, cols, generator=gen).argsort(dim=1)[:, :k].to(torch.int32)

@@ -31,6 +31,7 @@ from sparsify.kernels.common import (
     AUTOTUNE_TIMER, grouped_tile, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, num_sms, tuning_candidates,
 )
 from sparsify.kernels.forward import REDUCE_BLOCK, _reduce_partials_kernel
+from sparsify.kernels.column_view import column_view
 from sparsify.kernels.launch import launch
 from sparsify.kernels.tiles import TILE_CONFIGS, prune_tiles, slot_table, tile_matmul, use_tiles
 
@@ -272,45 +273,6 @@ def _tile_grad_values_kernel(
         tl.store(dv_ptr + pid_s.to(tl.int64) * R * K * B * B + offs, acc, mask=kept)
     else:
         tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=kept)
-
-
-@triton.jit
-def _column_view_kernel(col_ptr, slots_ptr, start_ptr, TOTAL, C, CB: tl.constexpr, CHUNK: tl.constexpr):
-    """Columns [pid*CB, pid*CB + CB): col_start[c] = number of slots whose column is < c, then the
-    slots of column c (flat r*K + k, increasing) written from there. Two reads of col_indices."""
-    cols = tl.program_id(0) * CB + tl.arange(0, CB)
-    before = tl.zeros((CB,), dtype=tl.int32)
-    for s0 in range(0, TOTAL, CHUNK):
-        s = s0 + tl.arange(0, CHUNK)
-        v = tl.load(col_ptr + s, mask=s < TOTAL, other=C)  # padding: column C, after every real one
-        before += tl.sum((v[None, :] < cols[:, None]).to(tl.int32), axis=1)
-    seen = tl.zeros((CB,), dtype=tl.int32)
-    for s0 in range(0, TOTAL, CHUNK):
-        s = s0 + tl.arange(0, CHUNK)
-        v = tl.load(col_ptr + s, mask=s < TOTAL, other=C)
-        match = ((v[None, :] == cols[:, None]) & (s < TOTAL)[None, :]).to(tl.int32)  # [CB, CHUNK]
-        position = before[:, None] + seen[:, None] + tl.cumsum(match, axis=1) - 1
-        tl.store(slots_ptr + position, tl.broadcast_to(s[None, :], (CB, CHUNK)), mask=match > 0)
-        seen += tl.sum(match, axis=1)
-    tl.store(start_ptr + cols, before, mask=cols <= C)  # column C's start is TOTAL: the end of the last
-
-
-COLUMN_VIEW_CB = 16
-COLUMN_VIEW_CHUNK = 256
-
-
-def column_view(col_indices: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The topology column by column, built on the device in one launch without a host sync (so it can
-    be captured in a CUDA graph): (slots_by_col [R*K], col_start [C+1]) int32, column c's slots are
-    slots_by_col[col_start[c] : col_start[c+1]] in increasing slot order."""
-    flat = col_indices.reshape(-1)
-    flat = flat if flat.dtype == torch.int32 else flat.to(torch.int32)
-    slots_by_col = torch.empty_like(flat)
-    col_start = torch.empty(num_cols + 1, dtype=torch.int32, device=flat.device)
-    grid = (cdiv(num_cols + 1, COLUMN_VIEW_CB),)
-    launch(_column_view_kernel, grid, (flat, slots_by_col, col_start, flat.numel(), num_cols),
-           dict(CB=COLUMN_VIEW_CB, CHUNK=COLUMN_VIEW_CHUNK), flat.device)
-    return slots_by_col, col_start
 
 
 def grad_input(
