@@ -183,8 +183,8 @@ def final() -> None:
 
 def routes() -> None:
     """sparsify.functional's eager route against the registered op on CUDA (bitwise, output and every
-    gradient, bf16 autocast over float32 weights, bias and stats probe), and the one-launch column view
-    against a stable sort, on benchmark-sized topologies."""
+    gradient, bf16 autocast over float32 weights, bias and stats probe), the one-launch column view
+    against a stable sort on benchmark-sized topologies, and small float32 problems (untimed configs)."""
     from sparsify import BlockSparseLinear
     from sparsify.functional import block_ell_linear
 
@@ -213,6 +213,12 @@ def routes() -> None:
             starts.long(), torch.searchsorted(flat.sort().values, torch.arange(in_f // block + 1, device="cuda")))
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} column view R*K={flat.numel()} C={in_f // block}")
+    # small float32 problems launch one untimed config: it must fit in shared memory (a 64x64-block
+    # grad_values config asked for 240 KB here once; common.tuning_candidates prevents it)
+    for block in (16, 32, 64, 128):
+        for in_f, out_f, m in ((256, 1024, 512), (1024, 256, 512), (512, 512, 16)):
+            ok, _ = check(m, in_f, out_f, block, max(1, in_f // block // 2), torch.float32, True)
+            failures += not ok
     print(f"{failures} failures; device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}")
     sys.exit(1 if failures else 0)
