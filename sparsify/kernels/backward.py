@@ -57,6 +57,14 @@ GRAD_VALUES_CONFIGS = [
 ]
 
 
+@triton.jit
+def token_range(pid_s, M, BT: tl.constexpr, SPLIT):
+    """Tokens [lo, hi) of split ``pid_s`` when M tokens are cut into SPLIT ranges of whole BT-token tiles."""
+    per_split = tl.cdiv(tl.cdiv(M, BT), SPLIT) * BT
+    lo = pid_s * per_split
+    return lo, tl.minimum(lo + per_split, M)
+
+
 def _fits(bm: int, width: int, block: int, bucket: int, elem: int, stages: int, acc_cols: int) -> bool:
     if width > 8 * block or (width < block and (width < 64 or block % width)):
         return False
@@ -192,11 +200,7 @@ def _grad_values_kernel(
     xcol = tl.max_contiguous(tl.multiple_of(col * B + j, RUN), RUN)
     outs = tl.arange(0, B)
 
-    # this program's tokens: [m_lo, m_hi), BM-aligned ranges
-    tiles = tl.cdiv(M, BM)
-    per_split = tl.cdiv(tiles, SPLIT)
-    m_lo = pid_s * per_split * BM
-    m_hi = tl.minimum(m_lo + per_split * BM, M)
+    m_lo, m_hi = token_range(pid_s, M, BM, SPLIT)
     # acc[p - p0, i] = dvalues[r, k, i, j]: the gathered side is the tall operand (tensor-core M)
     acc = tl.zeros((GSB, B), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BM):
@@ -253,10 +257,7 @@ def _tile_grad_values_kernel(
     ins = pid_i * BI + tl.arange(0, BI)
     o_ok = outs < N_OUT
     i_ok = ins < IN_F
-    tiles = tl.cdiv(M, BT)
-    per_split = tl.cdiv(tiles, SPLIT)
-    m_lo = pid_s * per_split * BT
-    m_hi = tl.minimum(m_lo + per_split * BT, M)
+    m_lo, m_hi = token_range(pid_s, M, BT, SPLIT)
     acc = tl.zeros((BO, BI), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BT):
         toks = m0 + tl.arange(0, BT)
