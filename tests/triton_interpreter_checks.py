@@ -39,6 +39,21 @@ def nan_like(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
+def assert_launchers_match_float64(x, g, values, col, bias):
+    """Forward, grad_input and grad_values (autotuned choice, NaN-poisoned outputs) against float64, fp32 inputs."""
+    from sparsify.kernels import backward, forward, reference
+
+    m, rows, k, block = x.shape[0], values.shape[0], values.shape[1], values.shape[2]
+    cols = x.shape[1] // block
+    y = forward.forward(x, values, col, bias, out=nan_like((m, rows * block), torch.float32))
+    gx = backward.grad_input(g, values, col, cols * block, out=nan_like((m, cols * block), torch.float32))
+    gv = backward.grad_values(g, x, col, block, out=nan_like((rows, k, block, block), torch.float32))
+    xd, gd, vd = x.double(), g.double(), values.double()
+    assert relative_error(y, reference.forward(xd, vd, col, bias.double())) < 1e-5
+    assert relative_error(gx, reference.grad_input(gd, vd, col, cols * block)) < 1e-5
+    assert relative_error(gv, reference.grad_values(gd, xd, col, block)) < 1e-5
+
+
 def applicable(variants: dict) -> list[tuple[int, str]]:
     """(block size, variant) pairs where the variant exists for that block size."""
     return [(b, name) for b in BLOCKS for name, config in variants.items() if name == "auto" or config(b) is not None]
@@ -115,17 +130,9 @@ def test_grad_values_matches_float64_reference_and_repeats_bitwise(block, dtype,
 @pytest.mark.parametrize("k", [1, 3, 6])
 @pytest.mark.parametrize("block", [16, 64])
 def test_every_slot_count_from_one_to_all_columns(block, k):
-    from sparsify.kernels import backward, forward, reference
-
     m, rows, cols = 21, 3, 6
     x, g, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=k)
-    y = forward.forward(x, values, col, bias, out=nan_like((m, rows * block), torch.float32))
-    gx = backward.grad_input(g, values, col, cols * block, out=nan_like((m, cols * block), torch.float32))
-    gv = backward.grad_values(g, x, col, block, out=nan_like((rows, k, block, block), torch.float32))
-    xd, gd, vd = x.double(), g.double(), values.double()
-    assert relative_error(y, reference.forward(xd, vd, col, bias.double())) < 1e-5
-    assert relative_error(gx, reference.grad_input(gd, vd, col, cols * block)) < 1e-5
-    assert relative_error(gv, reference.grad_values(gd, xd, col, block)) < 1e-5
+    assert_launchers_match_float64(x, g, values, col, bias)
 
 
 def test_columns_no_slot_uses_get_exact_zero_input_gradient():
@@ -171,19 +178,13 @@ def test_op_gradients_through_the_triton_backend_match_float64(block, dtype):
 
 def test_many_tokens_take_the_masked_dense_tiles_for_small_blocks():
     """Above TILE_MIN_TOKENS the launcher switches kernels for B <= 32; both must agree with float64."""
-    from sparsify.kernels import backward, forward, reference, tiles
+    from sparsify.kernels import tiles
 
     block, rows, cols, k = 16, 2, 4, 2
     m = tiles.TILE_MIN_TOKENS + 3
     assert tiles.use_tiles(block, k / cols, m)
     x, g, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=5)
-    y = forward.forward(x, values, col, bias, out=nan_like((m, rows * block), torch.float32))
-    gx = backward.grad_input(g, values, col, cols * block, out=nan_like((m, cols * block), torch.float32))
-    gv = backward.grad_values(g, x, col, block, out=nan_like((rows, k, block, block), torch.float32))
-    xd, gd, vd = x.double(), g.double(), values.double()
-    assert relative_error(y, reference.forward(xd, vd, col, bias.double())) < 1e-5
-    assert relative_error(gx, reference.grad_input(gd, vd, col, cols * block)) < 1e-5
-    assert relative_error(gv, reference.grad_values(gd, xd, col, block)) < 1e-5
+    assert_launchers_match_float64(x, g, values, col, bias)
 
 
 @pytest.mark.parametrize("block", [64, 128])
