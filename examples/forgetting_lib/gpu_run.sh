@@ -6,7 +6,8 @@
 #   run(command="bash examples/forgetting_lib/gpu_run.sh", carry=["data/prose.json"], timeout_s=600)
 #
 # Settings are environment variables (defaults in the code below): TOTAL_SECONDS (the whole call, 560),
-# TAR_SECONDS (kept for packing at the end, 40), WORKERS (14), USE_MPS (1), TF32 (1), N_LAYERS, HIDDEN,
+# TAR_SECONDS (kept for packing at the end, 40), WORKERS (14 a GPU, at most cores - 2 on several GPUs;
+# the grid pins worker n to GPU n mod GPUs), USE_MPS (1), TF32 (1), N_LAYERS, HIDDEN,
 # MLP, HEADS, SEQ, BATCH, LAYERS (sparse MLP layers), A_STEPS, B_STEPS, A_EVALS, B_EVALS, B_LRS ("low base high"),
 # SEEDS, BIG_BLOCK,
 # RESULTS (results/forgetting-gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options).
@@ -39,7 +40,11 @@ START=$(date +%s)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-TOTAL=${TOTAL_SECONDS:-560} TAR=${TAR_SECONDS:-40} WORKERS=${WORKERS:-14} DEVICE=${DEVICE:-cuda}
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+# 14 workers a GPU (measured on one H100 with 16 cores), at most one a core less two
+DEFAULT_WORKERS=$((GPUS > 1 ? 14 * GPUS : 14)); CORES=$(nproc)
+[ "$DEFAULT_WORKERS" -gt $((CORES - 2)) ] && [ "$GPUS" -gt 1 ] && DEFAULT_WORKERS=$((CORES - 2))
+TOTAL=${TOTAL_SECONDS:-560} TAR=${TAR_SECONDS:-40} WORKERS=${WORKERS:-$DEFAULT_WORKERS} DEVICE=${DEVICE:-cuda}
 RESULTS=${RESULTS:-results/forgetting-gpu}
 ARGS=(--device "$DEVICE" --out "$RESULTS" --n-layers "${N_LAYERS:-6}" --hidden "${HIDDEN:-256}" --mlp "${MLP:-1024}"
       --heads "${HEADS:-4}" --seq "${SEQ:-128}" --batch "${BATCH:-64}" --layers "${LAYERS:-1..4}"
@@ -56,7 +61,7 @@ if [ ! -f data/prose.json ]; then
   exit 1
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total,compute_mode --format=csv 2>/dev/null || echo "no nvidia-smi"
-echo "user $(id -un), $(nproc) cores; settings: workers $WORKERS, call $TOTAL s, packing $TAR s; ${ARGS[*]}"
+echo "user $(id -un), $(nproc) cores, $GPUS GPUs; settings: workers $WORKERS, call $TOTAL s, packing $TAR s; ${ARGS[*]}"
 
 # ---- CUDA MPS: one GPU context for all workers, so their kernels run side by side instead of time-slicing
 MPS="off (not requested)" SNAPSHOTS=""

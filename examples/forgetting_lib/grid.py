@@ -269,7 +269,7 @@ def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline:
         (failed if blocker is not None and blocker in failed else skipped).append(job)
         bar.update(1)
 
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 0 else None
+    pool = _pool(workers, cfg) if workers > 0 else None
     running: dict = {}
     try:
         while todo or running:
@@ -309,6 +309,28 @@ def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline:
             pool.shutdown(cancel_futures=True)
         bar.close()
     return record()
+
+
+def _pool(workers: int, cfg: ExpConfig) -> ProcessPoolExecutor:
+    """Worker processes; on a machine with several GPUs each worker is pinned to one, round robin, so
+    the workers spread over every GPU (a worker's ``cuda`` is then its own GPU)."""
+    context = get_context("spawn")
+    gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
+    if gpus <= 1:
+        return ProcessPoolExecutor(workers, mp_context=context)
+    counter = context.Value("i", 0)
+    tqdm.write(f"{workers} workers over {gpus} GPUs")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_pin_gpu, initargs=(counter, gpus))
+
+
+def _pin_gpu(counter, gpus: int) -> None:
+    """Pool initializer: the n-th worker started sees only GPU n mod ``gpus`` (set before CUDA starts)."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index % gpus]
 
 
 def _family(job: Job) -> str:
