@@ -11,8 +11,10 @@ Each rank gets its own batch of ``--batch`` x ``--seq`` tokens (weak scaling).
 
 Per run: tokens/s over all ranks (median step), scaling efficiency = tokens/s / (N x tokens/s on 1 GPU),
 peak memory of every rank, the seconds per step spent in the topology optimizer's collectives (the
-bucketed all-reduce of the statistics and the checksum, timed between device syncs), and the topology
-checksum of every rank at the end (they must agree). Writes
+bucketed all-reduce of the statistics and the checksum, timed between device syncs), and, at the end,
+every rank's number of topology decisions and swaps, its topology checksum and a digest of every sparse
+layer's block values (under FSDP2 the full, all-gathered tensor): a SHA-256 of the bytes plus a float64
+sum. Both must agree across ranks ("same topology", "same values"). Writes
 ``benchmarks/results/distributed-<device>-<date>.json`` and prints a table.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -34,6 +37,7 @@ from tabulate import tabulate
 from sparsify import TopologyConfig, TopologyOptimizer, sparsify
 from sparsify.topology import optimizer as topology_optimizer
 from sparsify.topology.distributed import topology_checksum
+from sparsify.topology.fsdp import is_sharded
 
 
 def parse(argv=None):
@@ -111,6 +115,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def values_digest(layers: dict) -> dict:
+    """A digest of every sparse layer's block values on this rank, in name order: a SHA-256 of the raw
+    bytes (equal digests = bitwise equal values) and a float64 sum (readable). Under FSDP2 the full
+    tensor is all-gathered (``full_tensor()``), so every rank must call this, in the same order."""
+    sha, total = hashlib.sha256(), 0.0
+    for name in sorted(layers):
+        values = layers[name].values.detach()
+        full = values.full_tensor() if is_sharded(values) else values
+        host = full.contiguous().cpu()
+        sha.update(name.encode())
+        sha.update(str((tuple(host.shape), host.dtype)).encode())
+        sha.update(host.view(-1).view(torch.uint8).numpy().tobytes())  # bf16 has no numpy dtype: its bytes
+        total += float(host.double().sum())
+        del full, host
+    return {"sha256": sha.hexdigest(), "float64_sum": total}
+
+
 def run(args, mode: str, sparse: bool, group, ids: torch.Tensor) -> dict:
     """Train ``mode`` ("single": this process alone; "ddp"; "fsdp") and time it on this rank."""
     from torch.nn.parallel import DistributedDataParallel
@@ -121,11 +142,15 @@ def run(args, mode: str, sparse: bool, group, ids: torch.Tensor) -> dict:
         device_ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(model, process_group=group, device_ids=device_ids)
     elif mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # an explicit mesh on args.device: fully_shard's default mesh is on the accelerator whenever the
+        # machine has one, which would move a --device cpu (gloo) run onto a GPU
+        mesh = init_device_mesh(device.type, (dist.get_world_size(group),))
         for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     if sparse:
         config = TopologyConfig(update_every=args.update_every, score_every=max(1, args.update_every // 2))
@@ -160,6 +185,7 @@ def run(args, mode: str, sparse: bool, group, ids: torch.Tensor) -> dict:
         out["swaps"] = sum(d.num_swaps for d in opt.history)
         sums = torch.stack([topology_checksum(m.col_indices) for m in opt.layers.values()])
         out["checksum"] = int((sums * torch.arange(1, len(sums) + 1, device=sums.device)).sum())
+        out["values_digest"] = values_digest(opt.layers)
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -203,10 +229,21 @@ def main(argv=None) -> dict:
                     if sparse:
                         mine["checksum_per_rank"] = [g["checksum"] for g in gathered]
                         mine["same_topology_on_every_rank"] = len(set(mine["checksum_per_rank"])) == 1
+                        mine["values_digest_per_rank"] = [g["values_digest"] for g in gathered]
+                        mine["same_values_on_every_rank"] = len({d["sha256"] for d in mine["values_digest_per_rank"]}) == 1
+                        mine["decisions_per_rank"] = [g["decisions"] for g in gathered]
+                        mine["swaps_per_rank"] = [g["swaps"] for g in gathered]
                 rows.append(mine)
-                print(f"{mine['model']:>6} {mode:<6}: {mine['step_ms']:.1f} ms/step, {mine['tokens_per_s']:.0f} tok/s"
-                      + (f", checksums {mine.get('checksum_per_rank')}" if sparse and mode != "single" else ""),
-                      flush=True)
+                line = f"{mine['model']:>6} {mode:<6}: {mine['step_ms']:.1f} ms/step, {mine['tokens_per_s']:.0f} tok/s"
+                if sparse and mode != "single":
+                    digests = mine["values_digest_per_rank"]
+                    line += (f", after {mine['decisions_per_rank']} topology decisions ({mine['swaps_per_rank']} swaps)"
+                             f" per rank: topology checksums {mine['checksum_per_rank']}"
+                             f" (same: {mine['same_topology_on_every_rank']}),"
+                             f" values sha256 {[d['sha256'][:16] for d in digests]}"
+                             f" float64 sums {[d['float64_sum'] for d in digests]}"
+                             f" (same: {mine['same_values_on_every_rank']})")
+                print(line, flush=True)
 
     record = None
     if rank == 0:
@@ -235,10 +272,12 @@ def main(argv=None) -> dict:
                   "" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.2f}",
                   " / ".join(f"{g:.2f}" for g in r.get("peak_gib_per_rank", [r["peak_gib"]])),
                   f"{r['topology_collective_ms_per_step']:.2f}",
-                  {True: "yes", False: "NO"}.get(r.get("same_topology_on_every_rank"), "")]
+                  {True: "yes", False: "NO"}.get(r.get("same_topology_on_every_rank"), ""),
+                  {True: "yes", False: "NO"}.get(r.get("same_values_on_every_rank"), "")]
                  for r in rows]
         print(tabulate(table, headers=["model", "mode", "GPUs", "ms/step", "tokens/s", "scaling", "peak GiB per rank",
-                                       "topology coll. ms/step", "same topology"]))
+                                       "topology coll. ms/step", "same topology",
+                                       "same values"]))
         print("->", path)
     dist.barrier()
     dist.destroy_process_group()

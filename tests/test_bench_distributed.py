@@ -1,5 +1,6 @@
 """The distributed benchmark's smoke mode: 2 CPU processes over gloo under torchrun, dense and sparse,
-alone, DDP and FSDP2; the sparse runs decide inside the window and end with one topology per run."""
+alone, DDP and FSDP2; the sparse runs decide inside the window and end with one topology and one set of
+block values per run (always on the CPU, whatever SPARSIFY_TEST_DIST_DEVICE says)."""
 
 from __future__ import annotations
 
@@ -35,4 +36,10 @@ def test_bench_distributed_tiny_on_two_cpu_processes_writes_agreeing_checksums(t
         sparse = runs["sparse", mode]
         assert sparse["decisions"] >= 2 and sparse["same_topology_on_every_rank"], sparse
         assert len(sparse["checksum_per_rank"]) == 2 and sparse["scaling_efficiency"] > 0
-    assert "same topology" in done.stdout  # the table was printed
+        # every rank's block values (FSDP2: the gathered full tensors) are bitwise the same
+        digests = sparse["values_digest_per_rank"]
+        assert len(digests) == 2 and sparse["same_values_on_every_rank"], sparse
+        assert digests[0] == digests[1] and len(digests[0]["sha256"]) == 64 and digests[0]["float64_sum"] != 0
+        assert sparse["decisions_per_rank"] == [sparse["decisions"]] * 2 and sparse["swaps_per_rank"][0] == sparse["swaps_per_rank"][1]
+    assert "same topology" in done.stdout and "same values" in done.stdout  # the table was printed
+    assert "values sha256" in done.stdout  # and the per-rank digests with the checksums

@@ -1,4 +1,11 @@
-"""Two CPU processes over gloo: DDP with different data per rank ends with one topology everywhere."""
+"""Two processes: DDP with different data per rank ends with one topology (and one set of values) everywhere.
+
+By default the two ranks are CPU processes over gloo. On a machine with 2 GPUs, run them over NCCL,
+rank i on cuda:i (the assertions are the same and stay bitwise; ``-s`` shows every rank's number of
+topology decisions and swaps and its topology checksums)::
+
+    SPARSIFY_TEST_DIST_DEVICE=cuda python -m pytest -q -s tests/test_distributed_ddp.py
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import free_port, init_dist_worker, print_rank_summary, require_dist_devices, to_cpu
 
 WORLD = 2
 STEPS = 13  # decisions at steps 3, 6, 9, 12, then one step of local statistics
@@ -31,34 +38,35 @@ def _tiny_llama():
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    device = init_dist_worker(rank, WORLD, port)  # gloo on the CPU, or NCCL with this rank on cuda:rank
+    device_ids = [device.index] if device.type == "cuda" else None
     try:
         from torch.nn.parallel import DistributedDataParallel
 
         from sparsify import TopologyConfig, TopologyOptimizer
-        from sparsify.topology.distributed import check_same_topology
+        from sparsify.topology.distributed import check_same_topology, topology_checksum
 
         # broadcast_buffers=False: nothing but the topology optimizer keeps col_indices in step across ranks
-        model = DistributedDataParallel(_tiny_llama(), broadcast_buffers=False)
+        model = DistributedDataParallel(_tiny_llama().to(device), broadcast_buffers=False, device_ids=device_ids)
         config = TopologyConfig(score_every=1, update_every=UPDATE_EVERY, epsilon=0.3, prune_fraction=0.5, swap_threshold=1.0)
         opt = TopologyOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, config)
         assert opt.process_group is model.process_group
         data = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
         for _ in range(STEPS):
-            ids = torch.randint(0, 128, (2, 16), generator=data)
+            ids = torch.randint(0, 128, (2, 16), generator=data).to(device)  # drawn on the CPU: the same data on any device
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad()
         layers = opt.layers
         local_stats = {n: s.probe_ema.clone() for n, s in opt.layer_scores.items()}
-        torch.save({
-            "col_indices": {n: m.col_indices.clone() for n, m in layers.items()},
-            "values": {n: m.values.detach().clone() for n, m in layers.items()},
+        torch.save(to_cpu({
+            "col_indices": {n: m.col_indices for n, m in layers.items()},
+            "values": {n: m.values for n, m in layers.items()},
+            "checksums": {n: int(topology_checksum(m.col_indices)) for n, m in layers.items()},  # on this rank's device
+            "decisions": len({d.step for d in opt.history}),
             "swaps": sum(d.num_swaps for d in opt.history),
             "probe_ema": local_stats,
-        }, os.path.join(out_dir, f"rank{rank}.pt"))
+        }), os.path.join(out_dir, f"rank{rank}.pt"))
 
         # a topology that differs on one rank is caught by the checksum
         name, layer = next(iter(layers.items()))
@@ -73,18 +81,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(diverged, os.path.join(out_dir, f"diverged{rank}.pt"))
 
         # DDP's defaults (broadcast_buffers=True re-sends the buffers, stats probes included, every forward)
-        model = DistributedDataParallel(_tiny_llama())
+        model = DistributedDataParallel(_tiny_llama().to(device), device_ids=device_ids)
         opt = TopologyOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model.module, config)
         for _ in range(2 * UPDATE_EVERY):
-            ids = torch.randint(0, 128, (2, 16), generator=data)
+            ids = torch.randint(0, 128, (2, 16), generator=data).to(device)  # drawn on the CPU: the same data on any device
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad()
-        torch.save({
-            "col_indices": {n: m.col_indices.clone() for n, m in opt.layers.items()},
-            "values": {n: m.values.detach().clone() for n, m in opt.layers.items()},
+        torch.save(to_cpu({
+            "col_indices": {n: m.col_indices for n, m in opt.layers.items()},
+            "values": {n: m.values for n, m in opt.layers.items()},
+            "checksums": {n: int(topology_checksum(m.col_indices)) for n, m in opt.layers.items()},
+            "decisions": len({d.step for d in opt.history}),
             "swaps": sum(d.num_swaps for d in opt.history),
-        }, os.path.join(out_dir, f"defaults{rank}.pt"))
+        }), os.path.join(out_dir, f"defaults{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -92,8 +102,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """One 2-process run shared by the tests below (spawning costs seconds)."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
+    require_dist_devices(WORLD)
     out = tmp_path_factory.mktemp("ddp")
     mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out
@@ -101,7 +110,11 @@ def ddp_run(tmp_path_factory):
 
 def test_ddp_ranks_with_different_data_end_with_identical_topology_and_values(ddp_run):
     r0, r1 = (torch.load(ddp_run / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    for rank, r in enumerate((r0, r1)):
+        print_rank_summary("DDP", rank, r["checksums"], r["decisions"], r["swaps"], r["values"])
+    assert r0["decisions"] == r1["decisions"] >= 3  # decisions at steps 3, 6, 9, 12
     assert r0["swaps"] > 0 and r0["swaps"] == r1["swaps"]
+    assert r0["checksums"] == r1["checksums"]
     for name in r0["col_indices"]:
         assert torch.equal(r0["col_indices"][name], r1["col_indices"][name]), name
         assert torch.equal(r0["values"][name], r1["values"][name]), name
@@ -111,7 +124,11 @@ def test_ddp_ranks_with_different_data_end_with_identical_topology_and_values(dd
 
 def test_ddp_with_default_buffer_broadcast_and_the_inner_module_passed_agrees_too(ddp_run):
     r0, r1 = (torch.load(ddp_run / f"defaults{r}.pt", weights_only=True) for r in range(WORLD))
+    for rank, r in enumerate((r0, r1)):
+        print_rank_summary("DDP, default buffer broadcast", rank, r["checksums"], r["decisions"], r["swaps"], r["values"])
+    assert r0["decisions"] == r1["decisions"] == 2  # decisions at steps 3 and 6
     assert r0["swaps"] > 0 and r0["swaps"] == r1["swaps"]
+    assert r0["checksums"] == r1["checksums"]
     for name in r0["col_indices"]:
         assert torch.equal(r0["col_indices"][name], r1["col_indices"][name]), name
         assert torch.equal(r0["values"][name], r1["values"][name]), name
