@@ -81,7 +81,7 @@ def test_report_has_every_section_arm_claim_and_figure(smoke):
     assert len(rows) >= len(CLAIMS)
     for line in rows:
         if line.startswith("|"):
-            assert any(v in line for v in ("held", "refuted", "not measured")), line
+            assert any(v in line for v in ("held", "refuted", "inconclusive", "not measured")), line
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert figures == ["accuracy_a_then_b.png", "forgetting_bars.png", "forgetting_vs_b_loss_answer_bytes.png",
                        "forgetting_vs_b_loss_exact_match.png", "masks_a_vs_b.png",

@@ -69,35 +69,57 @@ def _sweep_points(runs, index, split="acc_test"):
     return out
 
 
+def _differences(points, arm):
+    """``[(ref, lr, difference, half-width)]``: the arm's forgetting minus dense's and EWC's at the same B loss
+    (reference curves piecewise-linear in B loss, their 95% half-widths interpolated the same way), with
+    the half-width of the difference as for independent means, sqrt(h_arm^2 + h_ref^2); None outside a
+    reference's B-loss range."""
+    out = []
+    for ref in SWEPT:
+        if arm == ref or len(points.get(ref, [])) < 2:
+            continue
+        curve, widths = [(p[1], p[2]) for p in points[ref]], [(p[1], p[3]) for p in points[ref]]
+        for lr, loss, fgt, width in points.get(arm, []):
+            other = interpolate(curve, loss)
+            if other is None or math.isnan(fgt - other):
+                out.append((ref, lr, None, None))
+                continue
+            out.append((ref, lr, fgt - other, math.hypot(width, interpolate(widths, loss))))
+    return out
+
+
+def _pts(difference: float, width: float) -> str:
+    return f"{100 * difference:+.1f}" + ("" if math.isnan(width) else f" ± {100 * width:.1f}") + " pts"
+
+
 def _equal_learning(points):
-    """Each point's forgetting minus dense's and EWC's (interpolated) at the same B loss."""
-    refs = {ref: [(p[1], p[2]) for p in points[ref]] for ref in SWEPT if len(points.get(ref, [])) > 1}
+    """One row per arm and learning rate: its forgetting and the difference to dense's and EWC's curves."""
+    diffs = {arm: {(ref, lr): (d, w) for ref, lr, d, w in _differences(points, arm)} for arm in points}
     rows = []
     for arm, pts in sorted(points.items()):
-        for lr, loss, fgt, _ in pts:
-            row = [arm, f"{lr:g}", f"{loss:.3f}", f"{100 * fgt:.1f}%"]
+        for lr, loss, fgt, width in pts:
+            row = [arm, f"{lr:g}", f"{loss:.3f}", _pm((fgt, width))]
             for ref in SWEPT:
-                other = interpolate(refs[ref], loss) if ref in refs and ref != arm else None
-                row.append("-" if other is None else f"{100 * (fgt - other):+.1f} pts")
+                d, w = diffs[arm].get((ref, lr), (None, None))
+                row.append("-" if d is None else _pts(d, w))
             rows.append(row)
     return rows
 
 
 def _verdict(points, arm):
-    """held when every point of the arm inside dense's B-loss range lies below dense (and below EWC where
-    EWC's range covers it); refuted when any lies above; not measured when none is in range."""
-    diffs = []
-    for ref in SWEPT:
-        if arm == ref or len(points.get(ref, [])) < 2:
-            continue
-        curve = [(p[1], p[2]) for p in points[ref]]
-        diffs += [(ref, fgt - other) for _, loss, fgt, _ in points.get(arm, [])
-                  if (other := interpolate(curve, loss)) is not None and not math.isnan(fgt - other)]
+    """held when every point of the arm inside the reference curves' B-loss range lies below dense's (and
+    EWC's, where its range covers it) by more than the 95% half-width of the difference; refuted when any
+    lies on or above; inconclusive when all lie below but not all beyond the intervals; not measured when
+    none is in range."""
+    diffs = [(ref, d, w) for ref, _, d, w in _differences(points, arm) if d is not None]
     if not diffs:
         return "not measured", "no point inside the reference curves' B-loss range"
-    worst = max(d for _, d in diffs)
-    text = ", ".join(f"{100 * d:+.1f} pts vs {ref}" for ref, d in diffs)
-    return ("held" if worst < 0 else "refuted"), text
+    text = ", ".join(f"{_pts(d, w)} vs {ref}" for ref, d, w in diffs)
+    if max(d for _, d, _ in diffs) >= 0:
+        return "refuted", text
+    if all(d + w < 0 for _, d, w in diffs):  # a nan width (one seed) never shows significance
+        return "held", text
+    return "inconclusive", text
 
 
 def _config_of(run: dict, fallback):
@@ -209,7 +231,9 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
     md += ["## Forgetting at equal task-B learning", "",
            "Learning less forgets less: each arm at three B learning rates, forgetting against B's held-out loss. "
            "An arm forgets less only where its point lies below dense's (and EWC's) curve at the same B loss "
-           "(piecewise-linear between the reference's learning rates; '-' where outside its range).", "",
+           "(piecewise-linear between the reference's learning rates; '-' where outside its range). Differences "
+           "carry the 95% half-width sqrt(h_arm^2 + h_ref^2) (seeds independent between arms); a claim is held "
+           "only where every difference is below zero by more than it.", "",
            link(fig["tradeoff"]), ""]
     md += [tabulate(_equal_learning(points), headers=["arm", "B lr", "B loss", f"forgetting ({names[primary]})",
                                                       "vs dense", "vs EWC"], tablefmt="github"), ""]
@@ -264,7 +288,9 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
                     tablefmt="github"), ""]
     md += _bench_section(_bench())
     md += ["## Claims", "", f"Forgetting in the claims is measured on {names[primary]}; '(other measure: ...)' gives the "
-           f"verdict on {names[secondary]}.", "", tabulate(claims(rows, points, _bench(), byte_points), headers=["claim", "verdict", "evidence"],
+           f"verdict on {names[secondary]}. 'Forgets less at equal B loss': held only where every point lies below "
+           "dense's and EWC's curves by more than the 95% half-width of the difference; refuted where one lies on or "
+           "above; inconclusive where all lie below but within the intervals.", "", tabulate(claims(rows, points, _bench(), byte_points), headers=["claim", "verdict", "evidence"],
                                      tablefmt="github"), ""]
     grid = out / "grid.json"
     if grid.exists():
