@@ -34,6 +34,10 @@
 # task B 300 steps at learning rates 3e-5 / 1e-4 / 3e-4 (base 1e-4) with 30 checkpoints (every 10 steps).
 # Measured there: task-B runs of 600 steps + 12 evaluations took 62-82 s with 14 workers under MPS, so the
 # grid (18 task-A runs of 1000 steps, ~60 task-B runs of 300 steps + 30 evaluations) is ~300 s of the ~470 s.
+#
+# Measured on 2 x H200 (32 cores, 28 workers, MPS), 2026-11-23 (docs/forgetting_report_gpu*.md): the default grid
+# (3 seeds, 79 runs) took 185 s; 5 more seeds (125 runs) 288 s; with A_STEPS=2000, 3 seeds (80 runs) 248 s and
+# 2 more seeds (50 runs) 171 s. Task-A runs took 57-165 s, task-B runs 19-48 s.
 set -u -o pipefail
 cd "$(dirname "$0")/../.." || exit 1
 START=$(date +%s)
