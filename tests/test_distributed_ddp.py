@@ -37,6 +37,19 @@ def _tiny_llama():
     return sparsify(LlamaForCausalLM(config), components="mlp", density=0.5, block_size=16)
 
 
+def _snapshot(opt) -> dict:
+    """This rank's topology, values, per-layer checksums (on its device), decisions and swaps."""
+    from sparsify.topology.distributed import topology_checksum
+
+    return {
+        "col_indices": {n: m.col_indices for n, m in opt.layers.items()},
+        "values": {n: m.values for n, m in opt.layers.items()},
+        "checksums": {n: int(topology_checksum(m.col_indices)) for n, m in opt.layers.items()},
+        "decisions": len({d.step for d in opt.history}),
+        "swaps": sum(d.num_swaps for d in opt.history),
+    }
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     device = init_dist_worker(rank, WORLD, port)  # gloo on the CPU, or NCCL with this rank on cuda:rank
     device_ids = [device.index] if device.type == "cuda" else None
@@ -44,7 +57,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         from sparsify import TopologyConfig, TopologyOptimizer
-        from sparsify.topology.distributed import check_same_topology, topology_checksum
+        from sparsify.topology.distributed import check_same_topology
 
         # broadcast_buffers=False: nothing but the topology optimizer keeps col_indices in step across ranks
         model = DistributedDataParallel(_tiny_llama().to(device), broadcast_buffers=False, device_ids=device_ids)
@@ -59,14 +72,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             opt.zero_grad()
         layers = opt.layers
         local_stats = {n: s.probe_ema.clone() for n, s in opt.layer_scores.items()}
-        torch.save(to_cpu({
-            "col_indices": {n: m.col_indices for n, m in layers.items()},
-            "values": {n: m.values for n, m in layers.items()},
-            "checksums": {n: int(topology_checksum(m.col_indices)) for n, m in layers.items()},  # on this rank's device
-            "decisions": len({d.step for d in opt.history}),
-            "swaps": sum(d.num_swaps for d in opt.history),
-            "probe_ema": local_stats,
-        }), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(to_cpu({**_snapshot(opt), "probe_ema": local_stats}), os.path.join(out_dir, f"rank{rank}.pt"))
 
         # a topology that differs on one rank is caught by the checksum
         name, layer = next(iter(layers.items()))
@@ -88,13 +94,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad()
-        torch.save(to_cpu({
-            "col_indices": {n: m.col_indices for n, m in opt.layers.items()},
-            "values": {n: m.values for n, m in opt.layers.items()},
-            "checksums": {n: int(topology_checksum(m.col_indices)) for n, m in opt.layers.items()},
-            "decisions": len({d.step for d in opt.history}),
-            "swaps": sum(d.num_swaps for d in opt.history),
-        }), os.path.join(out_dir, f"defaults{rank}.pt"))
+        torch.save(to_cpu(_snapshot(opt)), os.path.join(out_dir, f"defaults{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
