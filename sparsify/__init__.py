@@ -5,11 +5,13 @@
 """
 
 from sparsify.api import densify, sparse_layers, sparsify, sparsity_table
+from sparsify.config import BlockSparseConfig
+from sparsify.kernels.dispatch import KernelOptions, kernel_options, set_kernel_options
 from sparsify.layer import BlockSparseLinear
 from sparsify.topology import TopologyConfig, TopologyOptimizer, topology_report
 
 __all__ = [
-    "BlockSparseLinear", "TopologyConfig", "TopologyOptimizer", "densify", "sparse_layers", "sparsify", "sparsity_table",
+    "BlockSparseConfig", "BlockSparseLinear", "KernelOptions", "TopologyConfig", "kernel_options", "set_kernel_options", "TopologyOptimizer", "densify", "sparse_layers", "sparsify", "sparsity_table",
     "topology_report",
 ]
 __version__ = "0.1.0"

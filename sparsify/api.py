@@ -7,26 +7,30 @@ from collections.abc import Callable, Sequence
 from tabulate import tabulate
 from torch import fx, nn
 
+from sparsify.config import BlockSparseConfig
 from sparsify.layer import BlockSparseLinear
 from sparsify.passes.linear_to_block_ell import sparsify_graph
-from sparsify.rewrite import check_arguments, to_block_sparse
+from sparsify.rewrite import to_block_sparse
 from sparsify.select import LayerSpec, replace_submodule, select_linears
 
 
 def sparsify(
     model: nn.Module,
+    config: BlockSparseConfig | None = None,
     *,
     layers: LayerSpec = None,
     components: str | Sequence[str] | None = None,
-    density: float = 0.5,
-    block_size: int = 16,
-    init: str = "magnitude",
+    density: float | None = None,
+    block_size: int | None = None,
+    init: str | None = None,
     seed: int | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> nn.Module:
     """Rewrite the selected linears of ``model`` into :class:`BlockSparseLinear` layers.
 
     Args:
+        config: a :class:`BlockSparseConfig`; the keywords ``density``, ``block_size``, ``init`` and
+            ``seed`` override its fields (defaults: density 0.5, block_size 16, init "magnitude").
         layers: ``"8..12"`` (inclusive), a ``range``, an int, a list of ints, or None for all.
         components: ``"mlp"``, ``"attn"``, linear names (``"up_proj"``) or globs (``"*.fc1"``); None for all.
         density: fraction of blocks kept per block-row, in (0, 1]; ``K = max(1, round(C * density))``.
@@ -48,16 +52,13 @@ def sparsify(
         >>> type(model.model.layers[1].mlp.up_proj).__name__
         'BlockSparseLinear'
     """
-    check_arguments(density, block_size, init)
+    config = BlockSparseConfig.resolve(config, density=density, block_size=block_size, init=init, seed=seed)
     if isinstance(model, fx.GraphModule):
-        return sparsify_graph(
-            model, layers=layers, components=components, density=density, block_size=block_size,
-            init=init, seed=seed, filter_fn=filter_fn,
-        )
+        return sparsify_graph(model, config, layers=layers, components=components, filter_fn=filter_fn)
     targets = select_linears(
         model, layers, components, filter_fn, already_sparse=lambda m: isinstance(m, BlockSparseLinear)
     )
-    for target, sparse in zip(targets, to_block_sparse(targets, density, block_size, init, seed)):
+    for target, sparse in zip(targets, to_block_sparse(targets, config)):
         replace_submodule(model, target.fqn, sparse)
     return model
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sparsify import block_ell
+from sparsify.config import BlockSparseConfig
 from sparsify.functional import block_ell_linear
 
 
@@ -20,6 +21,7 @@ class BlockSparseLinear(nn.Module):
         bias: ``nn.Parameter [out_features]`` or None.
         stats_probe: non-persistent float32 buffer ``[R + C]``; when it requires grad (the topology
             optimizer turns it on) its ``.grad`` collects per-row error and per-column activation energy.
+        config: the :class:`BlockSparseConfig` the layer was made with (saved with the model).
 
     Example::
 
@@ -53,6 +55,7 @@ class BlockSparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("col_indices", torch.zeros(rows, k, dtype=torch.int32, device=device))  # [R, K]
         self.register_buffer("stats_probe", torch.zeros(rows + cols, device=device), persistent=False)  # [R + C]
+        self.config = BlockSparseConfig(density=density, block_size=block_size, init=init)
         self._init_parameters(density, init, generator)
 
     def _init_parameters(self, density: float, init: str, generator: torch.Generator | None) -> None:
@@ -91,25 +94,29 @@ class BlockSparseLinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Module,
-        block_size: int = 16,
-        density: float = 0.5,
-        init: str = "magnitude",
+        block_size: int | None = None,
+        density: float | None = None,
+        init: str | None = None,
         generator: torch.Generator | None = None,
         *,
+        config: BlockSparseConfig | None = None,
         weight: torch.Tensor | None = None,
         name: str = "linear",
     ) -> "BlockSparseLinear":
         """Cut an ``nn.Linear`` (or any module with ``weight [out, in]`` and ``bias``) into blocks.
 
-        ``weight`` overrides the module's weight (GPT-2's ``Conv1D`` stores it transposed).
-        The result lives on the source's device and dtype; ``init`` picks the kept blocks.
+        ``config`` (or the keywords, which override its fields) says how; ``weight`` overrides the
+        module's weight (GPT-2's ``Conv1D`` stores it transposed). The result lives on the source's
+        device and dtype; ``config.init`` picks the kept blocks. ``generator`` draws ``init="random"``
+        (default: one seeded by ``config.seed``, else torch's global generator).
         """
+        config = BlockSparseConfig.resolve(config, block_size=block_size, density=density, init=init)
+        block_size, density, init = config.block_size, config.density, config.init
+        if generator is None and config.seed is not None:
+            generator = torch.Generator().manual_seed(config.seed)
         dense = linear.weight if weight is None else weight
         out_features, in_features = dense.shape
         block_ell.check_block_shape(in_features, out_features, block_size, name)
-        block_ell.check_density(density, name)
-        if init not in block_ell.INIT_METHODS:
-            raise ValueError(f"{name}: init={init!r} is not one of {block_ell.INIT_METHODS}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features, layer.block_size = in_features, out_features, block_size
@@ -122,6 +129,7 @@ class BlockSparseLinear(nn.Module):
         layer.register_buffer(
             "stats_probe", torch.zeros(layer.num_rows + layer.num_cols, device=dense.device), persistent=False
         )
+        layer.config = config
         return layer
 
     def to_dense(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from sparsify.config import BlockSparseConfig
 from sparsify.rewrite import to_block_sparse
 from sparsify.select import LayerSpec, is_linear, make_target, replace_submodule, select_linears
 
@@ -44,18 +45,15 @@ def _find_sites(gm: fx.GraphModule) -> list[_Site]:
 
 def sparsify_graph(
     gm: fx.GraphModule,
+    config: BlockSparseConfig | None = None,
     *,
     layers: LayerSpec = None,
     components: str | Sequence[str] | None = None,
-    density: float = 0.5,
-    block_size: int = 16,
-    init: str = "magnitude",
-    seed: int | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> fx.GraphModule:
     """Rewrite the selected linear nodes of ``gm`` into Block-ELL op nodes; returns ``gm``.
 
-    :func:`sparsify.sparsify` validates the shared arguments and calls this for GraphModules.
+    :func:`sparsify.sparsify` calls this for GraphModules; ``config`` defaults to ``BlockSparseConfig()``.
     A weight used by more than one linear node (tied weights) is rewritten once and shared.
     """
     sites = _find_sites(gm)
@@ -67,7 +65,7 @@ def sparsify_graph(
     # On export graphs the owner is a plain container module holding weight and bias.
     candidates = [make_target(fqn, gm.get_submodule(fqn)) for fqn in by_fqn]
     targets = select_linears(candidates, layers, components, filter_fn)
-    new_layers = to_block_sparse(targets, density, block_size, init, seed)
+    new_layers = to_block_sparse(targets, config or BlockSparseConfig())
 
     for target, sparse in zip(targets, new_layers):
         replace_submodule(gm, target.fqn, sparse)
