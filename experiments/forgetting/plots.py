@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from forgetting_lib.analysis import blocks, forgetting, interval  # noqa: E402
+from forgetting.analysis import blocks, forgetting, interval  # noqa: E402
 
 DPI = 80
 

@@ -2,7 +2,7 @@
 Python 3.11 documentation that Debian's ``python3.11-doc`` installs), both as bytes.
 
 Tokenizer: byte-level, vocabulary 256, the same for every arm. ``prepare_prose`` cleans the
-reStructuredText sources once into ``data/prose.json`` (train / val / test paragraphs, split by file).
+reStructuredText sources once into ``experiments/forgetting/data/prose.json`` (train / val / test paragraphs, split by file).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from forgetting import HOME
+
 VOCAB = 256
 NEWLINE = ord("\n")
 RST_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
-PROSE_FILE = Path("data/prose.json")
+PROSE_FILE = HOME / "data" / "prose.json"
 SOURCE_NOTE = (
     "Python 3.11 documentation sources (reStructuredText) from Debian's python3.11-doc package, "
     "/usr/share/doc/python3.11/html/_sources/, PSF License Version 2"
@@ -211,7 +213,7 @@ def prepare_docstrings(out: Path) -> dict:
 
 def load_prose(path: Path = PROSE_FILE) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run `python examples/forgetting.py prepare` first")
+        raise FileNotFoundError(f"{path} is missing; run `python experiments/forgetting/run.py prepare` first")
     payload = json.loads(path.read_text())
     return {
         split: torch.tensor(encode("\n".join(payload[split]) + "\n"), dtype=torch.uint8)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
 from tabulate import tabulate
 
-from forgetting_lib import plots
-from forgetting_lib.analysis import calibrate, forgetting, interpolate, interval, load, overlap, spikes
-from forgetting_lib.data import SOURCE_NOTE
+from forgetting import HOME, plots
+from forgetting.analysis import calibrate, forgetting, interpolate, interval, load, overlap, spikes
+from forgetting.data import SOURCE_NOTE
 
 SWEPT = ("dense", "ewc")
 
@@ -123,8 +124,8 @@ def _verdict(points, arm):
 
 
 def _config_of(run: dict, fallback):
-    from forgetting_lib.model import ModelConfig
-    from forgetting_lib.train import ExpConfig
+    from forgetting.model import ModelConfig
+    from forgetting.train import ExpConfig
 
     saved = dict(run.get("config") or {})
     if not saved:
@@ -145,8 +146,18 @@ def _dense_curve(runs, base_lr, split="acc_val") -> str:
 
 
 def _bench():
-    files = sorted(glob.glob("benchmarks/results/training-*.json"))
+    files = sorted(glob.glob(str(HOME.parents[1] / "benchmarks" / "results" / "training-*.json")))
     return json.loads(Path(files[-1]).read_text()) if files else None
+
+
+def opening(report: Path) -> str | None:
+    """The hand-written text of an existing report: everything between its title and its 'Device:' line."""
+    if not report.exists():
+        return None
+    head, found, _ = report.read_text().split("\n", 1)[-1].partition("\nDevice: **")
+    if not found:
+        return None
+    return head.strip() or None
 
 
 def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None = None, metric: str = "exact") -> None:
@@ -176,7 +187,8 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
     fig["curves"] = plots.accuracy_curves(a_runs, runs, base_lr, cfg.a_steps, figures / "accuracy_a_then_b.png")
     fig["topology"] = plots.topology_dynamics(runs, base_lr, cfg.a_steps, figures / "topology_dynamics.png")
     fig["masks"] = plots.masks([r for r in runs if r["lr"] == base_lr], figures / "masks_a_vs_b.png")
-    link = lambda name: f"![{name}]({Path(figures.relative_to(report.parent) if figures.is_relative_to(report.parent) else figures) / name})"  # noqa: E731
+    folder = Path(os.path.relpath(figures.resolve(), report.parent.resolve())).as_posix()  # a link from the report
+    link = lambda name: f"![{name}]({folder}/{name})"  # noqa: E731
 
     md = ["# Does dynamic block topology forget less at equal learning?", ""]
     if note:

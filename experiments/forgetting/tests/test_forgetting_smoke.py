@@ -1,4 +1,4 @@
-"""examples/forgetting.py --smoke: every arm trains on the CPU, the report has its parts, reruns resume;
+"""run.py --smoke: every arm trains on the CPU, the report has its parts, reruns resume;
 the grid's order and deadline rule; the answer metric against greedy decoding problem by problem."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "forgetting.py"
-sys.path.insert(0, str(ROOT / "examples"))
+ROOT = Path(__file__).resolve().parents[3]  # the repository
+SCRIPT = Path(__file__).resolve().parents[1] / "run.py"
 ARMS = ("dense", "ewc", "static-0.5", "dynamic-0.25", "dynamic-0.5", "dynamic-0.75", "dynamic-0.5-b64",
         "protected-0.5", "anchored-0.5")
 SECTIONS = ("## Setup", "## Runs per arm", "## Forgetting per arm", "## Forgetting at equal task-B learning", "## Accuracy through A then B",
@@ -99,9 +98,9 @@ def test_smoke_finishes_within_a_minute_and_a_rerun_resumes_without_training(smo
 
 # ---------------------------------------------------------------- the grid's order and deadline (no training)
 def test_plan_puts_the_whole_base_table_before_any_sweep_and_late_arms_last():
-    from forgetting_lib.arms import make_arms
-    from forgetting_lib.grid import plan
-    from forgetting_lib.train import ExpConfig
+    from forgetting.arms import make_arms
+    from forgetting.grid import plan
+    from forgetting.train import ExpConfig
 
     cfg = ExpConfig()
     jobs = plan(make_arms(), 3, cfg, sweep=True)
@@ -123,9 +122,9 @@ def test_plan_puts_the_whole_base_table_before_any_sweep_and_late_arms_last():
 
 
 def test_grid_starts_no_run_that_cannot_finish_before_the_deadline(tmp_path, monkeypatch):
-    from forgetting_lib import grid
-    from forgetting_lib.arms import Arm
-    from forgetting_lib.train import ExpConfig
+    from forgetting import grid
+    from forgetting.arms import Arm
+    from forgetting.train import ExpConfig
 
     clock = [1000.0]
     monkeypatch.setattr(grid.time, "time", lambda: clock[0])
@@ -191,8 +190,8 @@ class _Oracle:
 
 
 def test_teacher_forced_scores_equal_greedy_decoding_problem_by_problem():
-    from forgetting_lib.data import MathTask, encode
-    from forgetting_lib.evaluate import answer_scores
+    from forgetting.data import MathTask, encode
+    from forgetting.evaluate import answer_scores
 
     problems = MathTask.generate(n_train=10, n_val=10, n_test=60).test
     model = _Oracle(dict(problems))

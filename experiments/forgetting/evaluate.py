@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from forgetting_lib.data import encode
+from forgetting.data import encode
 
 _ENCODED: dict = {}  # (id(problems), device, batch) -> (problems, [(ids, target)]): encoded once per process
 

@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparsify import TopologyConfig, sparse_layers
-from sparsify.ops import backend_name
+from sparsify import TopologyConfig, set_kernel_options, sparse_layers
 
-from forgetting_lib import arms as A
-from forgetting_lib import data
-from forgetting_lib.evaluate import answer_scores, heldout_loss
-from forgetting_lib.model import ModelConfig, build_model
+from forgetting import arms as A
+from forgetting import data
+from forgetting.evaluate import answer_scores, heldout_loss
+from forgetting.model import ModelConfig, build_model
 
 
 class DeadlinePassed(RuntimeError):
@@ -50,11 +49,13 @@ class ExpConfig:
     prose_file: str = str(data.PROSE_FILE)
     device: str = "cpu"
     tf32: bool = False  # CUDA: float32 matmuls (cuBLAS and the Triton kernels alike) on TF32 tensor cores
+    backend: str = "auto"  # sparsify's kernel backend: auto, reference or triton
 
     def set_precision(self) -> None:
-        """The float32 matmul precision of this process (the sparse kernels follow torch's switch)."""
+        """This process's float32 matmul precision (the sparse kernels follow torch's switch) and kernel backend."""
         torch.backends.cuda.matmul.allow_tf32 = self.tf32
         torch.backends.cudnn.allow_tf32 = self.tf32
+        set_kernel_options(backend=self.backend)
 
     def topology(self, seed: int) -> TopologyConfig:
         return TopologyConfig(update_every=self.update_every, score_every=self.score_every, seed=seed)
@@ -153,12 +154,21 @@ def _topology(model) -> dict[str, list]:
     return {n: layer.col_indices.tolist() for n, layer in sparse_layers(model)}
 
 
+def backend_in_use(device: torch.device) -> str:
+    """The kernel backend the runs on ``device`` use: the dispatcher's answer for the device where it gives
+    one (``backend_for``), else the backend option in force ("auto" on CUDA means Triton)."""
+    from sparsify.kernels import dispatch
+
+    resolve = getattr(dispatch, "backend_for", None)
+    return resolve(device) if resolve is not None else dispatch.options().backend
+
+
 def _meta(cfg: ExpConfig) -> dict:
     import transformers
     device = torch.device(cfg.device)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "backend": backend_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
+        "backend": backend_in_use(device), "torch": torch.__version__, "transformers": transformers.__version__,
         "config": asdict(cfg),
     }
 

@@ -3,14 +3,14 @@
 # check, then the grid until its deadline. Every run's JSON (not the task-A checkpoints) comes back as
 # $OUT/results.tgz, refreshed every minute, so a call cut off still returns what had finished.
 #
-#   run(command="bash examples/forgetting_lib/gpu_run.sh", carry=["data/prose.json"], timeout_s=600)
+#   run(command="bash experiments/forgetting/gpu_run.sh", carry=["experiments/forgetting/data/prose.json"], timeout_s=600)
 #
 # Settings are environment variables (defaults in the code below): TOTAL_SECONDS (the whole call, 560),
 # TAR_SECONDS (kept for packing at the end, 40), WORKERS (14 a GPU, at most cores - 2 on several GPUs;
 # the grid pins worker n to GPU n mod GPUs), USE_MPS (1), TF32 (1), N_LAYERS, HIDDEN,
 # MLP, HEADS, SEQ, BATCH, LAYERS (sparse MLP layers), A_STEPS, B_STEPS, A_EVALS, B_EVALS, B_LRS ("low base high"),
 # SEEDS, BIG_BLOCK,
-# RESULTS (results/forgetting-gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options).
+# RESULTS (experiments/forgetting/results/gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options).
 #
 # Why this configuration fits (estimate for one H100, 16 cores): the last call measured 600 task-A steps
 # of this model (6 layers, hidden 256, MLP 1024, batch 64 x 128 bytes, float32) at 38 s dense and 109-130 s
@@ -29,13 +29,13 @@
 # the sweeps follow. Task A: 1000 steps (600 gave dense 9-23% exact match last call, not converged);
 # task B: 600 steps with 12 checkpoints, so the calibration can pick where dense forgets 30-80%.
 #
-# Calibration after the first H100 grid (2026-11-23, docs/forgetting_report_gpu.md): at B lr 3e-4 dense forgot
+# Calibration after the first H100 grid (a partial H100 grid, 2026-11-23): at B lr 3e-4 dense forgot
 # 97% of task A by the first checkpoint (B step 50), so no checkpoint fell in the 30-80% band. Defaults since:
 # task B 300 steps at learning rates 3e-5 / 1e-4 / 3e-4 (base 1e-4) with 30 checkpoints (every 10 steps).
 # Measured there: task-B runs of 600 steps + 12 evaluations took 62-82 s with 14 workers under MPS, so the
 # grid (18 task-A runs of 1000 steps, ~60 task-B runs of 300 steps + 30 evaluations) is ~300 s of the ~470 s.
 #
-# Measured on 2 x H200 (32 cores, 28 workers, MPS), 2026-11-23 (docs/forgetting_report_gpu*.md): the default grid
+# Measured on 2 x H200 (32 cores, 28 workers, MPS), 2026-11-23 (README.md, reports/gpu_a1000.md): the default grid
 # (3 seeds, 79 runs) took 185 s; 5 more seeds (125 runs) 288 s; with A_STEPS=2000, 3 seeds (80 runs) 248 s and
 # 2 more seeds (50 runs) 171 s. Task-A runs took 57-165 s, task-B runs 19-48 s.
 set -u -o pipefail
@@ -49,7 +49,8 @@ GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 DEFAULT_WORKERS=$((GPUS > 1 ? 14 * GPUS : 14)); CORES=$(nproc)
 [ "$DEFAULT_WORKERS" -gt $((CORES - 2)) ] && [ "$GPUS" -gt 1 ] && DEFAULT_WORKERS=$((CORES - 2))
 TOTAL=${TOTAL_SECONDS:-560} TAR=${TAR_SECONDS:-40} WORKERS=${WORKERS:-$DEFAULT_WORKERS} DEVICE=${DEVICE:-cuda}
-RESULTS=${RESULTS:-results/forgetting-gpu}
+RESULTS=${RESULTS:-experiments/forgetting/results/gpu}
+PROSE=experiments/forgetting/data/prose.json
 ARGS=(--device "$DEVICE" --out "$RESULTS" --n-layers "${N_LAYERS:-6}" --hidden "${HIDDEN:-256}" --mlp "${MLP:-1024}"
       --heads "${HEADS:-4}" --seq "${SEQ:-128}" --batch "${BATCH:-64}" --layers "${LAYERS:-1..4}"
       --a-steps "${A_STEPS:-1000}" --b-steps "${B_STEPS:-300}" --a-evals "${A_EVALS:-5}" --b-evals "${B_EVALS:-30}"
@@ -60,8 +61,8 @@ ARGS+=(--b-lrs "${B_LR_LIST[@]}")
 [ "${TF32:-1}" = 1 ] && ARGS+=(--tf32)
 # shellcheck disable=SC2206  # EXTRA is a list of options, split on purpose
 [ -n "${EXTRA:-}" ] && ARGS+=($EXTRA)
-if [ ! -f data/prose.json ]; then
-  echo "data/prose.json is missing: build it with 'python examples/forgetting.py prepare' and carry it (carry=[\"data/prose.json\"])"
+if [ ! -f "$PROSE" ]; then
+  echo "$PROSE is missing: build it with 'python experiments/forgetting/run.py prepare' and carry it (carry=[\"$PROSE\"])"
   exit 1
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total,compute_mode --format=csv 2>/dev/null || echo "no nvidia-smi"
@@ -107,8 +108,8 @@ echo "CUDA MPS: $MPS"
 
 # ---- the kernels against the reference on this model's shapes (B = 16 and the big block); warms Triton's cache
 CHECK="passed"
-if ! timeout 180 python examples/forgetting.py check "${ARGS[@]}" 2>&1 | grep -v Warning | tee "$OUT/check.log"; then
-  export SPARSIFY_BACKEND=reference
+if ! timeout 180 python experiments/forgetting/run.py check "${ARGS[@]}" 2>&1 | grep -v Warning | tee "$OUT/check.log"; then
+  ARGS+=(--backend reference)
   CHECK="failed or timed out: reference backend"
   echo "check $CHECK"
 fi
@@ -129,7 +130,7 @@ echo "grid: $GRID s until the deadline, $WORKERS workers"
 (trap 'kill $! 2>/dev/null; exit 0' TERM; while true; do sleep 60 & wait $!; snapshot loop; done) >/dev/null 2>&1 &
 SNAPSHOTS=$!
 # runs still going at the deadline stop at their next 50-step mark; the hard limit only catches a hang
-timeout --kill-after=10 $((GRID + 25)) python examples/forgetting.py run --workers "$WORKERS" \
+timeout --kill-after=10 $((GRID + 25)) python experiments/forgetting/run.py run --workers "$WORKERS" \
   --deadline-at "$DEADLINE_AT" --no-report "${ARGS[@]}" > "$OUT/grid.log" 2>&1
 echo "grid exit $? after $(($(date +%s) - START)) s of the call"
 stop_snapshots

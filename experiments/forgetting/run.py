@@ -1,13 +1,14 @@
 """Does dynamic block topology forget less at equal learning? Task A (arithmetic) then task B (prose).
 
-    python examples/forgetting.py prepare                  # clean the prose corpus once into data/
-    python examples/forgetting.py run --device cuda --workers 14 --deadline 300 --tf32
-    bash examples/forgetting_lib/gpu_run.sh                # the whole GPU grid in one call (see its header)
-    python examples/forgetting.py report                   # markdown + figures from results/forgetting
-    python examples/forgetting.py --smoke                  # every arm, tiny, CPU, under a minute
+    python experiments/forgetting/run.py prepare        # clean the prose corpus once into data/
+    python experiments/forgetting/run.py run --device cuda --workers 14 --deadline 300 --tf32
+    bash experiments/forgetting/gpu_run.sh              # the whole GPU grid in one call (see its header)
+    python experiments/forgetting/run.py report         # markdown + figures from results/default
+    python experiments/forgetting/run.py --smoke        # every arm, tiny, CPU, under a minute
 
-Runs write ``results/forgetting/**.json``; a run whose JSON exists is skipped (resumable).
-See docs/forgetting_report.md for the protocol and the results.
+Paths are relative to the current directory; the defaults live in experiments/forgetting/ (data/ and
+results/, both git-ignored). Runs write ``OUT/**.json``; a run whose JSON exists is skipped (resumable).
+README.md next to this file has the protocol and the results.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the package is this folder: import it from its parent, and not its modules as top-level names (data, grid, ...)
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from forgetting_lib import data  # noqa: E402
-from forgetting_lib.arms import make_arms  # noqa: E402
-from forgetting_lib.grid import backend_matches, plan, run_grid  # noqa: E402
-from forgetting_lib.model import ModelConfig  # noqa: E402
-from forgetting_lib.report import write_report  # noqa: E402
-from forgetting_lib.train import ExpConfig  # noqa: E402
+from forgetting import HOME, data  # noqa: E402
+from forgetting.arms import make_arms  # noqa: E402
+from forgetting.grid import backend_matches, plan, run_grid  # noqa: E402
+from forgetting.model import ModelConfig  # noqa: E402
+from forgetting.report import opening, write_report  # noqa: E402
+from forgetting.train import ExpConfig  # noqa: E402
 
 SMOKE = dict(model=ModelConfig(layers=2, hidden=64, mlp=128, heads=2, seq_len=32, sparse_layers="0..1"), batch=8,
              a_steps=40, b_steps=30, a_lr=3e-3, b_lrs=(1e-3, 3e-3, 1e-2), warmup=5, a_evals=2, b_evals=3,
@@ -38,14 +41,17 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("command", nargs="?", default="run", choices=("prepare", "check", "run", "report"),
                    help="check: exit 1 unless the Triton kernels match the reference on this model's layer shapes")
     p.add_argument("--smoke", action="store_true", help="tiny model, every arm, one seed, CPU; then the report")
-    p.add_argument("--out", default="results/forgetting")
+    p.add_argument("--out", default=None, help="the runs' folder (default results/default, --smoke results/smoke)")
     p.add_argument("--data", default=str(data.PROSE_FILE), help="the prepared prose corpus (prepare writes it)")
     p.add_argument("--report", default=None, help="markdown path (default OUT/report.md)")
     p.add_argument("--figures", default=None, help="figure folder (default OUT/figures)")
     p.add_argument("--metric", choices=("exact", "bytes"), default="exact",
                    help="forgetting in the headline and claims: exact match or answer-byte accuracy")
     p.add_argument("--note", default=None, help="a markdown file whose text opens the report (what ran where)")
+    p.add_argument("--keep-note", action="store_true", help="report: keep the opening text of the report file it replaces")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto",
+                   help="sparse kernels of every run (sparsify.set_kernel_options); check compares auto to reference")
     p.add_argument("--workers", type=int, default=0, help="parallel processes (0: in this process)")
     p.add_argument("--deadline", type=float, default=None, help="seconds from now; later runs are not started")
     p.add_argument("--deadline-at", type=float, default=None, help="the same as a Unix time (wins over --deadline)")
@@ -82,14 +88,12 @@ def config(args) -> ExpConfig:
                         heads=args.heads or max(1, args.hidden // 64), seq_len=args.seq)
     return ExpConfig(model=model, a_steps=args.a_steps, b_steps=args.b_steps, batch=args.batch, a_lr=args.a_lr,
                      a_evals=args.a_evals, b_evals=args.b_evals, b_lrs=tuple(args.b_lrs),
-                     ewc_lambdas=tuple(args.ewc_lambdas), device=args.device, tf32=args.tf32)
+                     ewc_lambdas=tuple(args.ewc_lambdas), device=args.device, tf32=args.tf32, backend=args.backend)
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    out = Path(args.out)
-    if args.smoke and args.out == "results/forgetting":
-        out = Path("results/forgetting-smoke")
+    out = Path(args.out) if args.out else HOME / "results" / ("smoke" if args.smoke else "default")
     prose = Path(args.data)
     if args.command == "prepare" or (args.command == "run" and not prose.exists()):
         if args.smoke and not data.RST_SOURCES.exists():
@@ -116,7 +120,8 @@ def main(argv=None) -> dict:
             return outcome
     report = Path(args.report) if args.report else out / "report.md"
     figures = Path(args.figures) if args.figures else out / "figures"
-    write_report(out, report, figures, cfg, Path(args.note).read_text() if args.note else None, args.metric)
+    note = Path(args.note).read_text() if args.note else opening(report) if args.keep_note else None
+    write_report(out, report, figures, cfg, note, args.metric)
     print("report ->", report)
     return outcome
 

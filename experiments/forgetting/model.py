@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparsify import sparsify
 
-from forgetting_lib.data import VOCAB
+from forgetting.data import VOCAB
 
 
 @dataclass

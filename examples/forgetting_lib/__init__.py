@@ -1,1 +1,0 @@
-"""Helpers of examples/forgetting.py: data, model, arms, training, report."""
