@@ -1,7 +1,9 @@
-"""The verbs: ``sparsify`` rewrites chosen linears into Block-ELL layers, ``densify`` undoes it."""
+"""The verbs: ``sparsify`` rewrites chosen linears into Block-ELL layers, ``densify`` undoes it,
+``sparsity_table`` shows what was done (and what was left dense, and why)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 from tabulate import tabulate
@@ -11,7 +13,7 @@ from sparsify.config import BlockSparseConfig
 from sparsify.layer import BlockSparseLinear
 from sparsify.passes.linear_to_block_ell import sparsify_graph
 from sparsify.rewrite import to_block_sparse
-from sparsify.select import LayerSpec, replace_submodule, select_linears
+from sparsify.select import LayerSpec, Skipped, replace_submodule, select
 
 
 def sparsify(
@@ -31,9 +33,13 @@ def sparsify(
     Args:
         config: a :class:`BlockSparseConfig`; the keywords ``density``, ``block_size``, ``init`` and
             ``seed`` override its fields (defaults: density 0.5, block_size 16, init "magnitude").
-        layers: ``"8..12"`` (inclusive), a ``range``, an int, a list of ints, or None for all.
+        layers: ``"8..12"`` (inclusive), ``"1,3,5..7"``, a ``range``, an int, a list of ints, or None
+            for all. An index alone selects that layer in *every* stack, so ``layers=1`` on T5 or BART
+            takes layer 1 of the encoder and of the decoder; name the stack to choose one:
+            ``"decoder.2..4"``, ``"encoder.0..1"``, ``"encoder.0,decoder.3"``.
         components: ``"mlp"``, ``"attn"``, linear names (``"up_proj"``) or globs (``"*.fc1"``); None for all.
-        density: fraction of blocks kept per block-row, in (0, 1]; ``K = max(1, round(C * density))``.
+        density: fraction of blocks kept per block-row, in (0, 1]; ``K = max(1, round(C * density))``
+            per layer, so the density used can differ (a warning names the layers more than 0.05 off).
         block_size: B; both dimensions of every selected linear must be multiples of it.
         init: ``"magnitude"`` keeps the K largest blocks of the weight, ``"random"`` draws K columns.
         seed: seeds ``init="random"``.
@@ -41,7 +47,12 @@ def sparsify(
 
     An ``nn.Module`` is rewritten in place and returned; a ``torch.fx.GraphModule`` (from
     ``symbolic_trace`` or ``torch.export(...).module()``) goes through the graph pass and the rewritten
-    GraphModule is returned. Layers already sparse are left alone. On any error nothing is changed.
+    GraphModule is returned. Layers already sparse are left alone. A module registered under several
+    paths is rewritten at every path to the same sparse layer. Selected linears that must stay dense
+    are skipped with a warning and listed by :func:`skipped_layers` and :func:`sparsity_table`: a
+    weight tied to another module's parameter (``lm_head`` with ``tie_word_embeddings=True``; sparsify
+    never unties), ``nn.MultiheadAttention.out_proj``, mixture-of-experts weights. On any error nothing
+    is changed.
 
     Example::
 
@@ -55,28 +66,51 @@ def sparsify(
     config = BlockSparseConfig.resolve(config, density=density, block_size=block_size, init=init, seed=seed)
     if isinstance(model, fx.GraphModule):
         return sparsify_graph(model, config, layers=layers, components=components, filter_fn=filter_fn)
-    targets = select_linears(
-        model, layers, components, filter_fn, already_sparse=lambda m: isinstance(m, BlockSparseLinear)
-    )
-    for target, sparse in zip(targets, to_block_sparse(targets, config)):
-        replace_submodule(model, target.fqn, sparse)
+    selection = select(model, layers, components, filter_fn, already_sparse=lambda m: isinstance(m, BlockSparseLinear))
+    for target, sparse in zip(selection.targets, to_block_sparse(selection.targets, config)):
+        for path in target.all_paths:
+            replace_submodule(model, path, sparse)
+    if selection.skipped:
+        _remember_skipped(model, selection.skipped)
+        listed = "; ".join(f"{s.fqn}: {s.reason}" for s in selection.skipped[:8])
+        more = f" and {len(selection.skipped) - 8} more" if len(selection.skipped) > 8 else ""
+        warnings.warn(f"sparsify: left dense: {listed}{more}", UserWarning, stacklevel=2)
     return model
 
 
+_SKIPPED_ATTRIBUTE = "_sparsify_skipped"
+
+
+def _remember_skipped(model: nn.Module, skipped: list[Skipped]) -> None:
+    # A plain attribute (not a buffer): it travels with deepcopy and never enters the state_dict.
+    merged = {s.fqn: s for s in skipped_layers(model)}
+    merged.update((s.fqn, s) for s in skipped)
+    model.__dict__[_SKIPPED_ATTRIBUTE] = list(merged.values())
+
+
+def skipped_layers(model: nn.Module) -> list[Skipped]:
+    """The modules ``sparsify`` was asked to rewrite but left dense, each with its reason."""
+    return list(model.__dict__.get(_SKIPPED_ATTRIBUTE, []))
+
+
 def sparse_layers(model: nn.Module) -> list[tuple[str, BlockSparseLinear]]:
-    """Every BlockSparseLinear of the model with its qualified name."""
+    """Every BlockSparseLinear of the model with its qualified name (a layer registered under several
+    paths appears once, under its first)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
 
 
 def densify(model: nn.Module) -> nn.Module:
     """Turn every BlockSparseLinear back into an ``nn.Linear`` with the zero-filled dense weight."""
+    dense_of: dict[int, nn.Linear] = {}  # one linear per sparse layer, however many paths it has
     for name, layer in sparse_layers(model):
-        replace_submodule(model, name, layer.to_linear())
+        replace_submodule(model, name, dense_of.setdefault(id(layer), layer.to_linear()))
+    model.__dict__.pop(_SKIPPED_ATTRIBUTE, None)
     return model
 
 
 def sparsity_table(model: nn.Module, tablefmt: str = "github") -> str:
-    """A table of every rewritten layer: shape, block size, K / C, density, bytes kept and saved."""
+    """A table of every rewritten layer: shape, block size, K / C, the density asked for and the one
+    used (K / C after rounding), bytes kept and saved; then the layers left dense, with the reason."""
     rows, saved_total = [], 0
     for name, layer in sparse_layers(model):
         element = layer.values.element_size()
@@ -85,14 +119,16 @@ def sparsity_table(model: nn.Module, tablefmt: str = "github") -> str:
         saved_total += dense_bytes - sparse_bytes
         rows.append([
             name, f"{layer.in_features}->{layer.out_features}", layer.block_size,
-            f"{layer.blocks_per_row}/{layer.num_cols}", f"{layer.density:.3f}",
+            f"{layer.blocks_per_row}/{layer.num_cols}", f"{layer.config.density:.3f}", f"{layer.density:.3f}",
             _human_bytes(sparse_bytes), _human_bytes(dense_bytes - sparse_bytes),
         ])
+    skipped = skipped_layers(model)
+    lines = [f"left dense: {s.fqn}: {s.reason}" for s in skipped]
     if not rows:
-        return "no BlockSparseLinear layers"
-    headers = ["layer", "in->out", "B", "K/C", "density", "weight bytes", "saved"]
+        return "\n".join(["no BlockSparseLinear layers", *lines])
+    headers = ["layer", "in->out", "B", "K/C", "density asked", "density used", "weight bytes", "saved"]
     table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
-    return f"{table}\n{len(rows)} layers, {_human_bytes(saved_total)} of weights saved"
+    return "\n".join([table, f"{len(rows)} layers, {_human_bytes(saved_total)} of weights saved", *lines])
 
 
 def _human_bytes(num_bytes: int) -> str:

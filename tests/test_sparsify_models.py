@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparsify import BlockSparseLinear, block_ell, densify, sparse_layers, sparsify, sparsity_table
-from sparsify.select import is_conv1d, linear_weight
+from sparsify.integrations.transformers import is_conv1d, linear_weight
 from tests.conftest import TINY_MODELS, model_output, relative_error, tiny_gpt2, tiny_llama
 
 # MLP linears per layer: Llama gate/up/down, GPT-2 c_fc/c_proj, OPT fc1/fc2, BERT intermediate/output.

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+import sparsify.ops  # noqa: F401  (registers torch.ops.sparsify.block_ell_linear, which the rewritten nodes call)
 from sparsify.config import BlockSparseConfig
+from sparsify.integrations.transformers import is_linear
 from sparsify.rewrite import to_block_sparse
-from sparsify.select import LayerSpec, is_linear, make_target, replace_submodule, select_linears
+from sparsify.select import LayerSpec, make_target, replace_submodule, select_linears
 
 _ATEN_LINEAR = torch.ops.aten.linear.default
 
