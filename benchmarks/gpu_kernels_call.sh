@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One device call of the kernels work, in parts, each under a time limit that fits the call:
+#
+#   cd .gpu && export PYTHONUNBUFFERED=1 && bash benchmarks/gpu_kernels_call.sh times ncu     # call 1
+#   cd .gpu && export PYTHONUNBUFFERED=1 && bash benchmarks/gpu_kernels_call.sh memory check  # call 2
+#
+# parts: env (always first), times (kernel_profile.py: every kernel vs its cuBLAS GEMM, both big shapes,
+# B = 16..128), ncu (one launch of each kernel at B = 64 and 128 under Nsight Compute, clocks left alone),
+# memory (memory_phases.py: a bench_training step per phase, dense vs sparse, and bench_training's order
+# of parts), check (the GPU correctness check), layer (bench_layer.py, the issue's table), training
+# (bench_training.py). Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
+# BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
+set -u
+OUT=${OUT:-/tmp/kernels-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.
+BUDGET=${BUDGET:-570}
+START=$(date +%s)
+LOG="$OUT/log.txt"
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+part() {  # part NAME LIMIT COMMAND...: run with the smaller of LIMIT and the time left
+    local name=$1 limit=$2 l
+    shift 2
+    l=$(left)
+    if [ "$l" -lt 30 ]; then echo "== $name skipped: ${l}s left" | tee -a "$LOG"; return; fi
+    [ "$limit" -gt "$l" ] && limit=$l
+    echo "== $name (limit ${limit}s, $(date -u +%H:%M:%S))" | tee -a "$LOG"
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    echo "== $name rc=$? after $(($(date +%s) - START))s" | tee -a "$LOG"
+}
+
+ncu_metrics() {  # the counters we read, kept to those this ncu knows (an unknown name stops the profile)
+    local known wanted="lts__t_bytes dram__bytes_read dram__bytes_write sm__pipe_tensor_op_gmma_cycles_active
+        sm__pipe_tensor_op_hmma_cycles_active sm__inst_executed_pipe_tensor_op_gmma sm__warps_active
+        l1tex__data_pipe_lsu_wavefronts_mem_shared launch__registers_per_thread launch__shared_mem_per_block"
+    known=$(ncu --query-metrics 2>/dev/null | awk '{print $1}')
+    local m picked=()
+    for m in $wanted; do
+        if grep -qx "$m" <<<"$known"; then
+            case $m in
+                launch__*) picked+=("$m") ;;
+                sm__warps_active|*cycles_active) picked+=("$m.avg.pct_of_peak_sustained_active") ;;
+                *) picked+=("$m.sum" "$m.sum.per_second") ;;
+            esac
+        fi
+    done
+    local IFS=,
+    echo "${picked[*]}"
+}
+
+echo "== env" | tee "$LOG"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  ncu --version | tail -1; git log --oneline -1 2>/dev/null || true; } >>"$LOG" 2>&1
+
+for p in "$@"; do
+    case $p in
+        times) part times 330 python3 benchmarks/kernel_profile.py --out "$OUT/kernels.json" ;;
+        ncu)
+            metrics=$(ncu_metrics)
+            echo "ncu metrics: $metrics" >>"$LOG"
+            part ncu 300 ncu --profile-from-start off --clock-control none --nvtx \
+                --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+                --section Occupancy --section LaunchStats ${metrics:+--metrics "$metrics"} \
+                -f -o "$OUT/ncu" \
+                python3 benchmarks/kernel_profile.py --ncu --blocks 64,128 --labels "$OUT/ncu-labels.json"
+            part ncu-export 60 bash -c "ncu --import '$OUT/ncu.ncu-rep' --csv --page raw > /tmp/ncu-raw.csv"
+            part ncu-parse 30 python3 benchmarks/kernel_profile.py --parse-ncu /tmp/ncu-raw.csv \
+                --labels "$OUT/ncu-labels.json" --out "$OUT/ncu.json" ;;
+        memory) part memory 300 python3 benchmarks/memory_phases.py --out "$OUT" --sequence --block-sizes 64 16 ;;
+        check) part check 300 python3 benchmarks/gpu_check.py ;;
+        check-tests) part check 300 python3 -m pytest -q -x tests/gpu ;;
+        layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks 16,32,64,128 --out "$OUT" ;;
+        training) part training 540 python3 benchmarks/bench_training.py --block-sizes 128 64 16 --out "$OUT" ;;
+        *) echo "unknown part $p" | tee -a "$LOG" ;;
+    esac
+done
+echo "== done after $(($(date +%s) - START))s; files: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
