@@ -14,7 +14,7 @@ import math
 
 import torch
 
-INIT_METHODS = ("magnitude", "random")
+from sparsify.config import INIT_METHODS
 
 
 def blocks_per_row(num_cols: int, density: float) -> int:
@@ -88,11 +88,17 @@ def choose_topology(
     """Pick K columns per block-row; returns ``col_indices [R, K]`` int32, sorted within each row.
 
     ``magnitude`` keeps the K blocks of largest Frobenius norm (ties go to the lowest column);
-    ``random`` draws K distinct columns per row from ``generator``.
+    ``random`` draws K distinct columns per row from ``generator``. A weight on the meta device has
+    no data to rank, so the result is a meta tensor of the right shape: the layer chooses its topology
+    when its storage is materialized (``BlockSparseLinear.reset_parameters``) or loaded.
     """
     out_features, in_features = weight.shape
     rows, cols = out_features // block_size, in_features // block_size
     k = blocks_per_row(cols, density)
+    if init not in INIT_METHODS:
+        raise ValueError(f"init={init!r} is not one of {INIT_METHODS}")
+    if weight.is_meta:
+        return torch.empty(rows, k, dtype=torch.int32, device="meta")
     if init == "magnitude":
         norms = block_norms(weight, block_size).cpu()
         # A stable sort on the negated norms ranks equal norms by column, lowest first.
@@ -101,8 +107,6 @@ def choose_topology(
     elif init == "random":
         noise = torch.rand(rows, cols, generator=generator)
         chosen = noise.argsort(dim=1)[:, :k]
-    else:
-        raise ValueError(f"init={init!r} is not one of {INIT_METHODS}")
     return chosen.sort(dim=1).values.to(torch.int32).to(weight.device)
 
 
@@ -116,12 +120,16 @@ def gather_blocks(weight: torch.Tensor, col_indices: torch.Tensor, block_size: i
 
 
 def to_dense(values: torch.Tensor, col_indices: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The dense weight ``[out, in]`` a Block-ELL pair stands for, zeros outside the kept blocks."""
+    """The dense weight ``[out, in]`` a Block-ELL pair stands for, zeros outside the kept blocks.
+
+    Slots that repeat a column in one row are summed, as the kernels do (they add every slot's
+    product), so this view and the layer's output agree even on a topology ``check_col_indices``
+    would reject."""
     rows, k, block_size, _ = values.shape
     cols = in_features // block_size
     tiles = values.new_zeros(rows, cols, block_size, block_size)
     index = col_indices.long()[:, :, None, None].expand(-1, -1, block_size, block_size)
-    tiles = tiles.scatter(1, index, values)
+    tiles = tiles.scatter_add(1, index, values)
     return tiles.permute(0, 2, 1, 3).reshape(rows * block_size, in_features)
 
 

@@ -54,21 +54,48 @@ class BlockSparseLinear(nn.Module):
         self.values = nn.Parameter(torch.empty(rows, k, block_size, block_size, **factory))  # [R, K, B, B]
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.register_buffer("col_indices", torch.zeros(rows, k, dtype=torch.int32, device=device))  # [R, K]
-        self.register_buffer("stats_probe", torch.zeros(rows + cols, device=device), persistent=False)  # [R + C]
+        self.register_buffer(  # [R + C], float32 whatever the weight dtype (the ops require it)
+            "stats_probe", torch.zeros(rows + cols, dtype=torch.float32, device=device), persistent=False
+        )
         self.config = BlockSparseConfig(density=density, block_size=block_size, init=init)
-        self._init_parameters(density, init, generator)
+        self.reset_parameters(generator)
 
-    def _init_parameters(self, density: float, init: str, generator: torch.Generator | None) -> None:
-        # nn.Linear's initialization, applied to the dense weight the blocks are cut from.
-        dense = torch.empty(self.out_features, self.in_features)
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialize the layer as a fresh one: ``nn.Linear``'s init (Kaiming-uniform weight, uniform
+        bias in +-1/sqrt(in_features)) on the dense weight the blocks are cut from, the topology chosen
+        from it by ``config.init``, ``stats_probe`` zeroed.
+
+        ``generator`` defaults to one seeded by ``config.seed``, else torch's global generator. The
+        scratch dense weight is drawn on the CPU (one ``[out, in]`` float32 tensor), so a seed gives
+        the same layer on every device. Does nothing on the meta device (there is no storage yet);
+        ``to_empty()`` calls it once the storage exists (see ``_apply``).
+        """
+        if self.values.is_meta:
+            return
+        if generator is None and self.config.seed is not None:
+            generator = torch.Generator().manual_seed(self.config.seed)
+        dense = torch.empty(self.out_features, self.in_features, device="cpu")
         nn.init.kaiming_uniform_(dense, a=math.sqrt(5), generator=generator)
         with torch.no_grad():
-            topology = block_ell.choose_topology(dense, self.block_size, density, init, generator)
+            topology = block_ell.choose_topology(dense, self.block_size, self.density, self.config.init, generator)
             self.col_indices.copy_(topology)
             self.values.copy_(block_ell.gather_blocks(dense, topology, self.block_size))
             if self.bias is not None:
                 bound = 1 / math.sqrt(self.in_features)
-                self.bias.copy_(torch.empty(self.out_features).uniform_(-bound, bound, generator=generator))
+                self.bias.copy_(torch.empty(self.out_features, device="cpu").uniform_(-bound, bound, generator=generator))
+            self.stats_probe.zero_()
+
+    def _apply(self, fn, recurse: bool = True):
+        # to_empty() (and FSDP2 / accelerate materializing a meta model) hand the layer uninitialized
+        # storage. HF's init_weights() and most models' init code do not know this module, so the
+        # layer initializes itself the moment it leaves the meta device: col_indices then always
+        # hold a valid topology, never leftover memory. Sharded (DTensor) values are left to the
+        # caller, who must call reset_parameters on the full tensors.
+        was_meta = self.col_indices.is_meta
+        result = super()._apply(fn, recurse)
+        if was_meta and not self.col_indices.is_meta and type(self.values.data) is torch.Tensor:
+            self.reset_parameters()
+        return result
 
     @property
     def num_rows(self) -> int:
@@ -127,14 +154,29 @@ class BlockSparseLinear(nn.Module):
             layer.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         layer.register_buffer("col_indices", topology)
         layer.register_buffer(
-            "stats_probe", torch.zeros(layer.num_rows + layer.num_cols, device=dense.device), persistent=False
+            "stats_probe", torch.zeros(layer.num_rows + layer.num_cols, dtype=torch.float32, device=dense.device),
+            persistent=False,
         )
         layer.config = config
         return layer
 
     def to_dense(self) -> torch.Tensor:
-        """The dense weight ``[out, in]``, zeros outside the kept blocks."""
+        """The dense weight ``[out, in]``, zeros outside the kept blocks (differentiable in ``values``)."""
         return block_ell.to_dense(self.values, self.col_indices, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense ``[out, in]`` copy of the weight for code that reads ``module.weight`` (T5's dtype
+        check, ``nn.MultiheadAttention`` passing ``out_proj.weight`` to its functional form, GPT-2's
+        init, ``resize_token_embeddings``).
+
+        Read-only and built on demand: every access runs :meth:`to_dense`, allocating ``out * in``
+        elements (what the dense layer would hold) and scattering the K blocks of each row into it;
+        gradients flow back to ``values``. It is not a parameter or buffer: ``state_dict``,
+        ``named_parameters``, optimizers, the topology optimizer and ``densify`` never see it, and
+        writing into it (``init.normal_(layer.weight)``) changes a temporary, not the layer.
+        """
+        return self.to_dense()
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the zero-filled dense weight, on the same device and dtype."""
@@ -152,16 +194,24 @@ class BlockSparseLinear(nn.Module):
         probe = self.stats_probe if self.stats_probe.requires_grad else None
         return block_ell_linear(x, self.values, self.col_indices, self.bias, probe)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def check_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """Raise a ValueError, naming the layer, unless the entries ``prefix + "col_indices"`` and
+        ``prefix + "values"`` of ``state_dict`` (where present) fit this layer: the same shapes, and a
+        topology with every column in [0, C) and none repeated within a row. Changes nothing."""
+        where = prefix.rstrip(".") or "BlockSparseLinear"
+        for name, own in (("col_indices", self.col_indices), ("values", self.values)):
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and tuple(incoming.shape) != tuple(own.shape):
+                raise ValueError(
+                    f"{where}: checkpoint {name} have shape {tuple(incoming.shape)} but this layer has "
+                    f"{tuple(own.shape)}; sparsify the model with the same density and block_size first"
+                )
         topology = state_dict.get(prefix + "col_indices")
         if topology is not None:
-            where = prefix.rstrip(".") or "BlockSparseLinear"
-            if tuple(topology.shape) != tuple(self.col_indices.shape):
-                raise ValueError(
-                    f"{where}: checkpoint col_indices have shape {tuple(topology.shape)} but this layer has "
-                    f"{tuple(self.col_indices.shape)}; sparsify the model with the same density and block_size first"
-                )
             block_ell.check_col_indices(topology, self.num_cols, where)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self.check_state_dict(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
@@ -170,3 +220,22 @@ class BlockSparseLinear(nn.Module):
             f"blocks_per_row={self.blocks_per_row}/{self.num_cols} (density={self.density:.3f}), "
             f"bias={self.bias is not None}"
         )
+
+
+def _check_sparse_entries(root: nn.Module, state_dict, prefix, *_hook_args) -> None:
+    for name, layer in root.named_modules():
+        if isinstance(layer, BlockSparseLinear):
+            layer.check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)
+
+
+def guard_state_dict_loads(model: nn.Module) -> nn.Module:
+    """Make ``model.load_state_dict(sd)`` check the entries of *every* BlockSparseLinear in ``sd``
+    (``check_state_dict``: shapes of ``values`` and ``col_indices``, columns in range, none repeated)
+    before it copies any tensor, so a checkpoint with one corrupt topology is rejected with the model
+    unchanged. Without it each layer checks only its own entries, when its turn comes, after the
+    modules before it were already overwritten. Idempotent; layers added later are covered (the check
+    walks the model at load time). Returns ``model``."""
+    if not getattr(model, "_sparsify_guards_loads", False):
+        model.register_load_state_dict_pre_hook(_check_sparse_entries)
+        model._sparsify_guards_loads = True
+    return model
