@@ -58,6 +58,8 @@ class BlockSparseConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BlockSparseConfig":
         """The inverse of ``to_dict``; refuses unknown fields and versions newer than this library's."""
+        if not isinstance(data, dict):
+            raise ValueError(f"BlockSparseConfig.from_dict: expected a dict such as config.to_dict(), got {type(data).__name__}")
         data = dict(data)
         version = data.pop("version", cls.VERSION)
         if not isinstance(version, int) or version > cls.VERSION:
@@ -76,6 +78,10 @@ class BlockSparseConfig:
         """``config`` (or the defaults) with the keyword arguments that are not None applied: how the
         entry points accept either a config or the old keywords."""
         if config is not None and not isinstance(config, cls):
-            raise ValueError(f"config must be a BlockSparseConfig, got {type(config).__name__}")
+            raise ValueError(
+                f"config={config!r} ({type(config).__name__}) is not a BlockSparseConfig; pass "
+                "BlockSparseConfig(density=..., block_size=...) or the fields as keywords (density=0.5), "
+                "and BlockSparseConfig.from_dict(...) for a saved dict"
+            )
         given = {name: value for name, value in overrides.items() if value is not None}
         return dataclasses.replace(config or cls(), **given)

@@ -7,7 +7,7 @@
   ``encoder.layer.N`` (BERT), ``encoder.block.N`` / ``decoder.block.N`` (T5). The names below it say
   the component: anything mentioning attention (``self_attn``, ``SelfAttention``, ``EncDecAttention``)
   is ``"attn"``; ``mlp``, ``ffn``, ``DenseReluDense`` (T5), ``intermediate`` / ``output`` (BERT) and
-  the projections named in ``MLP_NAMES`` are ``"mlp"``.
+  the projections named in ``MLP_NAMES`` are ``"mlp"``; a mixture-of-experts router (``gate``) is not.
 - **Weights other code reads.** A linear whose weight is also registered on another module (an
   ``lm_head`` tied to the embeddings) and ``nn.MultiheadAttention.out_proj`` (read as ``.weight`` by
   ``F.multi_head_attention_forward``) are left dense, with the reason.
@@ -29,6 +29,9 @@ MLP_NAMES = (
     "DenseReluDense", "wi", "wi_0", "wi_1", "wo",
 )
 _MLP_NAME = re.compile("^(" + "|".join(MLP_NAMES) + ")$", re.IGNORECASE)
+# A mixture-of-experts router is a linear inside the MLP block that chooses experts (Mixtral's
+# ``block_sparse_moe.gate``, Qwen-MoE's ``shared_expert_gate``); it is no MLP projection.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -48,11 +51,12 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 def component_of(local_name: str) -> str:
     """``"attn"`` if any name below the layer index mentions attention, else ``"mlp"`` if a name is an
-    MLP's, else ``"other"``. Attention wins so that GPT-2's ``attn.c_proj`` is not an MLP."""
+    MLP's (and the linear is no router), else ``"other"``. Attention wins so that GPT-2's
+    ``attn.c_proj`` is not an MLP."""
     parts = local_name.split(".")
     if any(ATTENTION_NAME.search(part) for part in parts):
         return "attn"
-    if any(_MLP_NAME.match(part) for part in parts):
+    if parts[-1] not in ROUTER_NAMES and any(_MLP_NAME.match(part) for part in parts):
         return "mlp"
     return "other"
 

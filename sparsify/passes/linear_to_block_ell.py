@@ -30,18 +30,17 @@ _ATEN_LINEAR = torch.ops.aten.linear.default
 class _Site:
     node: fx.Node
     fqn: str  # qualified name of the module that owns the weight
-    input: fx.Node
 
 
 def _find_sites(gm: fx.GraphModule) -> list[_Site]:
     sites = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and is_linear(gm.get_submodule(node.target)):
-            sites.append(_Site(node, node.target, node.args[0]))
+            sites.append(_Site(node, node.target))
         elif node.op == "call_function" and node.target in (_ATEN_LINEAR, torch.nn.functional.linear):
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
-                sites.append(_Site(node, weight.target[: -len(".weight")], node.args[0]))
+                sites.append(_Site(node, weight.target[: -len(".weight")]))
     return sites
 
 
@@ -76,8 +75,9 @@ def sparsify_graph(
                 values = gm.graph.get_attr(f"{target.fqn}.values")
                 col_indices = gm.graph.get_attr(f"{target.fqn}.col_indices")
                 bias = gm.graph.get_attr(f"{target.fqn}.bias") if sparse.bias is not None else None
+                # The input is read now, not when the sites were found: it may be a linear rewritten just before.
                 op_node = gm.graph.call_function(
-                    torch.ops.sparsify.block_ell_linear.default, (site.input, values, col_indices, bias)
+                    torch.ops.sparsify.block_ell_linear.default, (site.node.args[0], values, col_indices, bias)
                 )
             op_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
             old_inputs = [a for a in site.node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
