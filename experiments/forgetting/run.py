@@ -31,8 +31,8 @@ from forgetting.report import opening, write_report  # noqa: E402
 from forgetting.train import ExpConfig  # noqa: E402
 
 SMOKE = dict(model=ModelConfig(layers=2, hidden=64, mlp=128, heads=2, seq_len=32, sparse_layers="0..1"), batch=8,
-             a_steps=40, b_steps=30, a_lr=3e-3, b_lrs=(1e-3, 3e-3, 1e-2), warmup=5, a_evals=2, b_evals=3,
-             update_every=10, score_every=2, n_test=30, n_val=10, loss_windows=8, stat_batches=2, ewc_lambdas=(1e2,),
+             a_steps=30, b_steps=20, a_lr=3e-3, b_lrs=(1e-3, 3e-3, 1e-2), warmup=5, a_evals=2, b_evals=2,
+             update_every=8, score_every=2, n_test=30, n_val=10, loss_windows=8, stat_batches=2, ewc_lambdas=(1e2,),
              n_train=5000)
 
 
@@ -95,14 +95,14 @@ def main(argv=None) -> dict:
     args = parse(argv)
     out = Path(args.out) if args.out else HOME / "results" / ("smoke" if args.smoke else "default")
     prose = Path(args.data)
-    if args.command == "prepare" or (args.command == "run" and not prose.exists()):
-        if args.smoke and not data.RST_SOURCES.exists():
-            prose = out / "prose-docstrings.json"
+    if args.smoke and not prose.exists() and not data.RST_SOURCES.exists():
+        prose = out / "prose-docstrings.json"  # the stand-in corpus, built once per output folder
+        if not prose.exists():
             print("smoke corpus:", data.prepare_docstrings(prose), "bytes per split ->", prose)
-        else:
-            print("prose corpus:", data.prepare_prose(out=prose), "bytes per split ->", prose)
-        if args.command == "prepare":
-            return {}
+    elif args.command == "prepare" or (args.command == "run" and not prose.exists()):
+        print("prose corpus:", data.prepare_prose(out=prose), "bytes per split ->", prose)
+    if args.command == "prepare":
+        return {}
     cfg = config(args)
     cfg.prose_file = str(prose)
     if args.command == "check":
