@@ -1,0 +1,63 @@
+"""Metadata derived from a topology (the column view grad_input walks, the slot table of the masked-dense
+tiles), built once per state of ``col_indices`` instead of on every call.
+
+An entry belongs to one ``col_indices`` tensor object (held weakly: it goes when the tensor goes) and is
+used while that tensor's version counter and data pointer are what they were when the entry was built.
+Every in-place write made through PyTorch bumps the version counter: ``copy_`` and ``_foreach_copy_``
+(how the topology optimizer applies a decision), ``load_state_dict``, indexed assignment, in or out of
+``no_grad``. A write that bypasses it (through ``.data``, or by a raw kernel) would not be seen; the
+library writes topologies only the first way, and tests/test_topology_cache.py holds each of those to it.
+Assigning a new tensor (``layer.col_indices = t``, ``.data = t``) changes the object or the data pointer.
+
+Nothing is cached, and the metadata is built as before, where a cached tensor could be wrong later:
+under CUDA graph capture (each replay must rebuild from what ``col_indices`` holds then), for tensors
+without a version counter (inference tensors), and for tensors that are not plain ``torch.Tensor``s.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+# keyed by identity (a WeakKeyDictionary would compare tensors with ==, elementwise)
+_entries = WeakIdKeyDictionary()
+_lock = threading.Lock()
+builds = 0  # how many times a builder ran through this cache (tests read it)
+
+
+def _state(col_indices: torch.Tensor) -> tuple | None:
+    """What must not change for an entry to stay valid, or None where nothing may be cached."""
+    if type(col_indices) is not torch.Tensor or col_indices.is_inference():
+        return None
+    if col_indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return col_indices._version, col_indices.data_ptr(), tuple(col_indices.shape), col_indices.dtype
+
+
+def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[[], object]):
+    """``build()``'s result for this topology, reused while ``col_indices`` is unchanged (see the module
+    docstring); ``kind`` and ``num_cols`` name what is built."""
+    global builds
+    state = _state(col_indices)
+    if state is None:
+        return build()
+    key = (kind, num_cols)
+    with _lock:
+        per_tensor = _entries.get(col_indices)
+        hit = per_tensor.get(key) if per_tensor is not None else None
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    value = build()
+    with _lock:
+        builds += 1
+        _entries.setdefault(col_indices, {})[key] = (state, value)
+    return value
+
+
+def clear() -> None:
+    """Forget every entry (tests)."""
+    with _lock:
+        _entries.clear()

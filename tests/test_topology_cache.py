@@ -1,0 +1,108 @@
+"""The per-topology metadata cache (sparsify/kernels/topology_cache.py): reused while col_indices is
+unchanged, rebuilt after every way the library writes a topology, never kept past its tensor."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from sparsify.kernels import topology_cache
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    topology_cache.clear()
+    yield
+    topology_cache.clear()
+
+
+def column_counts(col: torch.Tensor, num_cols: int) -> torch.Tensor:
+    return torch.bincount(col.reshape(-1).long(), minlength=num_cols)
+
+
+def lookup(col: torch.Tensor, num_cols: int = 8) -> torch.Tensor:
+    return topology_cache.cached(col, "counts", num_cols, lambda: column_counts(col, num_cols))
+
+
+def topology() -> torch.Tensor:
+    return torch.tensor([[0, 3, 5], [1, 2, 7], [4, 5, 6]], dtype=torch.int32)
+
+
+def test_metadata_is_built_once_while_the_topology_is_unchanged():
+    col = topology()
+    before = topology_cache.builds
+    first, second = lookup(col), lookup(col)
+    assert second is first
+    assert topology_cache.builds == before + 1
+
+
+def _copy(col, new):
+    col.copy_(new)
+
+
+def _copy_no_grad(col, new):
+    with torch.no_grad():
+        col.copy_(new)
+
+
+def _foreach_copy(col, new):  # how the topology optimizer applies a decision (topology/apply.py)
+    torch._foreach_copy_([col], [new])
+
+
+def _setitem(col, new):
+    col[1] = new[1]
+
+
+def _load_state_dict(col, new):
+    module = torch.nn.Module()
+    module.register_buffer("col_indices", col)
+    module.load_state_dict({"col_indices": new})
+    assert module.col_indices is col
+
+
+@pytest.mark.parametrize("write", [_copy, _copy_no_grad, _foreach_copy, _setitem, _load_state_dict])
+def test_metadata_is_rebuilt_after_an_in_place_topology_write(write):
+    col = topology()
+    stale = lookup(col)
+    new = torch.tensor([[0, 3, 5], [0, 1, 2], [4, 5, 6]], dtype=torch.int32)
+    write(col, new)
+    fresh = lookup(col)
+    assert fresh is not stale
+    assert torch.equal(fresh, column_counts(new, 8))
+
+
+def test_metadata_is_rebuilt_when_the_tensor_gets_new_storage():
+    col = topology()
+    stale = lookup(col)
+    col.data = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3]], dtype=torch.int32)
+    assert torch.equal(lookup(col), column_counts(col, 8))
+    assert lookup(col) is not stale
+
+
+def test_entries_for_different_kinds_and_widths_are_separate():
+    col = topology()
+    narrow = topology_cache.cached(col, "counts", 8, lambda: column_counts(col, 8))
+    wide = topology_cache.cached(col, "counts", 10, lambda: column_counts(col, 10))
+    other = topology_cache.cached(col, "other", 8, lambda: col.sum())
+    assert narrow.shape == (8,) and wide.shape == (10,) and other.dim() == 0
+
+
+def test_an_entry_goes_with_its_topology_tensor():
+    col = topology()
+    value = lookup(col)
+    assert len(topology_cache._entries) == 1
+    del col, value
+    gc.collect()
+    assert len(topology_cache._entries) == 0
+
+
+def test_inference_tensors_and_subclasses_are_never_cached():
+    with torch.inference_mode():
+        col = topology()
+    before = topology_cache.builds
+    assert lookup(col) is not lookup(col)
+    param_like = torch.nn.Parameter(topology().float(), requires_grad=False)
+    topology_cache.cached(param_like, "sum", 0, lambda: param_like.sum())
+    assert topology_cache.builds == before
