@@ -36,6 +36,7 @@ from tabulate import tabulate
 
 from sparsify import TopologyConfig, TopologyOptimizer, sparsify
 from sparsify.topology import optimizer as topology_optimizer
+from sparsify.topology import scores as topology_scores
 from sparsify.topology.distributed import topology_checksum
 from sparsify.topology.fsdp import is_sharded
 
@@ -88,15 +89,16 @@ class CollectiveTimer:
         self._originals = {}
 
     def __enter__(self):
-        for name in ("reduce_", "check_same_topology"):
-            original = getattr(topology_optimizer, name)
-            self._originals[name] = original
-            setattr(topology_optimizer, name, self._timed(original))
+        # each collective, patched where the topology code looks it up
+        for module, name in ((topology_scores, "reduce_"), (topology_optimizer, "check_same_topology")):
+            original = getattr(module, name)
+            self._originals[module, name] = original
+            setattr(module, name, self._timed(original))
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, original in self._originals.items():
-            setattr(topology_optimizer, name, original)
+        for (module, name), original in self._originals.items():
+            setattr(module, name, original)
 
     def _timed(self, fn):
         def timed(*args, **kwargs):

@@ -9,7 +9,9 @@ import torch
 
 from sparsify.block_ell import check_col_indices
 from sparsify.topology import TopologyConfig, decide
-from sparsify.topology.decide import decide_layers, random_bits, swaps_per_row, to_host, to_uniform
+from sparsify.topology.decide import decide_layers, swaps_per_row
+from sparsify.topology.random import random_bits, to_uniform
+from sparsify.topology.records import to_host
 
 
 def _random_topology(rows: int, k: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -332,11 +332,11 @@ def test_constructor_rejects_models_without_trained_sparse_layers():
         TopologyOptimizer("adam", model)
 
 
-def test_probe_is_reregistered_as_float32_when_the_model_was_cast():
+def test_probe_is_reregistered_as_a_float64_leaf_when_the_model_was_cast():
     model = tiny_llama(1).to(torch.bfloat16)
     opt = TopologyOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, TopologyConfig(update_every=1))
     layer = next(iter(opt.layers.values()))
-    assert layer.stats_probe.dtype == torch.float32 and layer.stats_probe.requires_grad
+    assert layer.stats_probe.dtype == torch.float64 and layer.stats_probe.requires_grad
     assert "stats_probe" not in layer.state_dict()
     train(model, opt, range(2))
     assert bool(torch.isfinite(opt.layer_scores[next(iter(opt.layers))].probe_ema).all())

@@ -1,9 +1,19 @@
-"""Applying a Level 2 decision in place: the one place that writes grown blocks.
+"""Applying a Level 2 decision in place: the only writer of a decision.
 
-For every swapped slot (this rank's block-rows under FSDP2): the new block's values (``grow_init``:
-Kaiming-uniform x 0.1, drawn on the device from the decision's seed so every rank draws the same, or
-zeros), a zero gradient, and zeroed per-element state of the wrapped optimizer (Adam's moments, SGD
-momentum). Same tensors, same storage: compiled graphs and CUDA graphs stay valid.
+In two steps, because the changed slots are known on the device at once but on the host only after
+the event's one host synchronization:
+
+  :func:`write_topology` (on the device, before the synchronization): every layer's ``col_indices``
+      and, through ``ScoreBank.absorb``, the block-score EMAs and ages of the changed slots;
+  :func:`write_blocks` (after it, from the host's list of swaps): the grown blocks' values
+      (``grow_init``: Kaiming-uniform x 0.1 drawn on the device from the decision's seed so every rank
+      draws the same, or zeros), a zero gradient and zeroed per-element state of the wrapped optimizer
+      (Adam's moments, SGD momentum), in this rank's block-rows (all of them unless FSDP2 shards them);
+      then every layer whose topology changed gets its ``topology_version`` bumped.
+
+Same tensors, same storage: compiled graphs and CUDA graphs stay valid. ``layer.topology_version`` is
+a plain int that grows whenever a decision changes the layer's ``col_indices``, so metadata derived from
+the topology can be cached against it.
 """
 
 from __future__ import annotations
@@ -12,26 +22,43 @@ import math
 
 import torch
 
+from sparsify.layer import BlockSparseLinear
 from sparsify.topology import fsdp
-from sparsify.topology.decide import random_bits, to_uniform
-from sparsify.topology.scores import ScoreBank
+from sparsify.topology.random import random_bits, to_uniform
+from sparsify.topology.records import Swaps
+from sparsify.topology.scores import ScoreBank, ShapeGroup
+
+GROW_STREAM = 1  # the random stream of grown values (stream 0 is the decision's)
 
 
-def apply_swaps(bank: ScoreBank, decisions: list[tuple], swaps: list[tuple], optimizer: torch.optim.Optimizer,
-                grow_init: str) -> None:
-    """Write the swapped slots' values (``grow_init``), zero their gradient and the wrapped optimizer's
-    per-element state (Adam's moments, SGD momentum): this rank's rows (all unless FSDP2 shards them).
-    ``swaps``: per group, the host tensors ``(layer in group, row, slot)`` of its swaps. The slots go
-    to the device in one non-blocking copy; new values are drawn there, the same on every rank."""
+def write_topology(bank: ScoreBank, group: ShapeGroup, decision, scorer: str) -> None:
+    """Write a group's new topologies in place and let its statistics absorb the decision (no host sync)."""
+    torch._foreach_copy_([bank.layers[i].col_indices for i in group.members], list(decision.col_indices.unbind(0)))
+    bank.absorb(group, decision, scorer)
+
+
+def bump_version(layer: BlockSparseLinear) -> None:
+    """Mark ``layer.col_indices`` as changed."""
+    layer.topology_version = getattr(layer, "topology_version", 0) + 1
+
+
+def write_blocks(bank: ScoreBank, events: list[tuple[ShapeGroup, int, Swaps]], optimizer: torch.optim.Optimizer,
+                 grow_init: str) -> None:
+    """Write the swapped slots' values, zero their gradient and the wrapped optimizer's per-element
+    state. ``events``: per group, ``(group, seed, host swaps)``. This rank's slots go to the device in
+    one non-blocking copy; new values are drawn there, the same on every rank."""
     host, pieces, offset = [], [], 0
-    for g, ((group, _, _), (which, row, slot)) in enumerate(zip(decisions, swaps)):
-        if which.numel() == 0:
+    for g, (group, _, swaps) in enumerate(events):
+        for index, num in zip(group.members, swaps.per_layer(len(group.members))):
+            if num:
+                bump_version(bank.layers[index])
+        if swaps.layer.numel() == 0:
             continue
         bounds = torch.tensor([fsdp.row_range(bank.layers[i].values) for i in group.members])  # [L, 2]
-        lo, hi = bounds[which, 0], bounds[which, 1]
-        kept = ((row >= lo) & (row < hi)).nonzero().squeeze(1)  # positions in the group's swaps
-        host += [row[kept] - lo[kept], slot[kept], kept]
-        pieces.append((g, offset, kept.numel(), torch.bincount(which[kept], minlength=len(group.members)).tolist()))
+        lo, hi = bounds[swaps.layer, 0], bounds[swaps.layer, 1]
+        kept = ((swaps.row >= lo) & (swaps.row < hi)).nonzero().squeeze(1)  # positions in the group's swaps
+        host += [swaps.row[kept] - lo[kept], swaps.slot[kept], kept]
+        pieces.append((g, offset, kept.numel(), torch.bincount(swaps.layer[kept], minlength=len(group.members)).tolist()))
         offset += 3 * kept.numel()
     if not offset:
         return
@@ -48,15 +75,9 @@ def apply_swaps(bank: ScoreBank, decisions: list[tuple], swaps: list[tuple], opt
         return zeros[dtype]
 
     for g, start, num, per_layer in pieces:
-        group, seed, _ = decisions[g]
+        group, seed, swaps = events[g]
         rows, slots, kept = packed[start : start + 3 * num].view(3, num)
-        grown = None
-        if grow_init == "kaiming":  # drawn for all the group's swaps, this rank's taken
-            total, size = swaps[g][0].numel(), group.block_size
-            bound = 0.1 / math.sqrt(group.cols * size)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound, x 0.1
-            grown = to_uniform(random_bits(seed, 1, total * size * size, device)).mul_(2.0).sub_(1.0).mul_(bound)
-            grown = grown.view(total, size, size).index_select(0, kept)
-            grown = grown.to(bank.layers[group.first].values.dtype)
+        grown = None if grow_init == "zeros" else _kaiming(group, seed, swaps.layer.numel(), kept, device)
         first = 0
         for index, count in zip(group.members, per_layer):
             if count == 0:
@@ -70,3 +91,12 @@ def apply_swaps(bank: ScoreBank, decisions: list[tuple], swaps: list[tuple], opt
             for state in optimizer.state.get(values, {}).values():
                 if torch.is_tensor(state) and state.shape == values.shape:  # Adam exp_avg / exp_avg_sq, SGD momentum
                     fsdp.local(state).index_put_(where, zero(state.dtype))
+
+
+def _kaiming(group: ShapeGroup, seed: int, total: int, kept: torch.Tensor, device) -> torch.Tensor:
+    """``[len(kept), B, B]`` grown values: drawn for all ``total`` swaps of the group (the same on every
+    rank), this rank's ``kept`` taken. nn.Linear's kaiming_uniform(a=sqrt(5)) bound, x 0.1."""
+    size = group.block_size
+    bound = 0.1 / math.sqrt(group.cols * size)
+    grown = to_uniform(random_bits(seed, GROW_STREAM, total * size * size, device)).mul_(2.0).sub_(1.0).mul_(bound)
+    return grown.view(total, size, size).index_select(0, kept)

@@ -20,8 +20,11 @@ never appears twice in a row. A layer with a non-finite score is left as it is. 
 its inputs.
 
 Randomness: one 62-bit seed is drawn from the (CPU) generator; every random number is then a hash of
-(seed, stream, position) computed with integer arithmetic on the scores' device (:func:`random_bits`),
-so every device and every rank gets the same numbers without moving any, and the host never waits.
+(seed, stream 0, position) computed on the scores' device (``sparsify.topology.random``), so every
+device and every rank gets the same numbers without moving any, and the host never waits.
+
+Scores are compared in their own precision (float32 inputs stay float32; the optimizer's statistics
+are float64, so scores spanning the whole float32 range neither overflow nor underflow here).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-_M32 = 0xFFFFFFFF
+from sparsify.topology.random import BITS_LIMIT, draw_seed, random_bits, to_uniform
+from sparsify.topology.records import GroupRecord, Swaps, fetch
 
 
 @dataclass
@@ -44,8 +48,8 @@ class Plan:
     slots: torch.Tensor  # [S] int64 (CPU)
     pruned_cols: torch.Tensor  # [S] int64 (CPU), the column each swap dropped
     grown_cols: torch.Tensor  # [S] int64 (CPU), the column each swap added
-    pruned_scores: torch.Tensor  # [S] float32 (CPU), block score of the dropped block
-    grown_scores: torch.Tensor  # [S] float32 (CPU), candidate score of the added column
+    pruned_scores: torch.Tensor  # [S] (CPU), in the scores' precision, block score of the dropped block
+    grown_scores: torch.Tensor  # [S] (CPU), in the scores' precision, candidate score of the added column
     explored: torch.Tensor  # [S] bool (CPU), True where the column was drawn at random
     skipped: str | None = None  # why no decision was taken (e.g. "nonfinite")
 
@@ -64,18 +68,11 @@ class Decision:
     slots: torch.Tensor  # [L, R, n] int64, the slot of each pair
     pruned_cols: torch.Tensor  # [L, R, n] int64
     grown_cols: torch.Tensor  # [L, R, n] int64
-    pruned_scores: torch.Tensor  # [L, R, n] float32
-    grown_scores: torch.Tensor  # [L, R, n] float32
+    pruned_scores: torch.Tensor  # [L, R, n], float32 or float64 like the scores
+    grown_scores: torch.Tensor  # [L, R, n]
     swap: torch.Tensor  # [L, R, n] bool
     explored: torch.Tensor  # [L, R, n] bool
     taken: torch.Tensor  # [L] bool: decided (allowed and finite); False: skipped, nothing changes
-
-    def records(self) -> list[torch.Tensor]:
-        """What a host record needs, packed: ``[4, L, R, n]`` int32 (slot, pruned column, grown column,
-        swap + 2 * explored) and ``[2, L, R, n]`` float32 (pruned and grown scores)."""
-        flags = self.swap.long() + 2 * self.explored.long()
-        return [torch.stack([self.slots, self.pruned_cols, self.grown_cols, flags]).int(),
-                torch.stack([self.pruned_scores, self.grown_scores])]
 
 
 def swaps_per_row(k: int, num_cols: int, prune_fraction: float) -> int:
@@ -101,15 +98,13 @@ def decide(
     """
     decision = decide_layers(block_scores[None], candidate_scores[None], col_indices[None], config,
                              draw_seed(generator), None if protected is None else protected[None])
-    ints, floats, taken = to_host(decision.records() + [decision.taken])
-    ints, floats = ints[:, 0].long(), floats[:, 0]  # [4, R, n], [2, R, n]
-    rows, pairs = (ints[3] & 1).nonzero(as_tuple=True)  # row-major, slot order within a row
-    slots, pruned, grown, flags = ints[:, rows, pairs]
+    (record,), _ = fetch([GroupRecord.of(decision)], [])
+    swaps = Swaps.of(record)  # row-major, slot order within a row
     return Plan(
         col_indices=decision.col_indices[0], changed=decision.changed[0],
-        rows=rows, slots=slots, pruned_cols=pruned, grown_cols=grown,
-        pruned_scores=floats[0, rows, pairs], grown_scores=floats[1, rows, pairs], explored=(flags & 2) > 0,
-        skipped=None if bool(taken[0]) else "nonfinite",
+        rows=swaps.row, slots=swaps.slot, pruned_cols=swaps.pruned_col, grown_cols=swaps.grown_col,
+        pruned_scores=swaps.pruned_score, grown_scores=swaps.grown_score, explored=swaps.explored,
+        skipped=None if bool(record.taken[0]) else "nonfinite",
     )
 
 
@@ -134,14 +129,15 @@ def decide_layers(
     n = swaps_per_row(k, num_cols, config.prune_fraction)
     finite = torch.isfinite(block_scores).flatten(1).all(1) & torch.isfinite(candidate_scores).flatten(1).all(1)  # [L]
     taken = finite if allowed is None else finite & allowed
+    precision = torch.promote_types(torch.promote_types(block_scores.dtype, candidate_scores.dtype), torch.float32)
     if n == 0:  # no candidates (K = C) or nothing to prune: no pairs
         empty = torch.zeros(layers, rows, 0, dtype=torch.int64, device=device)
         return Decision(col_indices.clone(), torch.zeros_like(col_indices, dtype=torch.bool), empty, empty, empty,
-                        empty.float(), empty.float(), empty.bool(), empty.bool(), taken)
+                        empty.to(precision), empty.to(precision), empty.bool(), empty.bool(), taken)
     size = layers * rows  # the rows of all layers are decided together: [N = L * R, ...]
     cols = col_indices.reshape(size, k).long()
-    block_scores = block_scores.reshape(size, k).float()
-    candidate_scores = candidate_scores.reshape(size, num_cols).float()
+    block_scores = block_scores.reshape(size, k).to(precision)
+    candidate_scores = candidate_scores.reshape(size, num_cols).to(precision)
     if protected is None:
         protected = torch.zeros(size, k, dtype=torch.bool, device=device)
     protected = protected.reshape(size, k)
@@ -173,7 +169,7 @@ def decide_layers(
     # 3. greedy swaps, then exploration picks among columns neither active nor taken greedily
     greedy = eligible & ~explore & (best_scores > config.swap_threshold * weak_scores)  # [N, n]
     taken_cols = _mark(active, best_cols, greedy)  # [N, C]
-    keys = torch.where(taken_cols, _M32 + 1, bits[size * (1 + n) :].view(size, num_cols))  # [N, C]
+    keys = torch.where(taken_cols, BITS_LIMIT, bits[size * (1 + n) :].view(size, num_cols))  # [N, C]
     free_order = torch.topk(keys, n, dim=1, largest=False, sorted=True).indices  # [N, n]
     explorer_rank = (explore.long().cumsum(1) - 1).clamp_min(0)  # j-th explorer of its row takes the j-th free column
     random_cols = free_order.gather(1, explorer_rank)  # [N, n]
@@ -201,53 +197,3 @@ def _mark(active: torch.Tensor, cols: torch.Tensor, where: torch.Tensor) -> torc
     """``active`` with ``cols[r, i]`` also marked wherever ``where[r, i]``: [R, C] bool."""
     marked = torch.zeros_like(active, dtype=torch.int32).scatter_add_(1, cols, where.int())
     return active | (marked > 0)
-
-
-# -- randomness that every device computes alike ----------------------------------------------------
-def draw_seed(generator: torch.Generator) -> int:
-    """One 62-bit seed from a CPU generator (no device involved)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator))
-
-
-def _key(seed: int, stream: int) -> int:
-    """A 32-bit key for (seed, stream): splitmix64's finalizer, in Python integers."""
-    z = (seed + (stream + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & _M32
-
-
-def random_bits(seed: int, stream: int, count: int, device) -> torch.Tensor:
-    """``[count]`` random 32-bit values, int64 in [0, 2**32): a hash of (seed, stream, position), the
-    same on every device. Distinct positions get distinct values (every step is a bijection of 32 bits)."""
-    if count > 2**32:
-        raise ValueError(f"random_bits: {count} values are more than one stream holds (2**32)")
-    # a Weyl sequence (odd multiplier), then the 0x45d9f3b integer hash, in place; products stay below 2**59
-    x = torch.arange(count, device=device, dtype=torch.int64).mul_(0x61C88647).add_(_key(seed, stream)).bitwise_and_(_M32)
-    shifted = torch.empty_like(x)
-    for _ in range(2):
-        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=shifted)).mul_(0x45D9F3B).bitwise_and_(_M32)
-    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=shifted))
-
-
-def to_uniform(bits: torch.Tensor) -> torch.Tensor:
-    """Random bits to float32 in [0, 1) with 24 random bits (exact, so equal on every device).
-    Consumes ``bits`` (shifted in place)."""
-    return bits.bitwise_right_shift_(8).float().mul_(2.0**-24)
-
-
-# -- the one transfer to the host -----------------------------------------------------------------
-def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies of ``tensors`` (all on one device) in ONE device-to-host transfer (one host sync).
-
-    The tensors are viewed as bytes and concatenated, widest dtype first so every piece stays aligned."""
-    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
-    flat = [tensors[i].detach().contiguous().reshape(-1).view(torch.uint8) for i in order]
-    host = torch.cat(flat).cpu() if flat else torch.zeros(0, dtype=torch.uint8)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    offset = 0
-    for i, piece in zip(order, flat):
-        t = tensors[i]
-        out[i] = host[offset : offset + piece.numel()].view(t.dtype).view(t.shape)
-        offset += piece.numel()
-    return out

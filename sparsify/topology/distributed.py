@@ -3,9 +3,10 @@
 Everything a decision reads is made identical on every rank before it runs:
   * block-score EMAs come from ``values.grad``, which DDP has already averaged, but the probe
     statistics (activation and error norms) are local to a rank; all of them are averaged in ONE
-    bucketed all-reduce per Level 2 (:func:`average_`), and the averages replace the local EMAs;
+    bucketed all-reduce per Level 2 (:func:`reduce_`, called by ``ScoreBank.synchronize``), and the
+    averages replace the local EMAs;
   * randomness comes from one CPU generator per Level 2 event, seeded from ``config.seed`` and the
-    step (:func:`decision_generator`), so it needs no communication and no checkpointed state;
+    step (``sparsify.topology.random``), so it needs no communication and no checkpointed state;
   * afterwards a checksum of every layer's ``col_indices`` is compared across ranks (one more
     all-reduce, :func:`check_same_topology`) and a divergence raises. Neither collective reads
     anything on the host: the comparison travels with the decision records (one host sync per Level 2).
@@ -29,8 +30,6 @@ import torch.distributed as dist
 from torch import nn
 
 from sparsify.topology.fsdp import group_of_values, is_sharded
-
-_MASK61 = (1 << 61) - 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -68,39 +67,25 @@ def world_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def average_(tensors: list[torch.Tensor], group) -> None:
-    """Replace every tensor by its mean over the ranks of ``group``: one all-reduce over one buffer.
-
-    All tensors must share a device; they are flattened into a float32 buffer and copied back.
-    """
-    reduce_(tensors, [], group)
-
-
 def reduce_(averaged: list[torch.Tensor], summed: list[torch.Tensor], group) -> None:
     """Replace ``averaged`` by their means and ``summed`` by their sums over ``group``, in ONE
-    all-reduce (``summed`` carries row shards that are zero on every rank but their owner). A single
-    contiguous float32 tensor is reduced in place; anything else goes through one flat buffer."""
+    all-reduce (``summed`` carries row shards that are zero on every rank but their owner). All tensors
+    share a device and a floating dtype (the statistics are float64). A single contiguous tensor is
+    reduced in place; several go through one flat buffer."""
     tensors = averaged + summed
     if world_size(group) == 1 or not tensors:
         return
-    if len(tensors) == 1 and tensors[0].dtype == torch.float32 and tensors[0].is_contiguous():
+    if len(tensors) == 1 and tensors[0].is_contiguous():
         dist.all_reduce(tensors[0], op=dist.ReduceOp.SUM, group=group)
         if averaged:
             tensors[0].div_(world_size(group))
         return
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     split = sum(t.numel() for t in averaged)
     flat[:split].div_(world_size(group))
     pieces = flat.split([t.numel() for t in tensors])
     torch._foreach_copy_(tensors, [piece.view_as(t) for piece, t in zip(pieces, tensors)])
-
-
-def decision_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of the Level 2 event at ``step``: same on every rank, a pure function of both."""
-    generator = torch.Generator()
-    generator.manual_seed((seed * 1_000_003 + step * 7_919 + 0x5EED) & _MASK61)
-    return generator
 
 
 def topology_checksum(col_indices: torch.Tensor) -> torch.Tensor:

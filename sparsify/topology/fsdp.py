@@ -5,7 +5,7 @@ block-rows: rank ``i`` holds rows ``[offset_i, offset_i + R_i)`` (``torch.chunk`
 ranks may hold fewer rows, or none). ``col_indices`` and the stats probe are plain buffers, which
 FSDP2 leaves alone: every rank holds the whole topology, and the probe's gradient stays local.
 
-What the topology optimizer does with that (see ``optimizer.py``):
+What the topology optimizer does with that (``scores.py`` and ``apply.py``):
   * Level 0 reads the local gradient shard and updates only this rank's rows of ``block_ema``;
   * Level 2 zeroes the other rows and SUMs ``block_ema`` in the same single all-reduce that averages
     the probe statistics, so every rank decides on the full ``[R, K]`` scores of every row;
@@ -65,12 +65,6 @@ def group_of_values(values: torch.Tensor):
     return values.device_mesh.get_group() if is_sharded(values) else None
 
 
-def index_local_rows(rows: torch.Tensor, first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(keep, local_rows)``: which entries of ``rows`` fall in ``[first, stop)`` and their local index."""
-    keep = (rows >= first) & (rows < stop)
-    return keep, rows[keep] - first
-
-
 # -- checkpoints with torch.distributed.checkpoint --------------------------------------------------
 def _rank_key(group) -> str:
     return f"rank{dist.get_rank(group) if group is not None else 0}"
@@ -103,12 +97,15 @@ def load_checkpoint_state(model: torch.nn.Module, optimizer, checkpoint_id) -> N
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    from sparsify.topology.checkpoint import commit, validate  # checkpoint imports scores, which imports this module
+
     state = checkpoint_state(model, optimizer)
     dcp.load(state, checkpoint_id=checkpoint_id)
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer.optimizer, state["optim"])
     topology = state["topology"][_rank_key(optimizer.process_group)]
     if isinstance(topology, io.BytesIO):  # DCP hands back raw bytes as a stream, or already torch.load-ed
         topology.seek(0)
         topology = torch.load(topology, weights_only=True)
-    optimizer.load_topology_state_dict(topology)
+    prepared = validate(optimizer, topology)  # against the model just loaded; before the optimizer changes
+    set_optimizer_state_dict(model, optimizer.optimizer, state["optim"])
+    commit(optimizer, prepared)

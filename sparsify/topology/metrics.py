@@ -1,4 +1,4 @@
-"""Watching the topology: decision records, column entropy, reports, snapshots and their diff, plots.
+"""Watching the topology: metrics of decision records, column entropy, reports, snapshots and their diff, plots.
 
     rows = topology_report(model, optimizer)   # list of dicts; print(rows) shows a table
     before = snapshot(model); ...train...; changes = diff(before, snapshot(model))
@@ -9,8 +9,7 @@ matplotlib is optional and imported only by the plot functions.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tabulate import tabulate
@@ -18,42 +17,7 @@ from torch import nn
 
 from sparsify.block_ell import block_mask
 from sparsify.layer import BlockSparseLinear
-
-
-@dataclass
-class TopologyDecision:
-    """One layer's part of one Level 2 event.
-
-    ``pruned`` and ``grown`` list ``(row, slot, column)``: the block dropped from a slot and the one
-    that took its place (same order, so ``pruned[i]`` and ``grown[i]`` share row and slot).
-    """
-
-    step: int
-    layer: str
-    num_swaps: int
-    swap_rate: float  # num_swaps / (R * K)
-    num_blocks: int = 0  # R * K
-    pruned: list[tuple[int, int, int]] = field(default_factory=list)
-    grown: list[tuple[int, int, int]] = field(default_factory=list)
-    explored: int = 0  # swaps drawn at random (epsilon) rather than by score
-    pruned_scores: list[float] = field(default_factory=list)  # block score of each pruned block
-    grown_scores: list[float] = field(default_factory=list)  # calibrated candidate score of each grown block
-    mean_block_score: float = 0.0  # over all active blocks, before the decision
-    mean_age: float = 0.0  # steps, after the decision
-    column_entropy: float = 0.0  # after the decision
-    seconds: float = 0.0  # this layer's share of its Level 2 event's host wall time (layers are decided together)
-    skipped: str | None = None  # e.g. "nonfinite": no decision was taken
-
-    def to_dict(self) -> dict:
-        """Plain Python (lists of tuples of ints and floats): safe for ``torch.load(weights_only=True)``."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TopologyDecision":
-        data = dict(data)
-        data["pruned"] = [tuple(x) for x in data["pruned"]]
-        data["grown"] = [tuple(x) for x in data["grown"]]
-        return cls(**data)
+from sparsify.topology.records import TopologyDecision, entropy_of_counts
 
 
 def decision_metrics(records: list[TopologyDecision]) -> dict[str, float]:
@@ -77,19 +41,6 @@ def column_entropy(col_indices: torch.Tensor, num_cols: int) -> float:
     if num_cols <= 1 or col_indices.numel() == 0:
         return 1.0
     return entropy_of_counts(torch.bincount(col_indices.flatten().long().cpu(), minlength=num_cols)[None])[0]
-
-
-def entropy_of_counts(counts: torch.Tensor) -> list[float]:
-    """:func:`column_entropy` of L topologies from their column use counts ``[L, C]`` (on the host)."""
-    num_cols = counts.shape[1]
-    if num_cols <= 1:
-        return [1.0] * counts.shape[0]
-    counts = counts.double()
-    total = counts.sum(1, keepdim=True)
-    p = counts / total.clamp_min(1)
-    terms = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
-    entropy = -terms.sum(1) / math.log(num_cols)
-    return torch.where(total[:, 0] > 0, entropy, torch.ones_like(entropy)).tolist()
 
 
 class TopologyReport(list):

@@ -3,42 +3,40 @@
     opt = TopologyOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4), model, TopologyConfig(update_every=100))
     loss.backward(); opt.step(); opt.zero_grad()
 
-The CMS schedule, counted in calls to ``step()``:
+Three levels, counted in calls to ``step()``:
   Level 0, every step: the wrapped optimizer's step, then per-block score EMAs (from ``values.grad``)
       and candidate statistics (from the layers' stats probes): one norm kernel per layer and a few
       kernels over all layers' flat statistics (``scores.ScoreBank``); no host synchronization.
   Level 1, every ``score_every`` steps: candidate scores are recalibrated against block scores, ages
       advance; a few kernels per group of same-shaped layers, no host synchronization.
-  Level 2, every ``update_every`` steps: statistics are averaged across ranks, ``decide_layers`` picks
-      swaps for each group of same-shaped layers on the device, and this module applies them in place
-      (the one place that mutates the topology). The host reads the decision records, the non-finite
-      flags and the cross-rank topology check in ONE transfer: one host synchronization per event
-      (per device holding evolved layers), however many layers there are.
+  Level 2, every ``update_every`` steps, one way: statistics (``ScoreBank.synchronize``: identical on
+      every rank) -> decide (``decide_layers``, per group of same-shaped layers, on the device) -> apply
+      (``apply.py``, the only writer of a decision) -> record (``records.py``). The host reads the
+      decision records, the non-finite flags and the cross-rank topology check in ONE transfer: one host
+      synchronization per event (per device holding evolved layers), however many layers there are.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, fields
 
 import torch
 from torch import nn
 
 from sparsify.layer import BlockSparseLinear
+from sparsify.topology import checkpoint, fsdp
+from sparsify.topology.apply import write_blocks, write_topology
 from sparsify.topology.config import TopologyConfig
-from sparsify.topology import fsdp
-from sparsify.topology import scores as sc
-from sparsify.topology.apply import apply_swaps
-from sparsify.topology.decide import decide_layers, to_host
-from sparsify.topology.distributed import (
-    check_same_topology, decision_generator, process_group_of, raise_if_diverged, reduce_, unwrap,
-)
-from sparsify.topology.metrics import TopologyDecision, decision_metrics, entropy_of_counts
+from sparsify.topology.decide import decide_layers
+from sparsify.topology.distributed import check_same_topology, process_group_of, raise_if_diverged, unwrap
+from sparsify.topology.metrics import decision_metrics
+from sparsify.topology.random import decision_generator, draw_seeds
+from sparsify.topology.records import GroupRecord, Swaps, TopologyDecision, column_counts, fetch, layer_records
+from sparsify.topology.scores import ScoreBank, enable_probe
 
 logger = logging.getLogger("sparsify.topology")
 
@@ -103,11 +101,11 @@ class TopologyOptimizer(torch.optim.Optimizer):
                 "call sparsify(model, ...) first and build the optimizer from model.parameters()"
             )
         for layer in self.layers.values():
-            sc.enable_probe(layer)
+            enable_probe(layer)
         by_device: dict[torch.device, list] = {}
         for name, layer in self.layers.items():
             by_device.setdefault(layer.values.device, []).append((name, layer))
-        self.banks = [sc.ScoreBank(named) for named in by_device.values()]  # one per device, usually one
+        self.banks = [ScoreBank(named) for named in by_device.values()]  # one per device, usually one
         scores = {name: s for bank in self.banks for name, s in zip(bank.names, bank.scores)}
         self.layer_scores = {name: scores[name] for name in self.layers}
         self.process_group = process_group_of(model, process_group)
@@ -243,12 +241,10 @@ class TopologyOptimizer(torch.optim.Optimizer):
             bank.advance_ages(step - self._last_age_step)
         self._last_age_step = step
         # every random number of this event comes from one seed per group, drawn in a fixed order
-        generator = decision_generator(self.config.seed, step)
-        seeds = torch.randint(0, 2**62, (sum(len(bank.groups) for bank in self.banks),), generator=generator).tolist()
+        seeds = iter(draw_seeds(decision_generator(self.config.seed, step), sum(len(bank.groups) for bank in self.banks)))
         records: dict[str, TopologyDecision] = {}
         for bank in self.banks:
-            records.update(self._decide(bank, seeds[: len(bank.groups)], step))
-            seeds = seeds[len(bank.groups) :]
+            records.update(self._decide(bank, [next(seeds) for _ in bank.groups], step))
         ordered = [records[name] for name in self.layers]
         seconds = (time.perf_counter() - start) / len(ordered)
         for record in ordered:
@@ -257,92 +253,33 @@ class TopologyOptimizer(torch.optim.Optimizer):
                 self._warn_nonfinite(step, record.layer)
         self._publish(step, ordered)
 
-    # -- a decision: the one place that mutates the topology -------------------------------------
     @torch.no_grad()
-    def _decide(self, bank: sc.ScoreBank, seeds: list[int], step: int) -> dict[str, TopologyDecision]:
-        """Decide and apply for every layer of ``bank``; the host waits for the device once."""
+    def _decide(self, bank: ScoreBank, seeds: list[int], step: int) -> dict[str, TopologyDecision]:
+        """Statistics -> decide -> apply -> record, for every layer of ``bank``; the host waits for the
+        device once (``fetch``), between writing the topologies and writing the grown blocks."""
         config = self.config
-        bank.collect_nonfinite()
-        # identical inputs on every rank: one all-reduce of every statistic a decision reads (and of the
-        # non-finite flags). Probe statistics are local: averaged. Block EMAs are the same everywhere under
-        # DDP (averaged gradients): averaged too; under FSDP2 each rank knows its own rows: the others are
-        # zeroed, then summed.
-        sharded = [fsdp.is_sharded(m.values) and config.scorer == "gradient" for m in bank.layers]
-        if not any(sharded):
-            reduce_([bank.stats], [], self.process_group)
-        else:
-            averaged, summed = [bank.stats[bank.num_blocks :]], []
-            for layer, s, shard in zip(bank.layers, bank.scores, sharded):
-                if shard:
-                    first, stop = fsdp.row_range(layer.values)
-                    s.block_ema[:first].zero_()
-                    s.block_ema[stop:].zero_()
-                    summed.append(s.block_ema)
-                else:
-                    averaged.append(s.block_ema)
-            reduce_(averaged, summed, self.process_group)
-        allowed = bank.flags == 0  # [L]: no non-finite statistic on any rank
-        decisions, transfer = [], []
+        bank.synchronize(self.process_group, config.scorer)  # identical statistics on every rank
+        device_records = []
         for group, seed in zip(bank.groups, seeds):
-            members = slice(group.first, group.first + len(group.members))
-            block = bank.block_scores(group, config.scorer)  # [L, R, K]
-            cols = bank.col_indices(group)  # [L, R, K]
-            bank.calibrate(group, block, cols)
-            d = decide_layers(block, bank.candidate_scores(group), cols, config, seed,
-                              group.block_view(bank.protected), allowed[members])
-            mean_score = block.mean((1, 2))  # [L], before grown slots take their scores below
-            torch._foreach_copy_([bank.layers[i].col_indices for i in group.members], list(d.col_indices.unbind(0)))
-            if config.scorer == "gradient":  # a grown block starts from the calibrated estimate that won it the slot
-                ema = group.block_view(bank.stats)
-                ema.scatter_(2, d.slots, torch.where(d.swap, d.grown_scores, ema.gather(2, d.slots)))
-            ages = group.block_view(bank.age)
-            ages.masked_fill_(d.changed, 0)
-            used = d.col_indices.flatten(1).long()
-            counts = torch.zeros(len(group.members), group.cols, dtype=torch.int64, device=bank.device)
-            counts.scatter_add_(1, used, torch.ones_like(used))  # [L, C] column use, for the entropy
-            decisions.append((group, seed, d))
-            transfer += d.records() + [d.taken, mean_score, ages.sum((1, 2)), counts]
+            inputs = bank.decision_inputs(group, config.scorer)
+            mean_score = inputs["block_scores"].mean((1, 2))  # [L], before grown slots take their scores
+            decision = decide_layers(config=config, seed=seed, **inputs)
+            write_topology(bank, group, decision, config.scorer)
+            device_records.append(GroupRecord.of(decision, mean_score=mean_score, age_sum=bank.age_sums(group),
+                                                 column_counts=column_counts(decision.col_indices, group.cols)))
         differ = check_same_topology(bank.names, [m.col_indices for m in bank.layers], self.process_group, step,
                                      wait=False)
-        bank.reset_nonfinite()
-        host = to_host(transfer + ([] if differ is None else [differ]))  # the one host synchronization
-        records, swaps = {}, []
-        for g, (group, _, _) in enumerate(decisions):
-            ints, floats, taken, mean_score, age_sum, counts = host[6 * g : 6 * g + 6]
-            which, row, pair = (ints[3] & 1).nonzero(as_tuple=True)  # the swaps, by layer, row, then slot
-            records.update(self._records(bank, group, ints[:, which, row, pair], floats[:, which, row, pair], which,
-                                         row, taken, mean_score, age_sum, counts, step))
-            swaps.append((which, row, ints[0, which, row, pair].long()))
-        apply_swaps(bank, decisions, swaps, self.optimizer, self.config.grow_init)
-        raise_if_diverged(bank.names, None if differ is None else host[-1], step)
+        bank.end_decision()
+        host, extra = fetch(device_records, [] if differ is None else [differ])  # the one host synchronization
+        swaps = [Swaps.of(record) for record in host]
+        write_blocks(bank, list(zip(bank.groups, seeds, swaps)), self.optimizer, config.grow_init)
+        records = {}
+        for group, record, group_swaps in zip(bank.groups, host, swaps):
+            bank.count_swaps(group, group_swaps.per_layer(len(group.members)))
+            names = [bank.names[i] for i in group.members]
+            records.update(zip(names, layer_records(record, group_swaps, names, group.rows * group.k, step)))
+        raise_if_diverged(bank.names, extra[0] if extra else None, step)
         return records
-
-    def _records(self, bank, group, ints, floats, which, row, taken, mean_score, age_sum, counts, step) -> dict:
-        """The group's TopologyDecision records from the host copy of its swaps (``ints [4, S]``: slot,
-        pruned column, grown column, flags; ``floats [2, S]``: pruned and grown scores; ``which``, ``row``)."""
-        per_layer = torch.bincount(which, minlength=len(group.members)).tolist()
-        slots, pruned, grown = ints[:3].tolist()
-        explored = ((ints[3] & 2) > 0).tolist()
-        pruned_scores, grown_scores = floats.tolist()
-        rows = row.tolist()
-        entropies = entropy_of_counts(counts)
-        num_blocks = group.rows * group.k
-        out, offset = {}, 0
-        for j, index in enumerate(group.members):
-            name, num = bank.names[index], per_layer[j]
-            part = slice(offset, offset + num)
-            out[name] = TopologyDecision(
-                step=step, layer=name, num_swaps=num, swap_rate=num / num_blocks, num_blocks=num_blocks,
-                mean_block_score=float(mean_score[j]) if taken[j] else math.nan,
-                mean_age=int(age_sum[j]) / num_blocks, column_entropy=entropies[j],
-                skipped=None if taken[j] else "nonfinite",
-                pruned=list(zip(rows[part], slots[part], pruned[part])),
-                grown=list(zip(rows[part], slots[part], grown[part])),
-                explored=sum(explored[part]), pruned_scores=pruned_scores[part], grown_scores=grown_scores[part],
-            )
-            bank.scores[index].swaps_total += num
-            offset += num
-        return out
 
     # -- records, logging, callbacks -------------------------------------------------------------
     def _warn_nonfinite(self, step: int, name: str) -> None:
@@ -380,40 +317,25 @@ class TopologyOptimizer(torch.optim.Optimizer):
     def topology_state_dict(self) -> dict:
         """This optimizer's own state (the ``"topology"`` entry of :meth:`state_dict`); it may differ
         across ranks (probe statistics are local), so save it per rank."""
-        return {
-            "global_step": self.global_step,
-            "last_age_step": self._last_age_step,
-            "warned_nonfinite": self._warned_nonfinite,
-            "config": asdict(self.config),
-            "layers": {name: s.state_dict() for name, s in self.layer_scores.items()},
-            "history": [d.to_dict() for d in self.history],
-        }
+        return checkpoint.topology_state(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load what :meth:`state_dict` returned, after the model's own state (its ``col_indices``).
+
+        Everything is validated before anything changes (see ``sparsify.topology.checkpoint``): a
+        rejected state raises ValueError and leaves the wrapped optimizer and the topology state as
+        they were."""
         state_dict = dict(state_dict)
         topology = state_dict.pop("topology", None)
-        self.optimizer.load_state_dict(state_dict)
-        if topology is not None:
-            self.load_topology_state_dict(topology)
+        prepared = None if topology is None else checkpoint.validate(self, topology)
+        checkpoint.check_wrapped_state(self, state_dict)
+        self.optimizer.load_state_dict(state_dict)  # checks its groups before it changes anything
+        if prepared is not None:
+            checkpoint.commit(self, prepared)
 
     def load_topology_state_dict(self, topology: dict) -> None:
-        """Restore what :meth:`topology_state_dict` returned."""
-        missing = set(self.layer_scores) - set(topology["layers"])
-        if missing:
-            raise ValueError(
-                f"TopologyOptimizer.load_state_dict: the checkpoint has no topology state for {sorted(missing)[:5]}; "
-                "it was saved from a model sparsified differently"
-            )
-        for name, s in self.layer_scores.items():
-            s.load_state_dict(topology["layers"][name], name)
-        self.global_step = int(topology["global_step"])
-        self._last_age_step = int(topology["last_age_step"])
-        self._warned_nonfinite = bool(topology["warned_nonfinite"])
-        self.history = [TopologyDecision.from_dict(d) for d in topology["history"]]
-        saved = {f.name: topology["config"].get(f.name) for f in fields(TopologyConfig)}
-        if saved != asdict(self.config):
-            logger.warning("TopologyOptimizer.load_state_dict: the checkpoint was saved with %s; continuing with %s",
-                           saved, self.config)
+        """Restore what :meth:`topology_state_dict` returned (validated first, like :meth:`load_state_dict`)."""
+        checkpoint.commit(self, checkpoint.validate(self, topology))
 
 
 def _zero_protected_grads(frozen) -> None:

@@ -2,11 +2,18 @@
 
 For a layer with R block-rows, K slots and C block-columns, :class:`LayerScores` holds
 
-    block_ema:  [R, K] float32  EMA of ||dL/dvalues[r, k]||_F (scorer="gradient"), updated every step (Level 0)
-    probe_ema:  [R + C] float32 EMA of sqrt(probe energy): error_norm [R] then activation_norm [C]
+    block_ema:  [R, K] float64  EMA of ||dL/dvalues[r, k]||_F (scorer="gradient"), updated every step (Level 0)
+    probe_ema:  [R + C] float64 EMA of sqrt(probe energy): error_norm [R] then activation_norm [C]
     age:        [R, K] int64    steps since each block was grown (or since training started)
-    ratio:      [] float32      calibration of candidate scores against block scores (Level 1)
+    ratio:      [] float64      calibration of candidate scores against block scores (Level 1)
     protected:  [R, K] bool     slots that are neither pruned nor trained (see TopologyOptimizer.protect)
+
+Statistics are float64 and gradient norms are accumulated in float64 (so is the stats probe, a
+float64 leaf: the op computes its energies in the probe's precision), so they stay meaningful over
+the whole range of float32 / bfloat16 / float16 training: a gradient of 1e-29 still has a non-zero
+score, activations of 1e18 still have finite energies, and their products (candidate scores) neither
+underflow nor overflow. It costs no extra pass over the gradient (the norm reads it once, whatever
+its accumulator) and the buffers are small (R * K + R + C numbers per layer).
 
 These are views into the flat buffers of a :class:`ScoreBank`, which holds every layer of one device,
 ordered by shape. So a step is a handful of kernels for all layers together (one block-norm kernel
@@ -14,7 +21,7 @@ per layer, then a few over the flat buffers, no host synchronization), and a dec
 layers of one shape as ``[L, R, K]`` stacks without copying them.
 
 All EMAs follow ``ema = a * ema + (1 - a) * new``. A non-finite new value leaves its EMA entry as it
-was and marks the layer; the next Level 2 decision skips marked layers (see ``ScoreBank.collect_nonfinite``).
+was and marks the layer; the next Level 2 decision skips marked layers (see ``ScoreBank.synchronize``).
 
 Candidate scores: a would-be block (r, c) has gradient ``G_r^T X_c`` whose norm is at most
 ``||G_r|| * ||X_c|| = error_norm[r] * activation_norm[c]``. That bound always beats real blocks, so
@@ -30,8 +37,9 @@ import torch
 
 from sparsify.layer import BlockSparseLinear
 from sparsify.topology import fsdp
+from sparsify.topology.distributed import reduce_
 
-_TINY = 1e-30
+STATS_DTYPE = torch.float64
 
 
 class LayerScores:
@@ -83,15 +91,10 @@ class LayerScores:
         out["swaps_total"] = self.swaps_total
         return out
 
-    def load_state_dict(self, state: dict, where: str) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a state that ``sparsify.topology.checkpoint.validate`` accepted (shapes, fields)."""
         for name in self.TENSORS:
-            mine, theirs = getattr(self, name), state[name]
-            if tuple(theirs.shape) != tuple(mine.shape):
-                raise ValueError(
-                    f"{where}: checkpoint {name} has shape {tuple(theirs.shape)} but this layer needs "
-                    f"{tuple(mine.shape)}; sparsify the model the same way before loading the optimizer state"
-                )
-            mine.copy_(theirs)
+            getattr(self, name).copy_(state[name])
         finite = ~torch.as_tensor(state.get("nonfinite", False), device=self.age.device)  # absent in older checkpoints
         for flags in self._finite:
             flags.copy_(finite.expand_as(flags))
@@ -127,7 +130,7 @@ class ShapeGroup:
 class ScoreBank:
     """The statistics of all evolved layers on one device, in flat buffers.
 
-    ``stats`` is float32 ``[NB + NP + L]``: every layer's block EMAs (NB = sum of R*K), then every
+    ``stats`` is float64 ``[NB + NP + L]``: every layer's block EMAs (NB = sum of R*K), then every
     layer's probe EMAs (NP = sum of R + C), then one non-finite flag per layer that Level 2 fills and
     all-reduces with the rest. Layers are ordered by shape group, so a group's statistics are one
     contiguous ``[L, R, K]`` / ``[L, R + C]`` view; ``layers`` and ``names`` are in that order.
@@ -152,11 +155,11 @@ class ScoreBank:
             self.probe_range.append((p, p + probes))
             b, p = b + blocks, p + probes
         size, count, device = self.num_blocks + self.num_probes, len(self.layers), self.device
-        self.stats = torch.zeros(size + count, device=device)  # EMAs, then the per-layer flags
-        self.fresh = torch.zeros(size, device=device)  # this step's new values, before the EMA
+        self.stats = torch.zeros(size + count, dtype=STATS_DTYPE, device=device)  # EMAs, then the per-layer flags
+        self.fresh = torch.zeros(size, dtype=STATS_DTYPE, device=device)  # this step's new values, before the EMA
         self.finite = torch.ones(size, dtype=torch.bool, device=device)  # every new value since the last decision
         self.age = torch.zeros(self.num_blocks, dtype=torch.int64, device=device)
-        self.ratio = torch.ones(count, device=device)
+        self.ratio = torch.ones(count, dtype=STATS_DTYPE, device=device)
         self.protected = torch.zeros(self.num_blocks, dtype=torch.bool, device=device)
         self.scores = [LayerScores(self, i, layer) for i, layer in enumerate(self.layers)]
         self._fresh = [(self.fresh[b0:b1].view_as(s.block_ema), self.fresh[p0:p1])  # per layer, made once
@@ -174,7 +177,7 @@ class ScoreBank:
 
     @property
     def flags(self) -> torch.Tensor:
-        """[L] float32: per-layer non-finite flags (filled by :meth:`collect_nonfinite`)."""
+        """[L]: per-layer non-finite flags (filled by :meth:`synchronize`)."""
         return self.stats[self.num_blocks + self.num_probes :]
 
     # -- Level 0 ---------------------------------------------------------------------------------
@@ -196,11 +199,12 @@ class ScoreBank:
                     keep_dst.append(fresh_blocks)
                     keep_src.append(s.block_ema)
                 elif not fsdp.is_sharded(grad):
-                    torch.linalg.vector_norm(grad, dim=(2, 3), dtype=torch.float32, out=fresh_blocks)
+                    torch.linalg.vector_norm(grad, dim=(2, 3), dtype=STATS_DTYPE, out=fresh_blocks)
                     moved = True
                 else:  # this rank's rows; the others keep their EMAs
                     first, stop = fsdp.row_range(grad)
-                    torch.linalg.vector_norm(fsdp.local(grad), dim=(2, 3), dtype=torch.float32, out=fresh_blocks[first:stop])
+                    torch.linalg.vector_norm(fsdp.local(grad), dim=(2, 3), dtype=STATS_DTYPE,
+                                             out=fresh_blocks[first:stop])
                     for lo, hi in ((0, first), (stop, s.num_rows)):
                         if hi > lo:
                             keep_dst.append(fresh_blocks[lo:hi])
@@ -238,7 +242,7 @@ class ScoreBank:
             self.age.add_(steps)
 
     def block_scores(self, group: ShapeGroup, scorer: str) -> torch.Tensor:
-        """The score of every active block of the group: ``[L, R, K]`` float32 (higher is more important)."""
+        """The score of every active block of the group: ``[L, R, K]`` float64 (higher is more important)."""
         if scorer == "gradient":
             return group.block_view(self.stats)
         return torch.stack([block_magnitudes(self.layers[i].values) for i in group.members])
@@ -253,7 +257,7 @@ class ScoreBank:
         error, activation = probes[:, : group.rows], probes[:, group.rows :]  # [L, R], [L, C]
         bound = error[:, :, None] * activation.gather(1, cols.flatten(1)).view_as(cols)  # [L, R, K]
         total = bound.sum((1, 2))
-        fitted = block.sum((1, 2)) / total.clamp_min(_TINY)
+        fitted = block.sum((1, 2)) / total.clamp_min(torch.finfo(total.dtype).tiny)
         self.ratio[group.first : group.first + len(group.members)] = torch.where(total > 0, fitted, torch.ones_like(fitted))
 
     def calibrate_all(self, scorer: str) -> None:
@@ -268,20 +272,71 @@ class ScoreBank:
         ratio = self.ratio[group.first : group.first + len(group.members)]
         return error[:, :, None] * activation[:, None, :] * ratio[:, None, None]
 
-    # -- Level 2 ---------------------------------------------------------------------------------
-    def collect_nonfinite(self) -> None:
+    # -- Level 2: synchronize, read, absorb ----------------------------------------------------------
+    def synchronize(self, process_group, scorer: str) -> None:
+        """Make every statistic a decision reads identical on every rank, in ONE all-reduce, and fill
+        the per-layer non-finite flags (which travel in the same buffer).
+
+        Probe statistics are local to a rank: averaged. Block EMAs are the same everywhere under DDP
+        (averaged gradients): averaged too. Under FSDP2 each rank knows only its own block-rows: the
+        other rows are zeroed, then summed."""
+        self._collect_nonfinite()
+        sharded = [fsdp.is_sharded(m.values) and scorer == "gradient" for m in self.layers]
+        if not any(sharded):
+            reduce_([self.stats], [], process_group)
+            return
+        averaged, summed = [self.stats[self.num_blocks :]], []
+        for layer, s, shard in zip(self.layers, self.scores, sharded):
+            if shard:
+                first, stop = fsdp.row_range(layer.values)
+                s.block_ema[:first].zero_()
+                s.block_ema[stop:].zero_()
+                summed.append(s.block_ema)
+            else:
+                averaged.append(s.block_ema)
+        reduce_(averaged, summed, process_group)
+
+    def decision_inputs(self, group: ShapeGroup, scorer: str) -> dict[str, torch.Tensor]:
+        """What ``decide_layers`` reads for a group, as its keyword arguments: ``block_scores``,
+        ``candidate_scores``, ``col_indices``, ``protected``, ``allowed``. Refits the group's ``ratio``
+        first. Call after :meth:`synchronize`."""
+        block = self.block_scores(group, scorer)  # [L, R, K]
+        cols = self.col_indices(group)  # [L, R, K]
+        self.calibrate(group, block, cols)
+        members = slice(group.first, group.first + len(group.members))
+        return dict(block_scores=block, candidate_scores=self.candidate_scores(group), col_indices=cols,
+                    protected=group.block_view(self.protected), allowed=self.flags[members] == 0)
+
+    def absorb(self, group: ShapeGroup, decision, scorer: str) -> None:
+        """A decision's changed slots start afresh: age 0 and, with the gradient scorer, the calibrated
+        candidate score that won them the slot as their block EMA. Called by ``apply.py`` only."""
+        if scorer == "gradient":
+            ema = group.block_view(self.stats)
+            ema.scatter_(2, decision.slots, torch.where(decision.swap, decision.grown_scores, ema.gather(2, decision.slots)))
+        group.block_view(self.age).masked_fill_(decision.changed, 0)
+
+    def age_sums(self, group: ShapeGroup) -> torch.Tensor:
+        """``[L]`` int64: the sum of the block ages of each layer of the group."""
+        return group.block_view(self.age).sum((1, 2))
+
+    def count_swaps(self, group: ShapeGroup, per_layer: list[int]) -> None:
+        for index, num in zip(group.members, per_layer):
+            self.scores[index].swaps_total += num
+
+    def end_decision(self) -> None:
+        """The non-finite marks were read with the decision: start collecting afresh."""
+        self.finite.fill_(True)
+
+    def _collect_nonfinite(self) -> None:
         """Fill :attr:`flags` (1.0 where a layer saw a non-finite value since the last decision, or holds
-        one) and zero any non-finite EMA entry. On the device: the flags are read with the decision."""
+        one) and zero any non-finite EMA entry."""
         ema = self.stats[: self.num_blocks + self.num_probes]
         finite = torch.isfinite(ema)
         self.finite.logical_and_(finite)
         ema.masked_fill_(finite.logical_not_(), 0.0)
         for group in self.groups:
             ok = group.block_view(self.finite).flatten(1).all(1) & group.probe_view(self.finite).all(1)
-            self.flags[group.first : group.first + len(group.members)] = (~ok).float()
-
-    def reset_nonfinite(self) -> None:
-        self.finite.fill_(True)
+            self.flags[group.first : group.first + len(group.members)] = (~ok).to(self.flags.dtype)
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -290,22 +345,18 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def enable_probe(layer: BlockSparseLinear) -> None:
-    """Make the layer's stats probe a float32 leaf that requires grad (re-registered if it was cast)."""
+    """Make the layer's stats probe a float64 leaf that requires grad (re-registered otherwise): its
+    gradient, the probe energies, is then float64, which the op computes in the probe's precision."""
     probe = layer.stats_probe
     size = layer.num_rows + layer.num_cols
-    if probe.dtype != torch.float32 or probe.device != layer.values.device or probe.numel() != size or not probe.is_leaf:
-        layer.stats_probe = torch.zeros(size, device=layer.values.device)
+    if probe.dtype != STATS_DTYPE or probe.device != layer.values.device or probe.numel() != size or not probe.is_leaf:
+        layer.stats_probe = torch.zeros(size, dtype=STATS_DTYPE, device=layer.values.device)
     layer.stats_probe.requires_grad_(True)
 
 
-def block_gradient_norms(grad: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of every block of ``dL/dvalues``: ``[R, K, B, B] -> [R, K]`` float32."""
-    return torch.linalg.vector_norm(grad, dim=(2, 3), dtype=torch.float32)
-
-
 def block_magnitudes(values: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of every block's weights: ``[R, K, B, B] -> [R, K]`` float32.
+    """Frobenius norm of every block's weights: ``[R, K, B, B] -> [R, K]`` float64.
 
     Row-sharded ``values`` (FSDP2) are reduced locally and then all-gathered (one collective per call)."""
-    norms = torch.linalg.vector_norm(values.detach(), dim=(2, 3), dtype=torch.float32)
+    norms = torch.linalg.vector_norm(values.detach(), dim=(2, 3), dtype=STATS_DTYPE)
     return norms.full_tensor() if fsdp.is_sharded(norms) else norms
