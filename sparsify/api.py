@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 from tabulate import tabulate
@@ -13,7 +12,7 @@ from sparsify.config import BlockSparseConfig
 from sparsify.layer import BlockSparseLinear
 from sparsify.passes.linear_to_block_ell import sparsify_graph
 from sparsify.rewrite import to_block_sparse
-from sparsify.select import LayerSpec, Skipped, replace_submodule, select
+from sparsify.select import LayerSpec, forget_skipped, replace_submodule, report_skipped, select, skipped_layers
 
 
 def sparsify(
@@ -70,27 +69,8 @@ def sparsify(
     for target, sparse in zip(selection.targets, to_block_sparse(selection.targets, config)):
         for path in target.all_paths:
             replace_submodule(model, path, sparse)
-    if selection.skipped:
-        _remember_skipped(model, selection.skipped)
-        listed = "; ".join(f"{s.fqn}: {s.reason}" for s in selection.skipped[:8])
-        more = f" and {len(selection.skipped) - 8} more" if len(selection.skipped) > 8 else ""
-        warnings.warn(f"sparsify: left dense: {listed}{more}", UserWarning, stacklevel=2)
+    report_skipped(model, selection.skipped)
     return model
-
-
-_SKIPPED_ATTRIBUTE = "_sparsify_skipped"
-
-
-def _remember_skipped(model: nn.Module, skipped: list[Skipped]) -> None:
-    # A plain attribute (not a buffer): it travels with deepcopy and never enters the state_dict.
-    merged = {s.fqn: s for s in skipped_layers(model)}
-    merged.update((s.fqn, s) for s in skipped)
-    model.__dict__[_SKIPPED_ATTRIBUTE] = list(merged.values())
-
-
-def skipped_layers(model: nn.Module) -> list[Skipped]:
-    """The modules ``sparsify`` was asked to rewrite but left dense, each with its reason."""
-    return list(model.__dict__.get(_SKIPPED_ATTRIBUTE, []))
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, BlockSparseLinear]]:
@@ -104,7 +84,7 @@ def densify(model: nn.Module) -> nn.Module:
     dense_of: dict[int, nn.Linear] = {}  # one linear per sparse layer, however many paths it has
     for name, layer in sparse_layers(model):
         replace_submodule(model, name, dense_of.setdefault(id(layer), layer.to_linear()))
-    model.__dict__.pop(_SKIPPED_ATTRIBUTE, None)
+    forget_skipped(model)
     return model
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from sparsify.integrations import transformers as hf
+from sparsify.integrations.transformers import is_linear, linear_weight  # noqa: F401  (callers that read a selected linear's weight import them from here)
 from sparsify.layer_spec import SHOWN, LayerSpec, check_layers_exist, parse_layers, short_repr
 
 
@@ -79,7 +81,7 @@ def all_linears(model: nn.Module, also: Callable[[nn.Module], bool] | None = Non
     return [
         make_target(fqn, module)
         for fqn, module in model.named_modules(remove_duplicate=False)
-        if fqn and (hf.is_linear(module) or (also is not None and also(module)))
+        if fqn and (is_linear(module) or (also is not None and also(module)))
     ]
 
 
@@ -240,7 +242,7 @@ def select(
     """``select_linears`` on a module, minus what must stay dense (tied weights, linears whose parent
     reads their weight, mixture-of-experts weights), which comes back in ``skipped``. Raises
     ValueError, changing nothing, when nothing selected can be rewritten."""
-    if hf.is_linear(model):
+    if is_linear(model):
         raise ValueError(
             f"sparsify: the model is itself a {type(model).__name__}; sparsify replaces the linears inside a "
             "model in place and cannot replace the object you hold. For one layer use "
@@ -258,10 +260,19 @@ def select(
         asked = any(_matches_component(expert, p) for p in patterns) if patterns else filter_fn is None
         if in_layers and asked:
             skipped.append(Skipped(fqn, f"mixture-of-experts weights ({class_name}) are 3-D parameters, not nn.Linear; left dense"))
-    owners = hf.parameter_owners(model)
+    return keep_rewritable(model, chosen, skipped)
+
+
+def keep_rewritable(
+    root: nn.Module, chosen: list[Target], skipped: list[Skipped], also: Callable[[Target], str | None] | None = None
+) -> Selection:
+    """``chosen`` minus the targets that must stay dense (a weight tied to another module's parameter,
+    a parent that reads the weight itself, or a reason ``also`` gives), which join ``skipped``.
+    Raises ValueError, changing nothing, when every chosen target must stay dense."""
+    owners = hf.parameter_owners(root)
     targets = []
     for target in chosen:
-        reason = _must_stay_dense(model, target, owners)
+        reason = _must_stay_dense(root, target, owners) or (also(target) if also is not None else None)
         if reason:
             skipped.append(Skipped(target.fqn, reason))
         else:
@@ -270,3 +281,29 @@ def select(
         reasons = "; ".join(f"{s.fqn}: {s.reason}" for s in skipped[:SHOWN])
         raise ValueError(f"sparsify: every selected linear must stay dense: {reasons}")
     return Selection(targets, skipped)
+
+
+_SKIPPED_ATTRIBUTE = "_sparsify_skipped"
+
+
+def report_skipped(model: nn.Module, skipped: list[Skipped]) -> None:
+    """Warn about what was left dense, and keep it on the model for ``skipped_layers`` /
+    ``sparsity_table``: a plain attribute (not a buffer), so it survives deepcopy and never enters
+    the state_dict."""
+    if not skipped:
+        return
+    merged = {s.fqn: s for s in skipped_layers(model)}
+    merged.update((s.fqn, s) for s in skipped)
+    model.__dict__[_SKIPPED_ATTRIBUTE] = list(merged.values())
+    listed = "; ".join(f"{s.fqn}: {s.reason}" for s in skipped[:SHOWN])
+    more = f" and {len(skipped) - SHOWN} more" if len(skipped) > SHOWN else ""
+    warnings.warn(f"sparsify: left dense: {listed}{more}", UserWarning, stacklevel=3)
+
+
+def skipped_layers(model: nn.Module) -> list[Skipped]:
+    """The modules ``sparsify`` was asked to rewrite but left dense, each with its reason."""
+    return list(model.__dict__.get(_SKIPPED_ATTRIBUTE, []))
+
+
+def forget_skipped(model: nn.Module) -> None:
+    model.__dict__.pop(_SKIPPED_ATTRIBUTE, None)

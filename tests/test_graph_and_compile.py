@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 import torch._dynamo
 from torch import nn
@@ -104,3 +105,24 @@ def test_sparsify_adds_no_graph_break_to_llama(token_ids):
     torch._dynamo.reset()
     compiled = torch.compile(sparse)
     assert relative_error(model_output(compiled, token_ids), model_output(sparse, token_ids)) < 1e-5
+
+
+def test_graph_pass_rewrites_a_linear_fed_straight_by_another_linear():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    x = torch.randn(3, 64)
+    expected = sparsify(copy.deepcopy(model), density=0.5)(x)
+    gm = sparsify(torch.fx.symbolic_trace(model), density=0.5)
+    assert len(op_nodes(gm)) == 2
+    assert torch.equal(gm(x), expected)
+
+
+def test_export_graph_pass_leaves_a_tied_lm_head_dense_and_the_embedding_working(token_ids):
+    model = tiny_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight  # what tie_word_embeddings=True does
+    gm = torch.export.export(model, (token_ids,), strict=False).module()
+    with pytest.warns(UserWarning, match=r"left dense: lm_head: its weight is tied to"):
+        gm = sparsify(gm, density=1.0)
+    assert "lm_head" not in {name for name, _ in sparse_layers(gm)}
+    out = gm(token_ids)
+    out = out.logits if hasattr(out, "logits") else out[0]
+    assert relative_error(out, model_output(model, token_ids)) < 1e-5

@@ -21,7 +21,7 @@ import sparsify.ops  # noqa: F401  (registers torch.ops.sparsify.block_ell_linea
 from sparsify.config import BlockSparseConfig
 from sparsify.integrations.transformers import is_linear
 from sparsify.rewrite import to_block_sparse
-from sparsify.select import LayerSpec, make_target, replace_submodule, select_linears
+from sparsify.select import LayerSpec, keep_rewritable, make_target, replace_submodule, report_skipped, select_linears
 
 _ATEN_LINEAR = torch.ops.aten.linear.default
 
@@ -55,7 +55,9 @@ def sparsify_graph(
     """Rewrite the selected linear nodes of ``gm`` into Block-ELL op nodes; returns ``gm``.
 
     :func:`sparsify.sparsify` calls this for GraphModules; ``config`` defaults to ``BlockSparseConfig()``.
-    A weight used by more than one linear node (tied weights) is rewritten once and shared.
+    A weight used by more than one linear node is rewritten once and shared; a weight something else
+    reads too (an export graph's ``lm_head.weight`` feeding the embedding as well) stays dense, with a
+    warning, as does a weight tied to another module's parameter.
     """
     sites = _find_sites(gm)
     if not sites:
@@ -65,7 +67,10 @@ def sparsify_graph(
         by_fqn.setdefault(site.fqn, []).append(site)
     # On export graphs the owner is a plain container module holding weight and bias.
     candidates = [make_target(fqn, gm.get_submodule(fqn)) for fqn in by_fqn]
-    targets = select_linears(candidates, layers, components, filter_fn)
+    selection = keep_rewritable(
+        gm, select_linears(candidates, layers, components, filter_fn), [], also=lambda t: _read_elsewhere(by_fqn[t.fqn])
+    )
+    targets = selection.targets
     new_layers = to_block_sparse(targets, config or BlockSparseConfig())
 
     for target, sparse in zip(targets, new_layers):
@@ -88,4 +93,17 @@ def sparsify_graph(
                     gm.graph.erase_node(attr)
     gm.graph.lint()
     gm.recompile()
+    report_skipped(gm, selection.skipped)
     return gm
+
+
+def _read_elsewhere(sites: list[_Site]) -> str | None:
+    """Why the weight of these linear nodes must stay dense: some other node reads it too."""
+    linear_nodes = {site.node for site in sites}
+    for site in sites:
+        weight = site.node.args[1] if len(site.node.args) > 1 else site.node.kwargs.get("weight")
+        if isinstance(weight, fx.Node):
+            others = sorted({str(user.target) for user in weight.users if user not in linear_nodes})
+            if others:
+                return f"its weight {weight.target} is also read by {', '.join(others)} (tied weights); sparsify never unties weights"
+    return None
