@@ -21,6 +21,16 @@ def assert_unchanged(model: nn.Module, before) -> None:
     assert all(torch.equal(state[k], before[1][k]) for k in state)
 
 
+def assert_refused(model: nn.Module, match: str, **kwargs) -> str:
+    """``sparsify(model, **kwargs)`` raises a ValueError matching ``match`` and leaves the model as it
+    was; returns the message."""
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match) as error:
+        sparsify(model, **kwargs)
+    assert_unchanged(model, before)
+    return str(error.value)
+
+
 class OddWidth(nn.Module):
     def __init__(self):
         super().__init__()
