@@ -80,10 +80,14 @@ def sparse_layers(model: nn.Module) -> list[tuple[str, BlockSparseLinear]]:
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Turn every BlockSparseLinear back into an ``nn.Linear`` with the zero-filled dense weight."""
-    dense_of: dict[int, nn.Linear] = {}  # one linear per sparse layer, however many paths it has
-    for name, layer in sparse_layers(model):
-        replace_submodule(model, name, dense_of.setdefault(id(layer), layer.to_linear()))
+    """Turn every BlockSparseLinear back into an ``nn.Linear`` with the zero-filled dense weight; a
+    layer registered under several paths becomes one linear at all of them."""
+    every_path = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, BlockSparseLinear)]
+    dense_of: dict[int, nn.Linear] = {}
+    for name, layer in every_path:
+        if id(layer) not in dense_of:
+            dense_of[id(layer)] = layer.to_linear()
+        replace_submodule(model, name, dense_of[id(layer)])
     forget_skipped(model)
     return model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsify import BlockSparseLinear, sparse_layers, sparsify, sparsity_table
+from sparsify import BlockSparseLinear, densify, sparse_layers, sparsify, sparsity_table
 from sparsify.api import skipped_layers
 from sparsify.layer_spec import LayerSpan, parse_layers
 from tests.test_errors import assert_refused
@@ -86,14 +86,17 @@ def test_mlp_on_linears_without_a_layer_index_says_why_it_matched_nothing():
     assert "unknown component" not in str(error.value)
 
 
-def test_a_module_registered_at_two_paths_becomes_one_sparse_module_at_both():
+def test_a_module_registered_at_two_paths_becomes_one_sparse_module_at_both_and_densifies_back_to_one():
     model = Stack()
     model.layers[3]["fc1"] = model.layers[1]["fc1"]  # one linear, two paths
     x = torch.randn(5, 64)
     sparsify(model, layers=1, components="fc1", density=0.5)
     assert isinstance(model.layers[1]["fc1"], BlockSparseLinear)
     assert model.layers[3]["fc1"] is model.layers[1]["fc1"]
-    assert torch.isfinite(model(x)).all()
+    expected = model(x)
+    densify(model)
+    assert isinstance(model.layers[3]["fc1"], nn.Linear) and model.layers[3]["fc1"] is model.layers[1]["fc1"]
+    assert torch.allclose(model(x), expected, atol=1e-6)
 
 
 def test_a_linear_whose_weight_is_shared_with_another_module_is_skipped_and_reported():
