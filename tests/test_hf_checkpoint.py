@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -87,7 +89,7 @@ def test_from_pretrained_dtype_casts_values_and_keeps_the_topology_integer(keywo
 
 
 def test_loading_with_ignore_mismatched_sizes_keeps_the_sparse_layers(tmp_path, token_ids):
-    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -95,7 +97,12 @@ def test_loading_with_ignore_mismatched_sizes_keeps_the_sparse_layers(tmp_path, 
     model = sparsify(LlamaForSequenceClassification(config), components="mlp", block_size=16)
     record_sparsity(model)
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    other_head = AutoConfig.from_pretrained(tmp_path, num_labels=5)
+    if Version(transformers.__version__) < Version("5.24"):  # may load the [2, 64] head unchecked: refused instead
+        with pytest.raises(ValueError, match=r"score\.weight \(2, 64\) \(expected \(5, 64\)\)"):
+            AutoModelForSequenceClassification.from_pretrained(tmp_path, config=other_head, ignore_mismatched_sizes=True)
+        return
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, config=other_head, ignore_mismatched_sizes=True)
     assert loaded.score.weight.shape == (5, 64)
     for name, layer in sparse_layers(model):
         other = loaded.get_submodule(name)

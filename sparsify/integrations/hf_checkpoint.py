@@ -91,11 +91,23 @@ class SparsifyHfQuantizer(HfQuantizer):
             sparse = BlockSparseLinear.from_linear(module, config=config, weight=linear_weight(module), name=name)
             replace_submodule(model, name, sparse)
         _teach_init_weights(model)
+        # Some transformers releases (5.17) skip their shape check for every tensor once a quantizer is
+        # active and load a mismatched tensor as it is: remember the shapes to check after loading.
+        self.expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from sparsify.api import sparse_layers
 
+        expected = getattr(self, "expected_shapes", {})
+        wrong = [f"{name} {tuple(t.shape)} (expected {expected[name]})"
+                 for name, t in model.state_dict(keep_vars=True).items() if name in expected and tuple(t.shape) != expected[name]]
+        if wrong:
+            raise ValueError(
+                f"checkpoint tensors of the wrong shape: {', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; this "
+                "transformers release loads them unchecked when a quantization_config is present, so sparsify refuses "
+                "the model (ignore_mismatched_sizes needs transformers >= 5.24 with a sparse checkpoint)"
+            )
         for name, layer in sparse_layers(model):
             block_ell.check_col_indices(layer.col_indices, layer.num_cols, name)
             layer.stats_probe.zero_()  # non-persistent, so never in the checkpoint
