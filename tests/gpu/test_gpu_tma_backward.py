@@ -1,0 +1,80 @@
+"""CUDA correctness of the tensor-descriptor backward kernels (grad_input_tma.py, grad_values_tma.py)
+against a float64 reference; skipped without CUDA.
+
+    python -m pytest tests/gpu/test_gpu_tma_backward.py -q      # on the GPU machine
+
+B = 64 and 128, bf16 / fp16 / fp32 (tf32 off and on), the autotuned choice and fixed tiles, token counts
+not multiple of any tile, K from 1 to C; outputs NaN-poisoned before the kernel writes them; every
+result computed twice and compared bitwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA, reason="the GPU checks need CUDA")
+TOL = {torch.float32: 1e-5, "tf32": 5e-3, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+CASES = [  # (tokens, block-rows, block-columns, slots)
+    (3000, 4, 8, 4),
+    (1000, 3, 5, 1),
+    (77, 2, 6, 6),
+    (513, 5, 7, 3),
+]
+DTYPES = [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True)]
+GRAD_INPUT_TILES = [None, {"BM": 64, "KC": 64, "num_warps": 4, "num_stages": 4}]
+GRAD_VALUES_TILES = [None, {"BT": 64, "KC": 64, "GS": 2, "num_warps": 8, "num_stages": 4}]
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def operands(m, rows, cols, k, block, dtype):
+    g = torch.randn(m, rows * block, device="cuda", dtype=dtype)
+    x = torch.randn(m, cols * block, device="cuda", dtype=dtype)
+    values = (torch.randn(rows, k, block, block, device="cuda") / (k * block) ** 0.5).to(dtype)
+    col = torch.rand(rows, cols, device="cuda").argsort(dim=1)[:, :k].to(torch.int32)
+    return g, x, values, col
+
+
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("dtype,tf32", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("tile", range(2))
+def test_tma_grad_input_on_cuda_matches_float64_and_repeats_bitwise(block, dtype, tf32, case, tile):
+    from sparsify.kernels import reference
+    from sparsify.kernels.grad_input_tma import grad_input_tma, tma_grad_input_fits
+
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    m, rows, cols, k = case
+    g, _, values, col = operands(m, rows, cols, k, block, dtype)
+    assert tma_grad_input_fits(g, values)
+    outs = [grad_input_tma(g, values, col, cols * block, config=GRAD_INPUT_TILES[tile],
+                           out=torch.full((m, cols * block), float("nan"), dtype=dtype, device="cuda")) for _ in range(2)]
+    ref = reference.grad_input(g.double(), values.double(), col, cols * block)
+    assert rel(outs[0], ref) < TOL["tf32" if tf32 else dtype]
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("dtype,tf32", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("tile", range(2))
+def test_tma_grad_values_on_cuda_matches_float64_and_repeats_bitwise(block, dtype, tf32, case, tile):
+    from sparsify.kernels import reference
+    from sparsify.kernels.grad_values_tma import grad_values_tma, tma_grad_values_fits
+
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    m, rows, cols, k = case
+    g, x, _, col = operands(m, rows, cols, k, block, dtype)
+    assert tma_grad_values_fits(g, x, block)
+    outs = [grad_values_tma(g, x, col, block, config=GRAD_VALUES_TILES[tile],
+                            out=torch.full((rows, k, block, block), float("nan"), dtype=dtype, device="cuda"))
+            for _ in range(2)]
+    ref = reference.grad_values(g.double(), x.double(), col, block)
+    assert rel(outs[0], ref) < TOL["tf32" if tf32 else dtype]
+    assert torch.equal(outs[0], outs[1])
