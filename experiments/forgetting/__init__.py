@@ -2,8 +2,8 @@
 
 Modules in the order a run meets them: ``data`` (task A and task B as bytes), ``model`` (the Llama-style
 byte model), ``arms`` (what each arm changes), ``train`` (one task-A run, one task-B run), ``evaluate``
-(the metrics), ``grid`` (which runs, in what order, on how many workers), ``analysis`` (records to
-numbers), ``plots`` and ``report``; ``run.py`` is the command line. The experiment uses only sparsify's
+(the metrics), ``baselines`` (replay, LoRA), ``grid`` (which runs, in what order, on how many workers),
+``analysis`` (records to numbers), ``paired`` (differences within a seed), ``plots`` and ``report``; ``run.py`` is the command line. The experiment uses only sparsify's
 public API.
 """
 

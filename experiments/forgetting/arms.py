@@ -8,6 +8,15 @@
     protected-0.5    upper bound: at the end of A, the half of each row's slots that mattered most for A
                      (optimal-brain-damage saliency) are frozen for B (TopologyOptimizer.protect)
     anchored-0.5     the variant: the same half is never pruned but keeps learning at 0.1x the rate
+    finetune-0.5     the dynamic-0.5 task-A model densified (zero blocks become trainable weights), then dense B
+    ewc-0.5          the dynamic-0.5 task-A model, topology frozen, EWC on its block values (dense EWC's lambda)
+    replay-R         dense + a fraction R of B's training sequences drawn from task A (R = 0.01, 0.1)
+    lora             dense task-A model frozen, LoRA adapters (peft) on every linear layer, at the rank whose
+                     parameters equal the sparse arms' trainable block values, learning rate 10x the grid's
+
+Every sparse arm but dynamic-0.25/0.75 and the 64x64 one starts B from the dynamic-0.5 task-A model when the
+static arm shares it (``paired_arms``): each seed then has two task-A models, dense and sparse, and every B
+arm starts from one of them, so arms are compared within a seed.
 """
 
 from __future__ import annotations
@@ -29,6 +38,10 @@ class Arm:
     protect: str | None = None  # "freeze" | "anchor"
     a_dynamic: bool = False  # train task A with the TopologyOptimizer even if B is static
     anchor_rate: float = 0.1  # learning-rate factor of anchored slots
+    densify: bool = False  # B trains the densified task-A model
+    replay: float = 0.0  # fraction of B's training sequences taken from task A
+    lora_density: float | None = None  # B trains LoRA adapters (frozen model) sized like sparse arms at this density
+    lr_scale: float = 1.0  # B's learning rates are the grid's times this
 
     @property
     def a_key(self) -> str:
@@ -40,23 +53,35 @@ class Arm:
 
 
 def make_arms(density: float = 0.5, densities=(0.25, 0.5, 0.75), big_block: int = 64,
-              static_shares_a: bool = False) -> dict[str, Arm]:
+              static_shares_a: bool = False, baselines: bool = False) -> dict[str, Arm]:
     """Every arm of the grid by name; ``density`` is the one of the static, protected and variant arms.
     ``static_shares_a``: the static arm starts B from the dynamic arm's task-A model and freezes the
-    topology for B only (one task-A run fewer; B then differs from dynamic-D in the topology alone)."""
+    topology for B only (one task-A run fewer; B then differs from dynamic-D in the topology alone).
+    ``baselines``: also replay, LoRA, the densified sparse model and EWC on the sparse model."""
     arms = [Arm("dense"), Arm("ewc", ewc=True), Arm(f"static-{density}", density=density, a_dynamic=static_shares_a)]
     arms += [Arm(f"dynamic-{d}", density=d, dynamic=True) for d in densities]
     if big_block:
         arms.append(Arm(f"dynamic-{density}-b{big_block}", density=density, block_size=big_block, dynamic=True))
     arms.append(Arm(f"protected-{density}", density=density, dynamic=True, protect="freeze"))
     arms.append(Arm(f"anchored-{density}", density=density, dynamic=True, protect="anchor"))
+    if baselines:
+        arms += [Arm(f"finetune-{density}", density=density, a_dynamic=True, densify=True),
+                 Arm(f"ewc-{density}", density=density, a_dynamic=True, ewc=True),
+                 Arm("replay-0.01", replay=0.01), Arm("replay-0.1", replay=0.1), Arm("lora", lora_density=density, lr_scale=10.0)]
     return {arm.name: arm for arm in arms}
+
+
+def paired_arms(density: float = 0.5) -> dict[str, Arm]:
+    """The paired design: per seed one dense and one sparse (dynamic, ``density``, 16x16 blocks) task-A
+    model, every B arm starting from one of them; the baselines included."""
+    return make_arms(density, densities=(density,), big_block=0, static_shares_a=True, baselines=True)
 
 
 def make_optimizer(model, arm: Arm, lr: float, topo: TopologyConfig):
     """AdamW (no weight decay, so frozen slots stay frozen), wrapped by the TopologyOptimizer if dynamic."""
     fused = next(model.parameters()).is_cuda  # one kernel for the whole update
-    adamw = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=fused)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    adamw = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=fused)
     return TopologyOptimizer(adamw, model, topo) if arm.dynamic else adamw
 
 

@@ -9,7 +9,8 @@
 # TAR_SECONDS (kept for packing at the end, 40), WORKERS (14 a GPU, at most cores - 2 on several GPUs;
 # the grid pins worker n to GPU n mod GPUs), USE_MPS (1), TF32 (1), N_LAYERS, HIDDEN,
 # MLP, HEADS, SEQ, BATCH, LAYERS (sparse MLP layers), A_STEPS, B_STEPS, A_EVALS, B_EVALS, B_LRS ("low base high"),
-# SEEDS, BIG_BLOCK,
+# SEEDS, BIG_BLOCK, PAIRED (1: the paired design with the replay, LoRA, densified and sparse-EWC baselines;
+# LoRA needs peft installed),
 # RESULTS (experiments/forgetting/results/gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options).
 #
 # Why this configuration fits (estimate for one H100, 16 cores): the last call measured 600 task-A steps
@@ -59,6 +60,7 @@ ARGS=(--device "$DEVICE" --out "$RESULTS" --n-layers "${N_LAYERS:-6}" --hidden "
 B_LR_LIST=(${B_LRS:-3e-5 1e-4 3e-4})
 ARGS+=(--b-lrs "${B_LR_LIST[@]}")
 [ "${TF32:-1}" = 1 ] && ARGS+=(--tf32)
+[ "${PAIRED:-0}" = 1 ] && ARGS+=(--paired)
 # shellcheck disable=SC2206  # EXTRA is a list of options, split on purpose
 [ -n "${EXTRA:-}" ] && ARGS+=($EXTRA)
 if [ ! -f "$PROSE" ]; then

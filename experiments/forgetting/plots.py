@@ -56,13 +56,18 @@ def tradeoff(points: dict[str, list[tuple[float, float, float, float]]], path: P
     return _save(fig, path)
 
 
-def accuracy_curves(a_runs: list[dict], runs: list[dict], base_lr: float, a_steps: int, path: Path) -> str:
-    fig, ax = plt.subplots(figsize=(8, 4))
+def _by_arm(runs: list[dict], lr: float) -> list[tuple[str, list[dict]]]:
+    """The runs at B learning rate ``lr``, grouped by arm, in arm order."""
     by_arm = defaultdict(list)
     for r in runs:
-        if r["lr"] == base_lr:
+        if r["lr"] == lr:
             by_arm[r["arm"]].append(r)
-    for arm, group in sorted(by_arm.items()):
+    return sorted(by_arm.items())
+
+
+def accuracy_curves(a_runs: list[dict], runs: list[dict], base_lr: float, a_steps: int, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for arm, group in _by_arm(runs, base_lr):
         a_evals = [r["a"]["phase"]["evals"] for r in group]
         b_evals = [r["phase"]["evals"] for r in group]
         xs = [e["step"] for e in a_evals[0]] + [a_steps + e["step"] for e in b_evals[0][1:]]
@@ -74,6 +79,20 @@ def accuracy_curves(a_runs: list[dict], runs: list[dict], base_lr: float, a_step
     ax.set_xlabel("step (task A, then task B)")
     ax.set_ylabel("task A exact match (%)")
     ax.set_title("task A accuracy through A then B (mean over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def forgetting_by_step(runs: list[dict], base_lr: float, split: str, path: Path, measure: str) -> str:
+    """Forgetting of task A at every B checkpoint, per arm (base learning rate, mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for arm, group in _by_arm(runs, base_lr):
+        steps = [e["step"] for e in group[0]["phase"]["evals"]]
+        ys = [100 * np.nanmean([forgetting(r, i, split) for r in group]) for i in range(len(steps))]
+        ax.plot(steps, ys, label=arm, lw=2 if arm in ("dense", "ewc") else 1)
+    ax.set_xlabel("task-B step")
+    ax.set_ylabel(f"forgetting of task A, {measure} (%)")
+    ax.set_title("forgetting through task B (base B learning rate, mean over seeds)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 

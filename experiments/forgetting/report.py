@@ -12,7 +12,7 @@ from statistics import mean
 
 from tabulate import tabulate
 
-from forgetting import HOME, plots
+from forgetting import HOME, paired, plots
 from forgetting.analysis import calibrate, forgetting, interpolate, interval, load, overlap, spikes
 from forgetting.data import SOURCE_NOTE
 
@@ -254,6 +254,8 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
            tabulate(_equal_learning(byte_points), headers=["arm", "B lr", "B loss", f"forgetting ({names[secondary]})",
                                                            "vs dense", "vs EWC"], tablefmt="github"), ""]
 
+    if paired.applies(runs):
+        md += paired.section(runs, a_runs, index, primary, names[primary], base_lr, figures, link)
     md += ["## Accuracy through A then B", "", link(fig["curves"]), ""]
     md += ["## Topology: pathways, swaps, entropy, spikes", "", link(fig["topology"]), ""]
     if fig["masks"]:
@@ -378,7 +380,7 @@ def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
     arms = {r["arm"]: r for r in rows}
     dense, dyn = arms.get("dense"), arms.get("dynamic-0.5")
     out = []
-    sparse = [r for r in rows if r["arm"] not in ("dense", "ewc")]
+    sparse = [r for r in rows if paired.is_sparse(r["runs"][0])]
     if sparse:
         best = min(sparse, key=lambda r: r["forgetting"][0])
         held = dyn is not None and dyn["forgetting"][0] < 0.3

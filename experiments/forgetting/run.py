@@ -24,7 +24,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from forgetting import HOME, data  # noqa: E402
-from forgetting.arms import make_arms  # noqa: E402
+from forgetting.arms import make_arms, paired_arms  # noqa: E402
 from forgetting.grid import backend_matches, plan, run_grid  # noqa: E402
 from forgetting.model import ModelConfig  # noqa: E402
 from forgetting.report import opening, write_report  # noqa: E402
@@ -64,6 +64,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="dynamic arms")
     p.add_argument("--big-block", type=int, default=64, help="block size of the extra dynamic arm (0: none)")
     p.add_argument("--static-shares-a", action="store_true", help="static arm: B from the dynamic arm's A model")
+    p.add_argument("--baselines", action="store_true", help="add replay, LoRA, densified and sparse-EWC arms")
+    p.add_argument("--paired", action="store_true",
+                   help="the paired design: per seed one dense and one sparse task-A model (--density, 16x16 blocks), "
+                        "every B arm from one of them, baselines included (--densities, --big-block ignored)")
     p.add_argument("--late", nargs="*", default=[], help="arms run after all others (when time allows)")
     p.add_argument("--ewc-lambdas", type=float, nargs="+", default=list(ExpConfig.ewc_lambdas))
     p.add_argument("--n-layers", type=int, default=ModelConfig.layers)
@@ -107,7 +111,11 @@ def main(argv=None) -> dict:
     cfg.prose_file = str(prose)
     if args.command == "check":
         sys.exit(0 if backend_matches(cfg, (16, args.big_block) if args.big_block else (16,)) else 1)
-    arms = make_arms(args.density, tuple(args.densities), args.big_block, args.static_shares_a)
+    if args.paired:
+        arms = paired_arms(args.density)
+    else:  # the smoke test runs every arm there is
+        arms = make_arms(args.density, tuple(args.densities), args.big_block, args.static_shares_a,
+                         baselines=args.baselines or args.smoke)
     outcome = {}
     if args.command == "run":
         deadline = args.deadline_at or (time.time() + args.deadline if args.deadline else None)

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparsify import TopologyConfig, set_kernel_options, sparse_layers
+from sparsify import TopologyConfig, densify, set_kernel_options, sparse_layers
 
 from forgetting import arms as A
+from forgetting import baselines as B
 from forgetting import data
 from forgetting.evaluate import answer_scores, heldout_loss
 from forgetting.model import ModelConfig, build_model
@@ -92,13 +93,18 @@ def _loss(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, evaluate, eval_at,
-                penalty=None, hooks=None, deadline=None) -> dict:
+                penalty=None, hooks=None, deadline=None, replay=None) -> dict:
     """The training loop: warmup then constant (B) or cosine (A) learning rate; returns the loss curve,
-    the evaluations and the wall time."""
+    the evaluations and the wall time. ``replay``: (task-A stream, bool [steps, batch]) puts task-A
+    windows in the marked rows of each batch."""
     gen = torch.Generator().manual_seed(seed)
     # every step's windows drawn up front (the same numbers as one draw per step), gathered on the device
     starts = data.window_starts(stream, cfg.batch, cfg.model.seq_len, gen, count=steps).to(cfg.device)  # [steps, batch]
     stream = on_device(stream, cfg.device)
+    if replay is not None:
+        replay_gen = torch.Generator().manual_seed(seed + 500)
+        replay_stream, replay_rows = on_device(replay[0], cfg.device), replay[1].to(cfg.device)
+        replay_starts = data.window_starts(replay[0], cfg.batch, cfg.model.seq_len, replay_gen, count=steps).to(cfg.device)
     start, eval_seconds = time.time(), 0.0
 
     def timed_eval(step):
@@ -117,6 +123,9 @@ def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, 
         for group in opt.param_groups:
             group["lr"] = lr * frac
         x = data.gather_windows(stream, starts[step - 1], cfg.model.seq_len)  # [batch, seq + 1]
+        if replay is not None:
+            old = data.gather_windows(replay_stream, replay_starts[step - 1], cfg.model.seq_len)
+            x = torch.where(replay_rows[step - 1, :, None], old, x)
         loss = _loss(model, x)
         (loss + penalty() if penalty is not None else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,8 +199,7 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, d
                         evaluate=evaluate, eval_at=set(_checkpoints(cfg.a_steps, cfg.a_evals)), deadline=deadline)
     batches = lambda: ((lambda x=x: _loss(model, x)) for x in _windows(math_stream, cfg, seed))  # noqa: E731
     ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    if key == "dense":
-        ckpt["fisher"] = {k: v.cpu() for k, v in A.fisher_diagonal(model, batches()).items()}
+    ckpt["fisher"] = {k: v.cpu() for k, v in A.fisher_diagonal(model, batches()).items()}  # EWC, dense or sparse
     if arm.density is not None:
         ckpt["saliency"] = {k: v.cpu() for k, v in A.block_saliency(model, batches()).items()}
     summary = {
@@ -213,13 +221,19 @@ def _windows(stream, cfg: ExpConfig, seed: int, batch: int = 8):
 def run_b(arm: A.Arm, seed: int, lr: float, cfg: ExpConfig, a_summary: dict, ckpt: dict,
           lam: float | None = None, deadline=None) -> dict:
     """Continue the task-A model on task B under ``arm``; returns the run's record."""
-    math_task, _, prose = tasks(cfg)
+    math_task, math_stream, prose = tasks(cfg)
     model = build_model(cfg.model, arm.density, arm.block_size, seed)
     model.load_state_dict(ckpt["model"])
+    rank = None
+    if arm.densify:
+        densify(model)
+    if arm.lora_density is not None:
+        rank = B.lora_rank(model, B.sparse_trainable(cfg.model, arm.lora_density))
+        model = B.add_lora(model, rank)
     model.to(cfg.device)
     topo_a = _topology(model)
     values_a = {n: layer.values.detach().clone() for n, layer in sparse_layers(model)}
-    opt = A.make_optimizer(model, arm, lr, cfg.topology(seed + 100))
+    opt = A.make_optimizer(model, arm, lr * arm.lr_scale, cfg.topology(seed + 100))
     penalty = A.EWCPenalty(model, {k: v.to(cfg.device) for k, v in ckpt["fisher"].items()}, lam) if arm.ewc else None
     masks, hooks = {}, None
     if arm.protect is not None:
@@ -237,14 +251,16 @@ def run_b(arm: A.Arm, seed: int, lr: float, cfg: ExpConfig, a_summary: dict, ckp
         return {"step": step, "acc_test": acc, "byte_test": byte_acc, "acc_val": acc_val, "byte_val": byte_val,
                 "b_val_loss": heldout_loss(model, val_w, cfg.device), "b_test_loss": heldout_loss(model, test_w, cfg.device)}
 
-    phase = train_phase(model, opt, prose["train"], cfg, steps=cfg.b_steps, lr=lr, seed=2000 + seed, cosine=False,
-                        evaluate=evaluate, eval_at=set(_checkpoints(cfg.b_steps, cfg.b_evals)), penalty=penalty,
-                        hooks=hooks, deadline=deadline)
+    replay = (math_stream, B.replay_rows(cfg.b_steps, cfg.batch, arm.replay, seed)) if arm.replay else None
+    phase = train_phase(model, opt, prose["train"], cfg, steps=cfg.b_steps, lr=lr * arm.lr_scale, seed=2000 + seed,
+                        cosine=False, evaluate=evaluate, eval_at=set(_checkpoints(cfg.b_steps, cfg.b_evals)),
+                        penalty=penalty, hooks=hooks, deadline=deadline, replay=replay)
     topo_b = _topology(model)
     frozen_drift = {n: float((layer.values.detach() - values_a[n]).abs()[masks[n]].max())
                     for n, layer in sparse_layers(model) if n in masks}
     return {
-        "arm": arm.name, "seed": seed, "lr": lr, "ewc_lambda": lam, **_meta(cfg), "a": a_summary,
+        "arm": arm.name, "arm_spec": asdict(arm), "seed": seed, "lr": lr, "ewc_lambda": lam, "lora_rank": rank,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **_meta(cfg), "a": a_summary,
         "phase": phase, "decisions": _decisions(opt), "topology_a": topo_a, "topology_b": topo_b,
         "protected_slots": {n: int(m.sum()) for n, m in masks.items()}, "protected_max_drift": frozen_drift,
     }

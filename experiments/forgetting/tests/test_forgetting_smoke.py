@@ -16,17 +16,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[3]  # the repository
 SCRIPT = Path(__file__).resolve().parents[1] / "run.py"
 ARMS = ("dense", "ewc", "static-0.5", "dynamic-0.25", "dynamic-0.5", "dynamic-0.75", "dynamic-0.5-b64",
-        "protected-0.5", "anchored-0.5")
-SECTIONS = ("## Setup", "## Runs per arm", "## Forgetting per arm", "## Forgetting at equal task-B learning", "## Accuracy through A then B",
+        "protected-0.5", "anchored-0.5", "finetune-0.5", "ewc-0.5", "replay-0.01", "replay-0.1", "lora")
+SECTIONS = ("## Setup", "## Runs per arm", "## Forgetting per arm", "## Forgetting at equal task-B learning", "## Paired by seed",
+            "## Accuracy through A then B",
             "## Topology: pathways, swaps, entropy, spikes", "## Final quality against dense", "## Claims")
 CLAIMS = ("SC-001", "SC-002", "SC-003", "SC-004", "SC-005", "SC-006", "SC-007", "US1-1", "US1-2", "US1-3")
 
 
-def _run(out: Path, *options: str) -> float:
+def _run(out: Path) -> float:
     """CPU seconds the smoke run used (user + system, not wall time: CI machines are shared)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *options], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=ROOT, check=True,
                    capture_output=True, text=True, timeout=600, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -65,6 +66,23 @@ def test_dynamic_arms_swap_blocks_and_protected_blocks_stay_frozen(smoke):
     assert any(v > 0.0 for v in runs["anchored-0.5"]["protected_max_drift"].values())  # anchored slots still learn
 
 
+def test_baseline_arms_train_what_they_name(smoke):
+    from forgetting.baselines import sparse_trainable
+    from forgetting.run import SMOKE
+
+    out, _ = smoke
+    runs = {r["arm"]: r for r in (json.loads(p.read_text()) for p in (out / "runs").glob("*.json")) if r["lr"] == 3e-3}
+    dense_params = runs["dense"]["trainable"]
+    assert runs["finetune-0.5"]["a"]["key"] == "dynamic-0.5" and runs["finetune-0.5"]["trainable"] == dense_params
+    assert runs["finetune-0.5"]["topology_b"] == {}  # densified: no block-sparse layer left
+    assert runs["ewc-0.5"]["a"]["key"] == "dynamic-0.5" and runs["ewc-0.5"]["topology_a"] == runs["ewc-0.5"]["topology_b"]
+    assert runs["ewc-0.5"]["ewc_lambda"] == runs["ewc"]["ewc_lambda"]
+    assert runs["replay-0.1"]["a"]["key"] == "dense" and runs["replay-0.1"]["trainable"] == dense_params
+    # LoRA's adapters: within half a rank's parameters of the sparse arms' trainable block values
+    rank, target = runs["lora"]["lora_rank"], sparse_trainable(SMOKE["model"], 0.5)
+    assert abs(runs["lora"]["trainable"] - target) <= runs["lora"]["trainable"] / rank / 2
+
+
 def test_report_has_every_section_arm_claim_and_figure(smoke):
     out, _ = smoke
     report = (out / "report.md").read_text()
@@ -83,16 +101,24 @@ def test_report_has_every_section_arm_claim_and_figure(smoke):
             assert any(v in line for v in ("held", "refuted", "inconclusive", "not measured")), line
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert figures == ["accuracy_a_then_b.png", "forgetting_bars.png", "forgetting_vs_b_loss_answer_bytes.png",
-                       "forgetting_vs_b_loss_exact_match.png", "masks_a_vs_b.png",
+                       "forgetting_vs_b_loss_exact_match.png", "forgetting_vs_b_step.png", "masks_a_vs_b.png",
                        "topology_dynamics.png"]
+    paired = report.split("## Paired by seed")[1].split("\n## ")[0]
+    for arm in ARMS:
+        assert f"| {arm} " in paired
+    for ref in ("vs dense", "vs ewc", "vs replay-0.01", "vs replay-0.1", "vs lora"):
+        assert ref in paired
     assert all(f"]({Path('figures') / name})" in report for name in figures)
 
 
 def test_smoke_finishes_within_a_minute_and_a_rerun_resumes_without_training(smoke):
+    from forgetting.run import main
+
     out, seconds = smoke
     assert seconds < 60, f"--smoke used {seconds:.0f} CPU seconds"
     before = {p: p.stat().st_mtime for p in (out / "runs").glob("*.json")}
-    _run(out, "--no-report")
+    outcome = main(["--smoke", "--out", str(out), "--no-report"])  # the command line's path, in this process
+    assert outcome["seconds"] == {} and not outcome["failed"]
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*.json")} == before
 
 
@@ -210,3 +236,37 @@ def test_teacher_forced_scores_equal_greedy_decoding_problem_by_problem():
     assert 0 < exact < len(problems)
     assert scores == (exact / len(problems), right / total)
     assert answer_scores(model, problems, "cpu", batch=7) == scores  # the cached encoding
+
+
+# ---------------------------------------------------------------- the baselines and the paired differences
+def test_replay_marks_exactly_the_fraction_of_b_sequences_at_seeded_places():
+    from forgetting.baselines import replay_rows
+
+    rows = replay_rows(steps=50, batch=8, fraction=0.1, seed=0)
+    assert rows.shape == (50, 8) and int(rows.sum()) == 40
+    assert torch.equal(rows, replay_rows(50, 8, 0.1, seed=0)) and not torch.equal(rows, replay_rows(50, 8, 0.1, seed=1))
+    assert int(replay_rows(50, 8, 0.01, seed=0).sum()) == 4
+
+
+def _record(arm: str, seed: int, lr: float, b_loss: float, after: float, before: float = 0.8) -> dict:
+    evals = [{"step": 0, "acc_test": before, "b_test_loss": 9.0}, {"step": 10, "acc_test": after, "b_test_loss": b_loss}]
+    return {"arm": arm, "seed": seed, "lr": lr, "arm_spec": {}, "phase": {"evals": evals}}
+
+
+def test_paired_differences_cancel_the_seed_to_seed_spread():
+    from forgetting import paired
+
+    # dense forgets 20-60% depending on the seed (x B loss); the arm 5 points less than dense in every seed
+    runs = []
+    for seed, spread in enumerate((0.0, 0.2, 0.4)):
+        for lr, loss in ((1e-4, 4.0), (3e-4, 3.0)):
+            forgot = 0.2 + spread + 0.1 * (4.0 - loss)
+            runs.append(_record("dense", seed, lr, loss, after=0.8 * (1 - forgot)))
+        runs.append(_record("arm", seed, 3e-4, 3.5, after=0.8 * (1 - (0.2 + spread + 0.05 - 0.05))))
+    diffs = paired.at_equal_loss(paired.groups(runs), "arm", "dense", 3e-4, 1, "acc_test")
+    assert diffs == pytest.approx([-0.05] * 3)
+    found = paired.differences(paired.groups(runs), "arm", 1, "acc_test")
+    assert set(found) == {("dense", 3e-4)} and found[("dense", 3e-4)][1] == pytest.approx(0.0, abs=1e-9)
+    assert paired.verdict(found) == "held"
+    runs.append(_record("arm", 3, 3e-4, 3.5, after=0.0))  # a seed with no dense runs: left out, not paired
+    assert len(paired.at_equal_loss(paired.groups(runs), "arm", "dense", 3e-4, 1, "acc_test")) == 3

@@ -1,0 +1,150 @@
+"""Paired by seed: arms compared within a seed, each difference's 95% interval from the per-seed differences.
+
+Every B run of a seed sees the same task-A data order, the same B windows and, in the paired design
+(``arms.paired_arms``), starts from one of the seed's two task-A models (dense or sparse), so seed-to-seed
+variation in how well A was learned cancels in a difference taken within the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from tabulate import tabulate
+
+from forgetting import plots
+from forgetting.analysis import forgetting, interpolate, interval
+
+REFERENCES = ("dense", "ewc", "replay-0.01", "replay-0.1", "lora")  # started from the dense task-A model
+
+
+def applies(runs: list[dict]) -> bool:
+    """Records that name their arm's settings (written since the baselines and the paired design)."""
+    return bool(runs) and all("arm_spec" in r for r in runs)
+
+
+def is_sparse(run: dict) -> bool:
+    """Whether a B run trains a block-sparse model (older records: every arm but dense and EWC)."""
+    spec = run.get("arm_spec")
+    if spec is None:
+        return run["arm"] not in ("dense", "ewc")
+    return spec["density"] is not None and not spec.get("densify")
+
+
+def groups(runs: list[dict]) -> dict[str, dict[int, dict[float, dict]]]:
+    """``{arm: {seed: {lr: run}}}``."""
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for r in runs:
+        out[r["arm"]][r["seed"]][r["lr"]] = r
+    return out
+
+
+def _loss(run: dict, index: int) -> float:
+    return run["phase"]["evals"][index]["b_test_loss"]
+
+
+def at_equal_loss(grouped, arm: str, ref: str, lr: float, index: int, split: str) -> list[float]:
+    """Per seed: the arm's forgetting at B learning rate ``lr`` minus the reference's at the same B held-out
+    loss (the reference's points over its learning rates in that seed, piecewise-linear). A seed whose B
+    loss lies outside the reference's range in that seed is left out."""
+    out = []
+    for seed, by_lr in grouped[arm].items():
+        run, ref_runs = by_lr.get(lr), grouped.get(ref, {}).get(seed, {})
+        if run is None or len(ref_runs) < 2:
+            continue
+        other = interpolate([(_loss(r, index), forgetting(r, index, split)) for r in ref_runs.values()], _loss(run, index))
+        if other is not None and not math.isnan(forgetting(run, index, split) - other):
+            out.append(forgetting(run, index, split) - other)
+    return out
+
+
+def differences(grouped, arm: str, index: int, split: str) -> dict[tuple[str, float], tuple[float, float, int]]:
+    """``{(reference, lr): (mean difference, 95% half-width, seeds)}`` for every reference with a curve."""
+    out = {}
+    for ref in REFERENCES:
+        if ref == arm or ref not in grouped:
+            continue
+        for lr in sorted({lr for by_lr in grouped[arm].values() for lr in by_lr}):
+            diffs = at_equal_loss(grouped, arm, ref, lr, index, split)
+            if diffs:
+                out[(ref, lr)] = (*interval(diffs), len(diffs))
+    return out
+
+
+def verdict(diffs: dict) -> str:
+    """held: every paired difference below zero by more than its half-width; refuted: one at or above zero;
+    inconclusive: all below, not all beyond; not measured: none in range."""
+    if not diffs:
+        return "not measured"
+    if max(d for d, _, _ in diffs.values()) >= 0:
+        return "refuted"
+    if all(d + h < 0 for d, h, _ in diffs.values()):  # a nan half-width (one seed) never shows significance
+        return "held"
+    return "inconclusive"
+
+
+def _pts(value: tuple[float, float, int] | None) -> str:
+    if value is None:
+        return "-"
+    d, h, n = value
+    return f"{100 * d:+.1f}" + ("" if math.isnan(h) else f" ± {100 * h:.1f}") + f" (n={n})"
+
+
+def _task_a_rows(a_runs: list[dict]) -> list[list]:
+    """Each task-A model against the seed's dense one after A: exact match and answer bytes, paired."""
+    by_key: dict = defaultdict(dict)
+    for a in a_runs:
+        by_key[a["key"]][a["seed"]] = a["phase"]["evals"][-1]
+    rows = []
+    for key, seeds in sorted(by_key.items(), key=lambda kv: kv[0] != "dense"):
+        row = [key, len(seeds)]
+        for split in ("acc_test", "byte_test"):
+            mean_, half = interval([e[split] for e in seeds.values()])
+            row.append(f"{100 * mean_:.1f}%" + ("" if math.isnan(half) else f" ± {100 * half:.1f}"))
+            diffs = [e[split] - by_key["dense"][s][split] for s, e in seeds.items() if s in by_key.get("dense", {})]
+            row.append("-" if key == "dense" or not diffs else _pts((*interval(diffs), len(diffs))))
+        rows.append(row)
+    return rows
+
+
+def section(runs, a_runs, index: int, split: str, measure: str, base_lr: float, figures: Path, link) -> list[str]:
+    """The report's paired section: task A before B, every arm against the references at equal B loss
+    (paired), the verdicts, and forgetting through B."""
+    grouped = groups(runs)
+    refs = [r for r in REFERENCES if r in grouped]
+    curve = plots.forgetting_by_step(runs, base_lr, split, figures / "forgetting_vs_b_step.png", measure)
+    md = ["## Paired by seed", "",
+          "Each seed trains task A once per task-A model (`a` key below); every B arm of that seed starts from one of "
+          "them, sees the same B batches, and is compared with each reference arm (started from the dense task-A "
+          "model) in the same seed: the arm's forgetting minus the reference's at the same B held-out loss (the "
+          "reference's curve over its learning rates in that seed). Mean of the per-seed differences and the 95% "
+          "t-interval of that mean; n = seeds whose B loss lies inside the reference's range. Replay-R: a fraction R "
+          "of B's training sequences are task-A windows. LoRA: peft adapters on every linear layer but the head, "
+          "frozen base, rank matched to the sparse arms' trainable block values, learning rate 10x the grid's. "
+          "finetune: the sparse task-A model densified, then trained dense. ewc-D: EWC on the sparse task-A model, "
+          "topology frozen, with dense EWC's lambda.", "",
+          "Task A after A (before B), each task-A model against the dense one of the same seed:", "",
+          tabulate(_task_a_rows(a_runs), headers=["task-A model", "seeds", "exact match", "vs dense (pts)",
+                                                  "answer bytes", "vs dense (pts)"], tablefmt="github"), ""]
+    rows, verdicts = [], []
+    for arm in sorted(grouped, key=lambda a: (a not in REFERENCES, a)):
+        diffs = differences(grouped, arm, index, split)
+        for lr in sorted({lr for by_lr in grouped[arm].values() for lr in by_lr}):
+            at_lr = [by_lr[lr] for by_lr in grouped[arm].values() if lr in by_lr]
+            fgt = interval([forgetting(r, index, split) for r in at_lr])
+            rows.append([arm, at_lr[0]["a"]["key"], f"{lr:g}", len(at_lr), at_lr[0].get("trainable", "-"),
+                         f"{interval([_loss(r, index) for r in at_lr])[0]:.3f}",
+                         f"{100 * fgt[0]:.1f}%" + ("" if math.isnan(fgt[1]) else f" ± {100 * fgt[1]:.1f}")]
+                        + [_pts(diffs.get((ref, lr))) for ref in refs])
+        if arm not in REFERENCES:
+            verdicts.append([arm, verdict(diffs)] + [verdict({k: v for k, v in diffs.items() if k[0] == ref}) for ref in refs])
+    md += [f"Forgetting ({measure}) at equal B loss, paired differences in points (arm minus reference):", "",
+           tabulate(rows, headers=["arm", "a", "B lr", "seeds", "trainable in B", "B loss", "forgetting"]
+                    + [f"vs {ref}" for ref in refs], tablefmt="github"), ""]
+    held = [v[0] for v in verdicts if v[1] == "held"]
+    md += ["Does an arm forget less than every reference at equal B learning (held only beyond every paired interval)?", "",
+           tabulate(verdicts, headers=["arm", "vs all references"] + [f"vs {ref}" for ref in refs], tablefmt="github"), "",
+           ("Held for: " + ", ".join(held) + "." if held else "No arm forgets less than every reference beyond the paired intervals."), "",
+           f"Forgetting ({measure}) through B at the base learning rate, mean over seeds:", "", link(curve), ""]
+    return md
