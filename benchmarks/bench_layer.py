@@ -87,16 +87,9 @@ def time_dense(x, w, g):
     return fwd, bench(step), graph_fwd
 
 
-def with_env(name: str, value: str, fn):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
+def with_options(fn, **fields):
+    with sparsify.kernel_options(**fields):
         return fn()
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def time_variants(x, values, col, g, m, block, density) -> dict:
@@ -106,14 +99,14 @@ def time_variants(x, values, col, g, m, block, density) -> dict:
         return out
     if block <= 64:
         for kind in ("gather", "tile"):
-            fwd, fwdbwd = with_env("SPARSIFY_BLOCK_KERNEL", kind, lambda: time_ours(x, values, col, g))
+            fwd, fwdbwd = with_options(lambda: time_ours(x, values, col, g), block_kernel=kind)
             out[f"{kind}_fwd_ms"], out[f"{kind}_fwdbwd_ms"] = fwd, fwdbwd
     if block >= 64:
         def tma():
             return bench(lambda: torch.ops.sparsify.block_ell_linear(x, values, col))
 
         try:
-            out["tma_fwd_ms"] = with_env("SPARSIFY_TMA", "1", tma)
+            out["tma_fwd_ms"] = with_options(tma, tma="on")
         except Exception as error:  # noqa: BLE001
             out["tma_error"] = f"{type(error).__name__}: {str(error)[:200]}"
     return out
@@ -198,16 +191,16 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
 
 def chosen_configs() -> dict:
     """What the autotuner picked per key, for the notes."""
-    from sparsify.kernels import backward, forward, forward_tma, tiles
+    from sparsify.kernels import forward, forward_tma, grad_input, grad_values, tiles
 
     picked = {}
     for name, kernel in (
         ("forward", forward._forward_kernel),
         ("forward_tma", forward_tma._forward_tma_kernel),
         ("tile (forward, grad_input)", tiles._tile_kernel),
-        ("grad_input", backward._grad_input_kernel),
-        ("grad_values", backward._grad_values_kernel),
-        ("tile grad_values", backward._tile_grad_values_kernel),
+        ("grad_input", grad_input._grad_input_kernel),
+        ("grad_values", grad_values._grad_values_kernel),
+        ("tile grad_values", grad_values._tile_grad_values_kernel),
     ):
         picked[name] = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
     return picked

@@ -1,4 +1,5 @@
-"""The Block-ELL custom ops, registered with ``torch.library``.
+"""The Block-ELL custom ops, registered with ``torch.library``; read top to bottom: checks, the
+computation, schemas and fakes, autograd, autocast.
 
     torch.ops.sparsify.block_ell_linear(x, values, col_indices, bias=None, stats_probe=None) -> y
     torch.ops.sparsify.block_ell_grad_input(grad_out, values, col_indices, in_features) -> grad_x
@@ -6,121 +7,132 @@
 
 Each op has a fake (meta) function, so ``torch.compile`` and ``torch.export`` see a single opaque
 node: no graph breaks, and new topology *values* never recompile (only shapes are guarded).
-``block_ell_linear`` has autograd (grads for x, values, bias) and autocast like ``nn.Linear``.
+``block_ell_linear`` has autograd (grads for x, values, bias, to any order: the two gradient ops have
+autograd too) and autocast like ``nn.Linear``.
 
 ``stats_probe`` is how the topology optimizer reads activation and error statistics without hooks:
 a float32 tensor ``[R + C]`` that requires grad. Its "gradient" is defined as the per-block-row sum
 of squared output gradients (first R entries) and the per-block-column sum of squared inputs (last
 C entries), so the statistics accumulate exactly like gradients under gradient accumulation.
 
-Backends: ``SPARSIFY_BACKEND=reference|triton|auto`` (default ``auto``: Triton for CUDA tensors,
-the PyTorch reference otherwise). ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``.
+Which kernels run (the PyTorch reference, the Triton kernels and their variants): ``kernels/dispatch.py``
+(``sparsify.kernel_options(backend=...)``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from types import SimpleNamespace
-
 import torch
 
-from sparsify.kernels import load_triton, reference
+from sparsify.kernels.dispatch import backend_for, kernels_for, triton_kernels
 
-BACKENDS = ("auto", "reference", "triton")
-
-
-def backend_name(device: torch.device) -> str:
-    """The backend that runs on ``device`` under the current ``SPARSIFY_BACKEND``."""
-    choice = os.environ.get("SPARSIFY_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"SPARSIFY_BACKEND={choice!r} is not one of {BACKENDS}; unset it or pick one of those")
-    if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_kernels() is not None else "reference"
-    if choice == "triton" and triton_kernels() is None:
-        raise RuntimeError("SPARSIFY_BACKEND=triton but the Triton kernels cannot be imported; install triton")
-    return choice
+# Kept for scripts that import them from here (benchmarks, experiments): the public names are
+# sparsify.kernels.dispatch.backend_for / triton_kernels.
+backend_name = backend_for
+__all__ = ["backend_name", "triton_kernels", "forward_impl", "grad_input_impl", "grad_values_impl"]
 
 
-@functools.cache
-def triton_kernels() -> SimpleNamespace | None:
-    """The Triton launchers, or None where they cannot be imported."""
-    try:
-        return load_triton()
-    except ImportError:
-        return None
+# ---------------------------------------------------------------------------------------------------
+# Checks: every rejected call raises before anything runs. Shapes, dtypes and devices are checked
+# everywhere (also in the fakes, so compile and export see the same errors); column values only on
+# CPU tensors, where reading them costs no synchronization (on CUDA the Triton forward asserts on
+# the device, see kernels/column_check.py).
 
 
-def _kernels_for(device: torch.device):
-    return triton_kernels() if backend_name(device) == "triton" else reference
+def _fail(message: str) -> None:
+    raise ValueError(f"block_ell_linear: {message}")
 
 
-def _check_operands(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_operands(x, values, col_indices, bias, stats_probe=None) -> None:
     if values.dim() != 4 or values.shape[2] != values.shape[3]:
-        raise ValueError(f"block_ell_linear: values must have shape [R, K, B, B], got {tuple(values.shape)}")
+        _fail(f"values must have shape [R, K, B, B], got {tuple(values.shape)}")
     if col_indices.shape != values.shape[:2]:
-        raise ValueError(
-            f"block_ell_linear: col_indices has shape {tuple(col_indices.shape)} but values imply {tuple(values.shape[:2])}"
-        )
+        _fail(f"col_indices has shape {tuple(col_indices.shape)} but values imply {tuple(values.shape[:2])}")
     if col_indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_ell_linear: col_indices must be int32, got {col_indices.dtype}")
-    block_size = values.shape[2]
+        _fail(f"col_indices must be int32, got {col_indices.dtype}")
+    if not x.is_floating_point() or x.is_complex() or values.is_complex() or not values.is_floating_point():
+        _fail(f"input and weight must be real floating point, got {x.dtype} and {values.dtype}")
+    block_rows, _, block_size, _ = values.shape
     if x.dim() == 0 or x.shape[-1] % block_size:
-        raise ValueError(
-            f"block_ell_linear: input's last dimension {tuple(x.shape)[-1:]} is not a multiple of block_size={block_size}"
-        )
+        _fail(f"input's last dimension {tuple(x.shape)[-1:]} is not a multiple of block_size={block_size}")
     if x.dtype != values.dtype:
-        raise ValueError(
-            f"block_ell_linear: input dtype {x.dtype} differs from weight dtype {values.dtype}; "
-            "cast one of them, or run under torch.autocast"
-        )
-    out_features = values.shape[0] * block_size
+        _fail(f"input dtype {x.dtype} differs from weight dtype {values.dtype}; cast one of them, or run under torch.autocast")
+    out_features = block_rows * block_size
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
-        raise ValueError(
-            f"block_ell_linear: bias must be [{out_features}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}"
+        _fail(f"bias must be [{out_features}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    for name, t in (("values", values), ("col_indices", col_indices), ("bias", bias), ("stats_probe", stats_probe)):
+        if t is not None and t.device != x.device:
+            _fail(f"{name} is on {t.device} but the input is on {x.device}; move them to one device")
+    if stats_probe is not None:
+        check_width(x, values, stats_probe.numel() - block_rows)
+
+
+def check_width(x: torch.Tensor, values: torch.Tensor, num_cols: int) -> None:
+    """The input's width against the weight's C*B (C known from the caller or the stats probe's R + C)."""
+    block_size = values.shape[2]
+    if x.shape[-1] != num_cols * block_size:
+        _fail(
+            f"input has {x.shape[-1]} features but the weight expects {num_cols * block_size} "
+            f"(= C * B = {num_cols} * {block_size})"
         )
 
 
 def _check_indices_in_range(col_indices: torch.Tensor, num_cols: int) -> None:
-    # A device check would synchronize; only the host copy is checked (the kernels never read
-    # out of bounds for a valid topology, and load_state_dict validates every topology it loads).
     if col_indices.device.type == "cpu" and col_indices.numel():
         low, high = int(col_indices.min()), int(col_indices.max())
         if low < 0 or high >= num_cols:
-            raise ValueError(
-                f"block_ell_linear: col_indices hold values in [{low}, {high}] outside [0, {num_cols}); "
+            _fail(
+                f"col_indices hold values in [{low}, {high}] outside [0, {num_cols}); "
                 "the topology does not belong to this input width"
             )
 
 
+# ---------------------------------------------------------------------------------------------------
+# The computation behind the ops (and behind ``functional``'s eager route).
+
+
 def forward_impl(
-    x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, bias: torch.Tensor | None, stats_probe=None
 ) -> torch.Tensor:
-    """The forward computation behind the op (and behind ``functional``'s eager path): validate, run the kernel."""
-    _check_operands(x, values, col_indices, bias)
+    """Validate, run the forward kernel. The result is a fresh tensor (the kernel writes a 2-D view of
+    it), never a view, so that it can be modified in place like nn.Linear's."""
+    _check_operands(x, values, col_indices, bias, stats_probe)
     in_features = x.shape[-1]
     _check_indices_in_range(col_indices, in_features // values.shape[2])
-    x2 = x.reshape(-1, in_features)
     out_features = values.shape[0] * values.shape[2]
-    if x2.shape[0] == 0:
-        return x.new_empty(*x.shape[:-1], out_features)
-    y = _kernels_for(x.device).forward(x2.contiguous(), values.contiguous(), col_indices.contiguous(), bias)
-    return y.view(*x.shape[:-1], out_features)
+    y = x.new_empty(*x.shape[:-1], out_features)
+    x2 = x.reshape(-1, in_features)
+    if x2.shape[0]:
+        kernels = kernels_for(x.device)
+        kernels.forward(x2.contiguous(), values.contiguous(), col_indices.contiguous(), bias, out=y.view(-1, out_features))
+    return y
+
+
+def _check_grad_operands(grad_out, values_or_x, col_indices, name: str) -> None:
+    if col_indices.device != grad_out.device or values_or_x.device != grad_out.device:
+        raise ValueError(f"{name}: grad_out, col_indices and the other operand must share one device")
 
 
 def grad_input_impl(grad_out: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    _check_grad_operands(grad_out, values, col_indices, "block_ell_grad_input")
+    _check_indices_in_range(col_indices, in_features // values.shape[2])
     if grad_out.shape[0] == 0:
         return grad_out.new_zeros(0, in_features)
-    kernels = _kernels_for(grad_out.device)
+    kernels = kernels_for(grad_out.device)
     return kernels.grad_input(grad_out.contiguous(), values.contiguous(), col_indices.contiguous(), in_features)
 
 
 def grad_values_impl(grad_out: torch.Tensor, x: torch.Tensor, col_indices: torch.Tensor, block_size: int) -> torch.Tensor:
-    rows, k = col_indices.shape
+    _check_grad_operands(grad_out, x, col_indices, "block_ell_grad_values")
+    _check_indices_in_range(col_indices, x.shape[-1] // block_size)  # a negative column would wrap
+    block_rows, k = col_indices.shape
     if grad_out.shape[0] == 0:
-        return grad_out.new_zeros(rows, k, block_size, block_size)
-    kernels = _kernels_for(grad_out.device)
+        return grad_out.new_zeros(block_rows, k, block_size, block_size)
+    kernels = kernels_for(grad_out.device)
     return kernels.grad_values(grad_out.contiguous(), x.contiguous(), col_indices.contiguous(), block_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schemas and fakes.
 
 
 @torch.library.custom_op("sparsify::block_ell_linear", mutates_args=())
@@ -132,12 +144,12 @@ def block_ell_linear(
     stats_probe: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T + bias with W in Block-ELL form; x is [..., in_features]."""
-    return forward_impl(x, values, col_indices, bias)
+    return forward_impl(x, values, col_indices, bias, stats_probe)
 
 
 @block_ell_linear.register_fake
 def _(x, values, col_indices, bias=None, stats_probe=None):
-    _check_operands(x, values, col_indices, bias)
+    _check_operands(x, values, col_indices, bias, stats_probe)
     return x.new_empty(*x.shape[:-1], values.shape[0] * values.shape[2])
 
 
@@ -151,6 +163,7 @@ def block_ell_grad_input(
 
 @block_ell_grad_input.register_fake
 def _(grad_out, values, col_indices, in_features):
+    _check_grad_operands(grad_out, values, col_indices, "block_ell_grad_input")
     return grad_out.new_empty(grad_out.shape[0], in_features)
 
 
@@ -164,7 +177,15 @@ def block_ell_grad_values(
 
 @block_ell_grad_values.register_fake
 def _(grad_out, x, col_indices, block_size):
+    _check_grad_operands(grad_out, x, col_indices, "block_ell_grad_values")
     return grad_out.new_empty(col_indices.shape[0], col_indices.shape[1], block_size, block_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd. The forward's backward is written once for both routes (the op's and functional's eager
+# Function); it calls the two gradient ops, whose own autograd (below) makes every order of
+# derivative exact: grad_input and grad_values are bilinear, their derivatives are the forward and
+# each other.
 
 
 def save_for_backward(ctx, x, values, col_indices, bias, stats_probe) -> None:
@@ -188,9 +209,9 @@ def backward_grads(ctx, grad_y, grad_input_fn, grad_values_fn) -> tuple:
     """Gradients for (x, values, col_indices, bias, stats_probe), trimmed to the inputs the context saw.
     ``grad_input_fn`` / ``grad_values_fn`` compute the two products (the ops, or their impls directly)."""
     x, values, col_indices = ctx.saved_tensors
-    rows, _, block_size, _ = values.shape
+    block_rows, _, block_size, _ = values.shape
     in_features = x.shape[-1]
-    grad_2d = grad_y.reshape(-1, rows * block_size)
+    grad_2d = grad_y.reshape(-1, block_rows * block_size)
     x_2d = x.reshape(-1, in_features)
     grad_x = grad_values = grad_bias = grad_probe = None
     needs = ctx.needs_input_grad + (False,) * (5 - len(ctx.needs_input_grad))  # trailing defaults may be absent
@@ -199,26 +220,80 @@ def backward_grads(ctx, grad_y, grad_input_fn, grad_values_fn) -> tuple:
     if needs[1]:
         grad_values = grad_values_fn(grad_2d, x_2d, col_indices, block_size).to(values.dtype)
     if ctx.has_bias and needs[3]:
-        grad_bias = grad_2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        grad_bias = grad_2d.sum(0, dtype=torch.promote_types(grad_2d.dtype, torch.float32)).to(ctx.bias_dtype)
     if needs[4]:
         # One fused reduction per tensor (no float32 copies of x or grad_out): norms, then squared.
-        error_energy = _block_norms(grad_2d, rows, block_size).square()  # [R]
+        error_energy = _block_norms(grad_2d, block_rows, block_size).square()  # [R]
         activation_energy = _block_norms(x_2d, in_features // block_size, block_size).square()  # [C]
         grad_probe = torch.cat([error_energy, activation_energy]).to(ctx.probe_dtype)
     return (grad_x, grad_values, None, grad_bias, grad_probe)[: len(ctx.needs_input_grad)]
 
 
-def _backward(ctx, grad_y):
+def backward_through_ops(ctx, grad_y):
+    """The backward as differentiable op calls: the op's backward, and the eager route's where a
+    graph of the backward is being built (``create_graph=True``)."""
     ops = torch.ops.sparsify
     return backward_grads(ctx, grad_y, ops.block_ell_grad_input, ops.block_ell_grad_values)
 
 
-block_ell_linear.register_autograd(_backward, setup_context=_setup_context)
+block_ell_linear.register_autograd(backward_through_ops, setup_context=_setup_context)
+
+
+def _save_grad_op_inputs(ctx, inputs, output):
+    grad_out, other, col_indices, size = inputs
+    ctx.save_for_backward(grad_out, other, col_indices)
+    ctx.size = size
+
+
+def _grad_input_backward(ctx, grad_grad_x):
+    # grad_x = grad_out W: d/dgrad_out is the forward of grad_grad_x, d/dvalues is grad_values.
+    grad_out, values, col_indices = ctx.saved_tensors
+    ops = torch.ops.sparsify
+    d_grad_out = d_values = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = ops.block_ell_linear(grad_grad_x.to(values.dtype), values, col_indices).to(grad_out.dtype)
+    if ctx.needs_input_grad[1]:
+        d_values = ops.block_ell_grad_values(grad_out, grad_grad_x, col_indices, values.shape[-1]).to(values.dtype)
+    return d_grad_out, d_values, None, None
+
+
+def _grad_values_backward(ctx, grad_grad_values):
+    # grad_values = grad_out^T x at the kept blocks: d/dgrad_out is x through the weight
+    # grad_grad_values, d/dx is grad_out through it transposed (grad_input).
+    grad_out, x, col_indices = ctx.saved_tensors
+    ops = torch.ops.sparsify
+    upstream = grad_grad_values.to(x.dtype)
+    d_grad_out = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = ops.block_ell_linear(x, upstream, col_indices).to(grad_out.dtype)
+    if ctx.needs_input_grad[1]:
+        d_x = ops.block_ell_grad_input(grad_out, upstream.to(grad_out.dtype), col_indices, x.shape[-1]).to(x.dtype)
+    return d_grad_out, d_x, None, None
+
+
+block_ell_grad_input.register_autograd(_grad_input_backward, setup_context=_save_grad_op_inputs)
+block_ell_grad_values.register_autograd(_grad_values_backward, setup_context=_save_grad_op_inputs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autocast, like nn.Linear: floating inputs cast to the autocast dtype in force on x's device; and
+# the other private torch._C calls of the package, in one place (they may change between releases:
+# tests/test_ops.py and tests/test_functional.py cover each of them).
+#
+# torch.library.register_autocast (torch 2.11 and 2.13 alike) does not fit: it fixes one cast dtype
+# when the rule is registered (``cast_inputs``), where nn.Linear casts to the dtype of the
+# torch.autocast region it runs in (bfloat16 or float16, chosen by the user at call time); and it
+# casts every floating tensor argument, the float32 stats probe included. So the rule is registered
+# by hand, through the same private torch._C calls register_autocast makes: a Python kernel for the
+# Python dispatcher (compile, export) and a Library impl for the C++ one.
 
 
 def _autocast_cast(t: torch.Tensor | None, device_type: str) -> torch.Tensor | None:
     dtype = torch.get_autocast_dtype(device_type)
     return t.to(dtype) if t is not None and t.is_floating_point() and t.device.type == device_type else t
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def autocast_inputs(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> tuple:
@@ -230,11 +305,7 @@ def autocast_inputs(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | 
     return _autocast_cast(x, device_type), _autocast_cast(values, device_type), _autocast_cast(bias, device_type)
 
 
-AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
 def _register_autocast(device_type: str) -> None:
-    """Autocast like ``nn.Linear``: floating inputs are cast to the autocast dtype in force."""
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     key = getattr(torch._C.DispatchKey, key_name)
     op = torch.ops.sparsify.block_ell_linear.default
@@ -253,3 +324,18 @@ def _register_autocast(device_type: str) -> None:
 _autocast_library = torch.library.Library("sparsify", "FRAGMENT")
 for _device_type in AUTOCAST_DEVICES:
     _register_autocast(_device_type)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(tensors) -> bool:
+    """True where nothing but eager PyTorch on ordinary tensors would see this call: no compiler or
+    tracer, no torch-dispatch or torch-function mode, no functorch transform, no tensor subclass.
+    ``functional`` takes its eager route (an autograd.Function, no dispatcher trip) only then; these
+    are private torch._C predicates because no public API asks "is any mode active"."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or t.__class__ in _PLAIN for t in tensors)

@@ -5,8 +5,8 @@ error at launch (an H100 run hit it with float32 64x64 blocks before this rule e
 import pytest
 import torch
 
-from sparsify.kernels import backward, forward, forward_tma, tiles
-from sparsify.kernels.common import SAFE_SMEM_BYTES
+from sparsify.kernels import forward, forward_tma, grad_input, grad_values, tiles
+from sparsify.kernels.common import SMEM_BUDGET
 
 ELEMENT = {torch.bfloat16: 2, torch.float32: 4}
 SMALL = dict(N_OUT=64, N=64, IN_F=64, KD=64, K=1)  # small enough that tune_one_config keeps one config
@@ -25,22 +25,22 @@ def test_the_untimed_config_of_every_kernel_fits_in_shared_memory(dtype, block, 
     elem = ELEMENT[dtype]
     args = dict(SMALL, B=block, M_BUCKET=bucket, ELEM_BYTES=elem, x_ptr=torch.empty(1, dtype=dtype))
     c = single(forward._prune_configs, forward._forward_kernel.configs, args)
-    assert (c.kwargs["BM"] + block) * c.kwargs["KSB"] * elem * c.num_stages <= SAFE_SMEM_BYTES
-    c = single(backward._prune_grad_input, backward._grad_input_kernel.configs, args)
-    assert (c.kwargs["BM"] + block) * c.kwargs["TSB"] * elem * c.num_stages <= SAFE_SMEM_BYTES
-    c = single(backward._prune_grad_values, backward._grad_values_kernel.configs, args)
-    assert (c.kwargs["GSB"] + block) * c.kwargs["BM"] * elem * c.num_stages <= SAFE_SMEM_BYTES
+    assert (c.kwargs["BM"] + block) * c.kwargs["KSB"] * elem * c.num_stages <= SMEM_BUDGET
+    c = single(grad_input._prune_grad_input, grad_input._grad_input_kernel.configs, args)
+    assert (c.kwargs["BM"] + block) * c.kwargs["TSB"] * elem * c.num_stages <= SMEM_BUDGET
+    c = single(grad_values._prune_grad_values, grad_values._grad_values_kernel.configs, args)
+    assert (c.kwargs["GSB"] + block) * c.kwargs["BM"] * elem * c.num_stages <= SMEM_BUDGET
     c = single(forward_tma._prune_tma, forward_tma._forward_tma_kernel.configs, args)
-    assert (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * c.num_stages <= SAFE_SMEM_BYTES
+    assert (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * c.num_stages <= SMEM_BUDGET
     if block <= 64:
         c = single(tiles._tile_kernel.early_config_prune, tiles._tile_kernel.configs, args)
-        assert (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"] * elem * c.num_stages <= SAFE_SMEM_BYTES
-        kernel = backward._tile_grad_values_kernel
+        assert (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"] * elem * c.num_stages <= SMEM_BUDGET
+        kernel = grad_values._tile_grad_values_kernel
         c = single(kernel.early_config_prune, kernel.configs, args)
-        assert (c.kwargs["BO"] + c.kwargs["BI"]) * c.kwargs["BT"] * elem * c.num_stages <= SAFE_SMEM_BYTES
+        assert (c.kwargs["BO"] + c.kwargs["BI"]) * c.kwargs["BT"] * elem * c.num_stages <= SMEM_BUDGET
 
 
 def test_the_float32_64x64_grad_values_config_that_failed_on_the_h100_is_no_longer_chosen():
     args = dict(SMALL, B=64, M_BUCKET=8192, ELEM_BYTES=4)
-    c = single(backward._prune_grad_values, backward._grad_values_kernel.configs, args)
+    c = single(grad_values._prune_grad_values, grad_values._grad_values_kernel.configs, args)
     assert (c.kwargs["BM"], c.kwargs["GSB"], c.num_stages) != (64, 256, 3)  # asked for 240 KB at launch

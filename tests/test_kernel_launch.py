@@ -1,12 +1,13 @@
 """The lean relaunch path (sparsify/kernels/launch.py), driven through a stand-in for Triton's launcher:
 the first call goes through the kernel as usual, later calls hand the compiled kernel every argument
 in signature order, and anything Triton would specialize differently gets its own entry. (On CPU no
-real launch can run; benchmarks/gpu_check.py checks the numbers on CUDA.)"""
+real launch can run; tests/gpu/ checks the numbers on CUDA.)"""
 
 import pytest
 import torch
 import triton
 
+from sparsify import kernel_options
 from sparsify.kernels import launch as lean
 from sparsify.kernels.forward import _forward_kernel
 
@@ -92,9 +93,7 @@ def test_configs_with_pre_hooks_and_cpu_tensors_always_take_tritons_path(enabled
     assert len(kernel.launches) == 4 and not kernel.compiled.calls
 
 
-def test_the_lean_path_is_on_without_launch_hooks_and_off_with_one(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("SPARSIFY_LEAN_LAUNCH", raising=False)
+def test_the_lean_path_is_on_without_launch_hooks_and_off_with_one():
     assert lean.enabled()  # Triton's empty hook chains are no hooks
     hook = lambda metadata: None  # noqa: E731
     lean._knobs.runtime.launch_enter_hook.add(hook)
@@ -102,5 +101,6 @@ def test_the_lean_path_is_on_without_launch_hooks_and_off_with_one(monkeypatch):
         assert not lean.enabled()
     finally:
         lean._knobs.runtime.launch_enter_hook.remove(hook)
-    monkeypatch.setenv("SPARSIFY_LEAN_LAUNCH", "0")
-    assert not lean.enabled()
+    with kernel_options(lean_launch=False):
+        assert not lean.enabled()
+    assert lean.enabled()

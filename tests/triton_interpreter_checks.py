@@ -1,5 +1,5 @@
 """Checks of the Triton kernels against a float64 reference, run only by test_triton_kernels.py in a
-child pytest process with TRITON_INTERPRET=1 and SPARSIFY_BACKEND=triton (see that file)."""
+child pytest process with TRITON_INTERPRET=1 (see that file); the ops run on the Triton backend here."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ import pytest
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton_kernels.py"
+
+import sparsify  # noqa: E402
+from sparsify.kernels import dispatch, reference  # noqa: E402
+
+sparsify.set_kernel_options(backend="triton")
+TRITON = dispatch.triton_kernels()
+
+
+def forward(x, values, col, bias, **kw):
+    return TRITON.forward(x, values, col, bias, poison=True, **kw)
+
+
+def grad_input(g, values, col, in_features, **kw):
+    return TRITON.grad_input(g, values, col, in_features, **kw)
+
+
+def grad_values(g, x, col, block, **kw):
+    return TRITON.grad_values(g, x, col, block, poison=True, **kw)
 
 BLOCKS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -41,13 +59,11 @@ def nan_like(shape, dtype):
 
 def assert_launchers_match_float64(x, g, values, col, bias):
     """Forward, grad_input and grad_values (autotuned choice, NaN-poisoned outputs) against float64, fp32 inputs."""
-    from sparsify.kernels import backward, forward, reference
-
     m, rows, k, block = x.shape[0], values.shape[0], values.shape[1], values.shape[2]
     cols = x.shape[1] // block
-    y = forward.forward(x, values, col, bias, out=nan_like((m, rows * block), torch.float32))
-    gx = backward.grad_input(g, values, col, cols * block, out=nan_like((m, cols * block), torch.float32))
-    gv = backward.grad_values(g, x, col, block, out=nan_like((rows, k, block, block), torch.float32))
+    y = forward(x, values, col, bias, out=nan_like((m, rows * block), torch.float32))
+    gx = grad_input(g, values, col, cols * block, out=nan_like((m, cols * block), torch.float32))
+    gv = grad_values(g, x, col, block, out=nan_like((rows, k, block, block), torch.float32))
     xd, gd, vd = x.double(), g.double(), values.double()
     assert relative_error(y, reference.forward(xd, vd, col, bias.double())) < 1e-5
     assert relative_error(gx, reference.grad_input(gd, vd, col, cols * block)) < 1e-5
@@ -72,12 +88,10 @@ FORWARD_VARIANTS = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block, variant", applicable(FORWARD_VARIANTS))
 def test_forward_matches_float64_reference(block, dtype, variant):
-    from sparsify.kernels import forward, reference
-
     config = FORWARD_VARIANTS[variant](block)
     m, rows, cols, k = 37, 3, 5, 3
     x, _, values, col, bias = operands(m, rows, cols, k, block, dtype, seed=block)
-    y = forward.forward(x, values, col, bias, config=config, out=nan_like((m, rows * block), dtype))
+    y = forward(x, values, col, bias, config=config, out=nan_like((m, rows * block), dtype))
     ref = reference.forward(x.double(), values.double(), col, bias.double())
     assert relative_error(y, ref) < TOLERANCE[dtype]
 
@@ -99,13 +113,11 @@ GRAD_VALUES_VARIANTS = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block, variant", applicable(GRAD_INPUT_VARIANTS))
 def test_grad_input_matches_float64_reference_and_repeats_bitwise(block, dtype, variant):
-    from sparsify.kernels import backward, reference
-
     config = GRAD_INPUT_VARIANTS[variant](block)
     m, rows, cols, k = 37, 4, 5, 2  # 8 slots over 5 columns: uneven column counts
     _, g, values, col, _ = operands(m, rows, cols, k, block, dtype, seed=block + 1)
-    first = backward.grad_input(g, values, col, cols * block, config=config, out=nan_like((m, cols * block), dtype))
-    again = backward.grad_input(g, values, col, cols * block, config=config, out=nan_like((m, cols * block), dtype))
+    first = grad_input(g, values, col, cols * block, config=config, out=nan_like((m, cols * block), dtype))
+    again = grad_input(g, values, col, cols * block, config=config, out=nan_like((m, cols * block), dtype))
     ref = reference.grad_input(g.double(), values.double(), col, cols * block)
     assert relative_error(first, ref) < TOLERANCE[dtype]
     assert torch.equal(first, again)
@@ -114,14 +126,12 @@ def test_grad_input_matches_float64_reference_and_repeats_bitwise(block, dtype, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block, variant", applicable(GRAD_VALUES_VARIANTS))
 def test_grad_values_matches_float64_reference_and_repeats_bitwise(block, dtype, variant):
-    from sparsify.kernels import backward, reference
-
     config = GRAD_VALUES_VARIANTS[variant](block)
     m, rows, cols, k = 45, 3, 5, 3
     x, g, values, col, _ = operands(m, rows, cols, k, block, dtype, seed=block + 2)
     shape = (rows, k, block, block)
-    first = backward.grad_values(g, x, col, block, config=config, out=nan_like(shape, dtype))
-    again = backward.grad_values(g, x, col, block, config=config, out=nan_like(shape, dtype))
+    first = grad_values(g, x, col, block, config=config, out=nan_like(shape, dtype))
+    again = grad_values(g, x, col, block, config=config, out=nan_like(shape, dtype))
     ref = reference.grad_values(g.double(), x.double(), col, block)
     assert relative_error(first, ref) < TOLERANCE[dtype]
     assert torch.equal(first, again)
@@ -136,12 +146,10 @@ def test_every_slot_count_from_one_to_all_columns(block, k):
 
 
 def test_columns_no_slot_uses_get_exact_zero_input_gradient():
-    from sparsify.kernels import backward
-
     block, rows, cols = 16, 2, 5
     col = torch.tensor([[3], [0]], dtype=torch.int32)  # columns 1, 2, 4 unused
     _, g, values, _, _ = operands(9, rows, cols, 1, block, torch.float32, seed=7)
-    gx = backward.grad_input(g, values, col, cols * block, out=nan_like((9, cols * block), torch.float32))
+    gx = grad_input(g, values, col, cols * block, out=nan_like((9, cols * block), torch.float32))
     per_col = gx.view(9, cols, block)
     assert torch.isfinite(gx).all()
     assert (per_col[:, [1, 2, 4]] == 0).all()
@@ -149,21 +157,16 @@ def test_columns_no_slot_uses_get_exact_zero_input_gradient():
 
 
 def test_int64_topology_gives_the_same_result():
-    from sparsify.kernels import backward, forward
-
     x, g, values, col, bias = operands(17, 3, 4, 2, 32, torch.float32, seed=3)
-    assert torch.equal(forward.forward(x, values, col, bias), forward.forward(x, values, col.long(), bias))
-    assert torch.equal(backward.grad_values(g, x, col, 32), backward.grad_values(g, x, col.long(), 32))
+    assert torch.equal(forward(x, values, col, bias), forward(x, values, col.long(), bias))
+    assert torch.equal(grad_values(g, x, col, 32), grad_values(g, x, col.long(), 32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block", BLOCKS)
 def test_op_gradients_through_the_triton_backend_match_float64(block, dtype):
-    """The custom op on CPU tensors with SPARSIFY_BACKEND=triton: y, dL/dx, dL/dvalues, dL/dbias."""
-    import sparsify.ops  # noqa: F401
-    from sparsify.kernels import reference
-
-    assert sparsify.ops.backend_name(torch.device("cpu")) == "triton"
+    """The custom op on CPU tensors with backend="triton": y, dL/dx, dL/dvalues, dL/dbias."""
+    assert dispatch.backend_for(torch.device("cpu")) == "triton"
     m, rows, cols, k = 19, 2, 4, 2
     x, g, values, col, bias = operands(m, rows, cols, k, block, dtype, seed=11 * block)
     leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
@@ -178,11 +181,9 @@ def test_op_gradients_through_the_triton_backend_match_float64(block, dtype):
 
 def test_many_tokens_take_the_masked_dense_tiles_for_small_blocks():
     """Above TILE_MIN_TOKENS the launcher switches kernels for B <= 32; both must agree with float64."""
-    from sparsify.kernels import tiles
-
     block, rows, cols, k = 16, 2, 4, 2
-    m = tiles.TILE_MIN_TOKENS + 3
-    assert tiles.use_tiles(block, k / cols, m)
+    m = dispatch.TILE_MIN_TOKENS + 3
+    assert dispatch.use_tiles(block, k / cols, m)
     x, g, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=5)
     assert_launchers_match_float64(x, g, values, col, bias)
 
@@ -191,7 +192,7 @@ def test_many_tokens_take_the_masked_dense_tiles_for_small_blocks():
 def test_tma_forward_matches_float64_reference(block):
     """The tensor-descriptor forward (CUDA takes it for B >= 128), run directly: rows past M and
     the descriptor's box shapes come from the autotune pre-hook, as on the GPU."""
-    from sparsify.kernels import forward_tma, reference
+    from sparsify.kernels import forward_tma
 
     m, rows, cols, k = 37, 3, 5, 3
     x, _, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=13)
@@ -212,3 +213,73 @@ def test_column_view_lists_every_columns_slots_in_order(rows, cols, k):
     expected_start = torch.searchsorted(flat.sort().values, torch.arange(cols + 1))
     assert torch.equal(col_start.long(), expected_start)
     assert torch.equal(slots_by_col.long(), expected_order)
+
+
+# Out-of-range columns: every kernel masks its gathered loads on 0 <= col < C, so a slot with a bad
+# column reads nothing and adds nothing (checked with the device-side check off), and the check
+# (on by default) fails on the device: under the interpreter at once, as a RuntimeError.
+BAD_COLUMNS = {"minus_one": -1, "C": None, "far": 100000, "int64_wraps_to_zero": 2**32}
+FIXED = {
+    "gather": None,
+    "gather_split": {"BM": 16, "KSB": 64, "SPLIT": 3},
+    "tiles": {"tile": {"BM": 32, "BN": 64, "BK": 64}},
+}
+FIXED_GRAD_VALUES = {
+    "gather": None,
+    "gather_split": {"BM": 16, "GSB": 64, "SPLIT": 2},
+    "tiles": {"tile": {"BO": 64, "BI": 64, "BT": 16}, "SPLIT": 2},
+}
+
+
+def corrupted(bad: str, block: int, seed: int):
+    m, rows, cols, k = 21, 3, 4, 2
+    x, g, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=seed)
+    col = col.long()
+    col[1, 0] = cols if BAD_COLUMNS[bad] is None else BAD_COLUMNS[bad]
+    col[2, 1] = cols + 7 if BAD_COLUMNS[bad] is None else BAD_COLUMNS[bad]
+    bad_slots = (col < 0) | (col >= cols)
+    kept = values.masked_fill(bad_slots[:, :, None, None], 0.0).double()
+    valid = col.masked_fill(bad_slots, 0)
+    # the same slots, the bad ones moved to column 0 with zero blocks: what a masked kernel computes
+    return x, g, values, col if bad == "int64_wraps_to_zero" else col.int(), bias, kept, valid, bad_slots
+
+
+@pytest.mark.parametrize("variant", list(FIXED))
+@pytest.mark.parametrize("bad", list(BAD_COLUMNS))
+def test_out_of_range_columns_read_nothing_and_add_nothing(bad, variant):
+    block = 16
+    x, g, values, col, bias, kept, valid, bad_slots = corrupted(bad, block, seed=31)
+    cols = x.shape[1] // block
+    with sparsify.kernel_options(check_columns=False):
+        y = forward(x, values, col, bias, config=FIXED[variant], out=nan_like((x.shape[0], g.shape[1]), torch.float32))
+        gx = grad_input(g, values, col, cols * block, config=FIXED[variant] if variant != "gather_split" else None,
+                        out=nan_like(x.shape, torch.float32))
+        gv = grad_values(g, x, col, block, config=FIXED_GRAD_VALUES[variant], out=nan_like(values.shape, torch.float32))
+    xd, gd = x.double(), g.double()
+    assert relative_error(y, reference.forward(xd, kept, valid, bias.double())) < 1e-5
+    assert relative_error(gx, reference.grad_input(gd, kept, valid, cols * block)) < 1e-5
+    expected_gv = reference.grad_values(gd, xd, valid, block).masked_fill(bad_slots[:, :, None, None], 0.0)
+    good = ~bad_slots
+    assert relative_error(gv[good], expected_gv[good]) < 1e-5
+    if variant != "tiles":  # the tile kernel stores only the slots in its table: the check guards it
+        assert (gv[bad_slots] == 0).all()
+
+
+def test_out_of_range_columns_read_nothing_in_the_tma_forward():
+    from sparsify.kernels import forward_tma
+
+    x, g, values, col, bias, kept, valid, _ = corrupted("far", 64, seed=32)
+    y = nan_like((x.shape[0], g.shape[1]), torch.float32)
+    forward_tma.forward_tma(x, values, col.int().clamp(-1, 2**31 - 1), bias, y)
+    assert relative_error(y, reference.forward(x.double(), kept, valid, bias.double())) < 1e-5
+
+
+@pytest.mark.parametrize("variant", list(FIXED))
+@pytest.mark.parametrize("bad", list(BAD_COLUMNS))
+def test_the_device_check_fails_on_out_of_range_columns(bad, variant):
+    x, g, values, col, bias, *_ = corrupted(bad, 16, seed=33)
+    with pytest.raises(RuntimeError, match=r"outside \[0, 4\)"):
+        forward(x, values, col, bias, config=FIXED[variant])
+    if variant == "tiles":
+        with pytest.raises(RuntimeError, match=r"outside \[0, 4\)"):
+            grad_values(g, x, col, 16, config=FIXED_GRAD_VALUES[variant])

@@ -1,7 +1,8 @@
 """The topology column by column, for grad_input's walk: which slots (r, k) feed block-column c.
 
 Built on the device each call in one launch, without a host sync (so it can be captured in a CUDA
-graph) and always in sync with ``col_indices``, however the topology optimizer changed it.
+graph) and always in sync with ``col_indices``, however the topology optimizer changed it. A slot
+whose column is outside [0, C) is listed after every real column's stretch, so no column reads it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ def _column_view_kernel(col_ptr, slots_ptr, start_ptr, TOTAL, C, CB: tl.constexp
     for s0 in range(0, TOTAL, CHUNK):
         s = s0 + tl.arange(0, CHUNK)
         v = tl.load(col_ptr + s, mask=s < TOTAL, other=C)  # padding: column C, after every real one
+        v = tl.where((v >= 0) & (v < C), v, C)  # and so is a column outside [0, C)
         before += tl.sum((v[None, :] < cols[:, None]).to(tl.int32), axis=1)
     seen = tl.zeros((CB,), dtype=tl.int32)
     for s0 in range(0, TOTAL, CHUNK):
         s = s0 + tl.arange(0, CHUNK)
         v = tl.load(col_ptr + s, mask=s < TOTAL, other=C)
+        v = tl.where((v >= 0) & (v < C), v, C)
         match = ((v[None, :] == cols[:, None]) & (s < TOTAL)[None, :]).to(tl.int32)  # [CB, CHUNK]
         position = before[:, None] + seen[:, None] + tl.cumsum(match, axis=1) - 1
         tl.store(slots_ptr + position, tl.broadcast_to(s[None, :], (CB, CHUNK)), mask=match > 0)

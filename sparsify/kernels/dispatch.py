@@ -6,24 +6,33 @@
 
 ``KernelOptions`` holds every switch. Its process-wide defaults come from environment variables,
 read once (at the first call that needs them) and validated; nothing reads the environment on the
-per-call path. ``kernel_options(...)`` overrides fields inside a ``with`` block (and restores them
-after); ``set_kernel_options(...)`` changes the process-wide defaults.
+per-call path (``TRITON_INTERPRET`` too is read once: Triton itself reads it at import).
+``kernel_options(...)`` overrides fields inside a ``with`` block (and restores them after);
+``set_kernel_options(...)`` changes the process-wide defaults.
 
-| field        | values                         | environment variable     | what it does |
-|--------------|--------------------------------|--------------------------|--------------|
-| backend      | auto, reference, triton        | SPARSIFY_BACKEND         | auto: Triton on CUDA tensors, the PyTorch reference elsewhere; triton on CPU tensors needs TRITON_INTERPRET=1 |
-| block_kernel | auto, gather, tile             | SPARSIFY_BLOCK_KERNEL    | large-token kernels for small blocks: per-slot gather or masked-dense tiles (auto: measured thresholds) |
-| tma          | auto, on, off                  | SPARSIFY_TMA (auto/1/0)  | the tensor-descriptor forward on Hopper: auto takes it for B >= 128, on also for B = 64 |
-| lean_launch  | True, False                    | SPARSIFY_LEAN_LAUNCH (1/0) | relaunch compiled Triton kernels without the JIT's Python argument binding |
+| field         | values                  | environment variable         | what it does |
+|---------------|-------------------------|------------------------------|--------------|
+| backend       | auto, reference, triton | SPARSIFY_BACKEND             | auto: Triton on CUDA tensors, the PyTorch reference elsewhere; triton on CPU tensors needs TRITON_INTERPRET=1 |
+| block_kernel  | auto, gather, tile      | SPARSIFY_BLOCK_KERNEL        | large-token kernels for small blocks: per-slot gather or masked-dense tiles (auto: measured thresholds) |
+| tma           | auto, on, off           | SPARSIFY_TMA (auto/on/off/1/0) | the tensor-descriptor forward on Hopper: auto takes it for B >= 128, on also for B = 64 |
+| lean_launch   | True, False             | SPARSIFY_LEAN_LAUNCH (1/0)   | relaunch compiled Triton kernels without the JIT's Python argument binding |
+| check_columns | True, False             | SPARSIFY_CHECK_COLUMNS (1/0) | Triton forward: a device-side assert that every column index is in [0, C) (no host sync) |
+
+Below the options: the routing rules (backend, kernel variant, split counts), then the Triton
+launchers the ops call, which apply them: each kernel file launches one kernel, this file picks it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
+
+import torch
 
 BACKENDS = ("auto", "reference", "triton")
 BLOCK_KERNELS = ("auto", "gather", "tile")
@@ -34,7 +43,9 @@ _ENV = {
     "block_kernel": "SPARSIFY_BLOCK_KERNEL",
     "tma": "SPARSIFY_TMA",
     "lean_launch": "SPARSIFY_LEAN_LAUNCH",
+    "check_columns": "SPARSIFY_CHECK_COLUMNS",
 }
+_FLAGS = ("lean_launch", "check_columns")
 _TMA_ENV = {"auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
 _BOOL_ENV = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
@@ -45,14 +56,16 @@ class KernelOptions:
     block_kernel: str = "auto"
     tma: str = "auto"
     lean_launch: bool = True
+    check_columns: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in (("backend", BACKENDS), ("block_kernel", BLOCK_KERNELS), ("tma", TMA_CHOICES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"kernel option {name}={value!r} is not one of {allowed}")
-        if not isinstance(self.lean_launch, bool):
-            raise ValueError(f"kernel option lean_launch={self.lean_launch!r} must be True or False")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"kernel option {name}={getattr(self, name)!r} must be True or False")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "KernelOptions":
@@ -66,14 +79,14 @@ class KernelOptions:
             try:
                 if name == "tma":
                     fields[name] = _TMA_ENV[value]
-                elif name == "lean_launch":
+                elif name in _FLAGS:
                     fields[name] = _BOOL_ENV[value]
                 else:
                     fields[name] = value
                     cls(**{name: value})
             except (KeyError, ValueError):
                 allowed = {"backend": BACKENDS, "block_kernel": BLOCK_KERNELS, "tma": tuple(_TMA_ENV),
-                           "lean_launch": tuple(_BOOL_ENV)}[name]
+                           "lean_launch": tuple(_BOOL_ENV), "check_columns": tuple(_BOOL_ENV)}[name]
                 raise ValueError(
                     f"{variable}={raw!r} is not one of {allowed}; unset it or pick one of those"
                 ) from None
@@ -122,3 +135,247 @@ def kernel_options(**fields) -> Iterator[KernelOptions]:
     finally:
         with _lock:
             _current = previous
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routing rules: which backend, which kernel variant, how many programs share one reduction.
+
+
+@functools.cache
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (TRITON_INTERPRET=1, read once: Triton reads it at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _launchers() -> SimpleNamespace:
+    """Every Triton kernel's launcher (imported on first use: this file stands on torch alone)."""
+    from sparsify.kernels import column_check, column_view, forward, forward_tma, grad_input, grad_values, tiles
+    from sparsify.kernels.common import reduce_partials
+
+    return SimpleNamespace(
+        check_columns=column_check.check_columns, column_view=column_view.column_view,
+        forward_gather=forward.forward_gather, forward_tma=forward_tma.forward_tma, slot_table=tiles.slot_table,
+        tile_matmul=tiles.tile_matmul, grad_input_columns=grad_input.grad_input_columns,
+        grad_values_gather=grad_values.grad_values_gather, grad_values_tiles=grad_values.grad_values_tiles,
+        reduce_partials=reduce_partials,
+    )
+
+
+@functools.cache
+def triton_kernels() -> SimpleNamespace | None:
+    """The Triton launchers the ops call (forward, grad_input, grad_values: the reference's signatures,
+    defined at the end of this file), or None where Triton cannot be imported."""
+    try:
+        _launchers()
+    except ImportError:
+        return None
+    return SimpleNamespace(forward=triton_forward, grad_input=triton_grad_input, grad_values=triton_grad_values)
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend ("reference" or "triton") that runs on ``device`` under the options in force."""
+    choice = options().backend
+    if choice == "reference":
+        return "reference"
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_kernels() is not None else "reference"
+    if triton_kernels() is None:
+        raise RuntimeError("kernel option backend='triton' but the Triton kernels cannot be imported; install triton")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"kernel option backend='triton' with {device.type} tensors needs Triton's CPU interpreter: start "
+            "Python with TRITON_INTERPRET=1 (it is read when triton is imported), or use backend='auto' "
+            "(the PyTorch reference off CUDA)"
+        )
+    return "triton"
+
+
+def kernels_for(device: torch.device):
+    """The launchers (forward, grad_input, grad_values) that run on ``device``."""
+    if backend_for(device) == "triton":
+        return triton_kernels()
+    from sparsify.kernels import reference
+
+    return reference
+
+
+# Which kernel serves large token counts for small blocks: "gather" (boxes per slot) or "tile"
+# (masked-dense tiles; kernel option block_kernel overrides, the benchmarks compare both).
+# Masked-dense tiles do the dense FLOPs whatever the density, so they win where gathering is slower
+# than that: measured on the H100 (4096<->14336, M = 8192, benchmarks/NOTES.md), gathering at B = 16
+# was slower than the tiles from density 0.25 up (3.1 vs ~2.4 ms), at B = 32 faster at 0.25 (1.1 vs
+# ~2.2 ms), even at 0.5 and slower at 0.75. Key: block size -> the lowest density that takes the tiles.
+TILE_MIN_DENSITY = {16: 0.15, 32: 0.5}
+TILE_MIN_TOKENS = 256
+
+
+def use_tiles(block: int, density: float, num_tokens: int) -> bool:
+    """Masked-dense tiles (forward, grad_input, grad_values) instead of the gather kernels."""
+    choice = options().block_kernel
+    if choice == "tile":
+        return True
+    if choice == "gather" or num_tokens < TILE_MIN_TOKENS or block not in TILE_MIN_DENSITY:
+        return False
+    return density >= TILE_MIN_DENSITY[block]
+
+
+TMA_MIN_BLOCK = 128  # measured on the H100 (benchmarks/NOTES.md): faster at B = 128, a wash at B = 64
+TMA_MIN_TOKENS = 256
+
+
+def use_tma(x: torch.Tensor, values: torch.Tensor, num_tokens: int) -> bool:
+    """The TMA forward for large blocks and many tokens on Hopper or newer; option tma="on" also
+    takes it for B = 64, "off" never."""
+    choice = options().tma
+    if choice == "off" or x.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
+        return False
+    if _capability_major(_index(x.device)) < 9:
+        return False
+    if x.data_ptr() % 16 or values.data_ptr() % 16 or (x.shape[1] * x.element_size()) % 16:
+        return False  # tensor descriptors need 16-byte aligned bases and row strides
+    return values.shape[2] >= (64 if choice == "on" else TMA_MIN_BLOCK)
+
+
+def split_slots(num_tiles: int, k: int, device: torch.device) -> int:
+    """How many programs share one block-row's slots in the gather forward, so that small inputs still
+    fill the GPU (``num_tiles``: token tiles x block-rows)."""
+    sms = num_sms(device)
+    if num_tiles >= sms or k <= 1:
+        return 1
+    return max(1, min(k, cdiv(2 * sms, num_tiles), 16))
+
+
+def split_tokens(programs: int, num_tokens: int, device: torch.device) -> int:
+    """Token ranges for grad_values when its programs alone (block-rows x slot groups, or output x
+    input tiles) cannot fill the GPU."""
+    sms = num_sms(device)
+    if programs >= sms or num_tokens < 1024:
+        return 1
+    return max(1, min(cdiv(2 * sms, programs), num_tokens // 512, 16))
+
+
+def num_sms(device: torch.device) -> int:
+    return _cuda_sms(_index(device)) if device.type == "cuda" else 4
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a constexpr function in recent Triton: microseconds a call)."""
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton launchers the ops call: the reference's signatures, the rules above applied; ``out`` is
+# the tensor to write (the ops pass a view of the result they return). Tests and the GPU check pass
+# ``config`` to force a variant with a fixed tile ({"tile": {...}} for the masked-dense tiles, else
+# the gather kernel's tile, optionally with "SPLIT"), and ``poison=True`` to NaN-poison float32
+# partial sums before the kernels write them (as they poison ``out``).
+
+
+def _int32(col_indices: torch.Tensor) -> torch.Tensor:
+    """int32 indices for the kernels; int64 ones clamped first, so that none wraps into [0, C)."""
+    if col_indices.dtype == torch.int32:
+        return col_indices
+    return col_indices.clamp(-1, torch.iinfo(torch.int32).max).to(torch.int32)
+
+
+def _partials(split: int, out: torch.Tensor, poison: bool) -> torch.Tensor:
+    partial = torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
+    return partial.fill_(float("nan")) if poison else partial
+
+
+def _check(col: torch.Tensor, num_cols: int) -> None:
+    if options().check_columns:
+        _launchers().check_columns(col, num_cols)
+
+
+def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | None = None, poison: bool = False):
+    """y [M, out] = x [M, in] W^T + bias: the masked-dense tiles (small blocks, many tokens, dense
+    enough), the TMA forward (large blocks, many tokens, Hopper), else the gather kernel, its slots
+    split over several programs where the token tiles alone cannot fill the GPU."""
+    run = _launchers()
+    block_rows, k, block, _ = values.shape
+    num_tokens, in_features = x.shape
+    num_cols = in_features // block
+    y = torch.empty(num_tokens, block_rows * block, dtype=x.dtype, device=x.device) if out is None else out
+    col = _int32(col_indices)
+    _check(col, num_cols)
+    tile = config.get("tile") if config is not None else None
+    if tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
+        run.tile_matmul(x, values, run.slot_table(col, num_cols), bias, y, False, tile)
+    elif config is None and use_tma(x, values, num_tokens):
+        run.forward_tma(x, values, col, bias, y)
+    else:
+        split = (config or {}).get("SPLIT") or split_slots(cdiv(num_tokens, 16 if num_tokens <= 32 else 128) * block_rows, k, x.device)
+        gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
+        if split == 1:
+            run.forward_gather(x, values, col, bias, y, gather)
+        else:
+            partial = _partials(split, y, poison)
+            run.forward_gather(x, values, col, None, partial, gather)
+            run.reduce_partials(partial, bias, y)
+    return y
+
+
+def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=None, config=None):
+    """grad_x [M, in] = grad_out [M, out] W: the masked-dense tiles on W (as for the forward), else the
+    column walk over the column view of the topology."""
+    run = _launchers()
+    _, k, block, _ = values.shape
+    num_tokens = grad_out.shape[0]
+    num_cols = in_features // block
+    grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
+    col = _int32(col_indices)
+    tile = config.get("tile") if config is not None else None
+    if tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
+        run.tile_matmul(grad_out, values, run.slot_table(col, num_cols), None, grad_x, True, tile)
+    else:
+        slots_by_col, col_start = run.column_view(col, num_cols)
+        run.grad_input_columns(grad_out, values, slots_by_col, col_start, grad_x, config)
+    return grad_x
+
+
+def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, config=None, poison: bool = False):
+    """dL/dvalues [R, K, B, B]: the tile kernel where the forward takes tiles, else the gather kernel;
+    the tokens split into fixed ranges where the programs alone cannot fill the GPU. The tile kernel
+    writes only the slots in the slot table, so the column check runs there too."""
+    run = _launchers()
+    num_tokens, in_features = x.shape
+    out_features = grad_out.shape[1]
+    block_rows, k = col_indices.shape
+    block = block_size
+    num_cols = in_features // block
+    dv = torch.empty(block_rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
+    tile = config.get("tile") if config is not None else None
+    tiled = tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens))
+    if config is not None and "SPLIT" in config:
+        split = config["SPLIT"]
+    elif tiled:
+        split = split_tokens(cdiv(out_features, 128) * cdiv(in_features, 128), num_tokens, x.device)
+    else:
+        split = split_tokens(block_rows * cdiv(k, max(1, 128 // block)), num_tokens, x.device)
+    target = dv if split == 1 else _partials(split, dv, poison)
+    col = _int32(col_indices)
+    if tiled:
+        _check(col, num_cols)
+        run.grad_values_tiles(grad_out, x, run.slot_table(col, num_cols), target, tile)
+    else:
+        gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
+        run.grad_values_gather(grad_out, x, col, target, gather)
+    if split > 1:
+        run.reduce_partials(target, None, dv)
+    return dv

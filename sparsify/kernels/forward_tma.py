@@ -1,19 +1,15 @@
 """Tensor-memory (TMA) forward for large blocks on Hopper: the same walk as the gather forward, with
 the activation box [BM, KC] at the dynamic column col*B + j0 and the block part [B, KC] loaded as bulk
-copies through tensor descriptors."""
+copies through tensor descriptors. When it runs (B >= 128, many tokens, Hopper): ``dispatch.use_tma``.
+A slot whose column is outside [0, C) reads column C, past the descriptor's end: the copy fills it
+with zeros, so the slot adds nothing."""
 
 from __future__ import annotations
 
-import functools
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, grouped_tile, cdiv, dot_precision, interpreting, m_bucket, tuning_candidates,
-)
+from sparsify.kernels.common import AUTOTUNE_TIMER, SMEM_BUDGET, cdiv, dot_precision, grouped_tile, m_bucket, tuning_candidates
 
 # (BM, KC, num_warps, num_stages); KC divides B.
 TMA_CONFIGS = [
@@ -35,7 +31,7 @@ def _prune_tma(configs, named_args, **kwargs):
     kept = [
         c for c in configs
         if block % c.kwargs["KC"] == 0
-        and (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * max(1, c.num_stages - 2) <= 224 * 1024
+        and (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * max(1, c.num_stages - 2) <= SMEM_BUDGET
     ]
     kept = kept or [triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_tma_blocks)]
     return tuning_candidates(kept, args, lambda c: (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem)
@@ -57,7 +53,7 @@ def _forward_tma_kernel(
     col_ptr,
     bias_ptr,
     y_ptr,
-    M,
+    M,  # sizes from here on: the same names in every kernel, which the autotune keys and the pruners read
     M_BUCKET,
     N_OUT,
     IN_F,
@@ -78,49 +74,30 @@ def _forward_tma_kernel(
         k = p0 // B
         j0 = p0 % B
         col = tl.load(col_ptr + r * K + k)
-        xt = x_desc.load([m0, col * B + j0])  # [BM, KC]; rows past M read as zeros
+        col = tl.where((col >= 0) & (col < IN_F // B), col, IN_F // B)  # outside [0, C): zeros
+        xt = x_desc.load([m0, col * B + j0])  # [BM, KC]; tokens past M read as zeros
         w = v_desc.load([(r * K + k) * B, j0])  # [B, KC] = values[r, k, :, j0:j0+KC]
         acc = tl.dot(xt, w.T, acc, input_precision=PRECISION)
-    rows = m0 + tl.arange(0, BM)
+    tokens = m0 + tl.arange(0, BM)
     outs = r * B + tl.arange(0, B)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * N_OUT + outs[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None])
-
-
-TMA_MIN_BLOCK = 128  # measured on the H100 (benchmarks/NOTES.md): faster at B = 128, a wash at B = 64
-TMA_MIN_TOKENS = 256
-
-
-@functools.cache
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def use_tma(x: torch.Tensor, values: torch.Tensor, block: int, num_tokens: int) -> bool:
-    """TMA forward for large blocks and many tokens on Hopper or newer. SPARSIFY_TMA=1 also takes it
-    for B = 64, SPARSIFY_TMA=0 turns it off."""
-    choice = os.environ.get("SPARSIFY_TMA", "auto")
-    if choice == "0" or x.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
-        return False
-    if _capability_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 9:
-        return False
-    if x.data_ptr() % 16 or values.data_ptr() % 16 or (x.shape[1] * x.element_size()) % 16:
-        return False  # tensor descriptors need 16-byte aligned bases and row strides
-    return block >= (64 if choice == "1" else TMA_MIN_BLOCK)
+    out = y_ptr + tokens.to(tl.int64)[:, None] * N_OUT + outs[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(tokens < M)[:, None])
 
 
 def forward_tma(x, values, col, bias, y) -> None:
+    """y [M, out] = x W^T + bias through tensor descriptors (16-byte aligned x, values and row stride)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    rows, k, block, _ = values.shape
+    block_rows, k, block, _ = values.shape
     num_tokens, in_features = x.shape
     dummy = [block, 64]  # the pre-hook sets the real block shapes per config
     x_desc = TensorDescriptor(x, [num_tokens, in_features], [in_features, 1], dummy)
-    v_desc = TensorDescriptor(values, [rows * k * block, block], [block, 1], dummy)
-    grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * rows,)  # noqa: E731
+    v_desc = TensorDescriptor(values, [block_rows * k * block, block], [block, 1], dummy)
+    grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * block_rows,)  # noqa: E731
     _forward_tma_kernel[grid](
         x_desc, v_desc, col, bias if bias is not None else y, y,
-        num_tokens, m_bucket(num_tokens), rows * block, in_features, k, rows, x.element_size(),
+        num_tokens, m_bucket(num_tokens), block_rows * block, in_features, k, block_rows, x.element_size(),
         B=block, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
     )

@@ -9,19 +9,18 @@ relaunch costs one dict lookup on a key that mirrors what Triton specializes on 
 16-byte alignment, integer divisibility by 16, == 1 and width), plus the C launcher call.
 
 Used only where it is exactly equivalent: on CUDA, not under the interpreter, with no launch hooks
-installed (profilers), for configs without pre-hooks. ``SPARSIFY_LEAN_LAUNCH=0`` turns it off.
+installed (profilers), for configs without pre-hooks. ``kernel_options(lean_launch=False)`` (or
+``SPARSIFY_LEAN_LAUNCH=0``) turns it off.
 The launcher arguments (grid, stream, function, packed metadata, launch metadata, enter / exit hooks,
 then every kernel argument constexprs included, in signature order) are the same in Triton 3.6 and 3.9.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-from sparsify.kernels.common import interpreting
+from sparsify.kernels.dispatch import interpreting, options
 
 try:  # Triton >= 3.4
     from triton import knobs as _knobs
@@ -37,7 +36,7 @@ def _installed(hook) -> bool:
 
 
 def enabled() -> bool:
-    if _knobs is None or interpreting() or os.environ.get("SPARSIFY_LEAN_LAUNCH", "1") == "0":
+    if _knobs is None or interpreting() or not options().lean_launch:
         return False
     runtime = _knobs.runtime
     return not _installed(runtime.launch_enter_hook) and not _installed(runtime.launch_exit_hook)
@@ -93,3 +92,17 @@ def launch(kernel, grid, args: tuple, constexprs: dict, device: torch.device) ->
     stream = torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
     compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
                  compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def launch_tile(kernel, grid, args: tuple, constexprs: dict, device: torch.device, config: dict | None) -> None:
+    """Launch ``kernel`` (an Autotuner) autotuned through ``launch`` or, where ``config`` is given (tests
+    and the GPU check: a tile the autotuner might not pick), with that tile: its meta-parameters plus
+    optional "num_warps" / "num_stages" (default 4 / 2), through the JIT function under the autotuner.
+    ``grid`` is a function of the meta-parameters."""
+    if config is None:
+        launch(kernel, grid, args, constexprs, device)
+        return
+    tile = {name: value for name, value in config.items() if name not in ("num_warps", "num_stages")}
+    kernel.fn[grid(tile)](
+        *args, **constexprs, **tile, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2)
+    )

@@ -1,19 +1,21 @@
-"""Masked-dense tiles for small blocks (B <= 32, many tokens, dense enough: TILE_MIN_DENSITY): the weight tile is
-materialised from the blocks through an [R, C] slot table (absent blocks read as zeros), so an
-activation tile serves 128 outputs instead of B. Serves the forward and grad_input (backward.py)."""
+"""Masked-dense tiles for small blocks: the weight tile is materialised from the blocks through an
+[R, C] slot table (absent blocks read as zeros), so an activation tile serves 128 outputs instead of
+B. Serves the forward and grad_input; grad_values.py has the tile kernel of grad_values. When the
+tiles run (B <= 32, many tokens, dense enough): ``dispatch.use_tiles``.
+
+The slot table is built on the device from col_indices by ``_slot_table_kernel``; a slot whose
+column is outside [0, C) is left out of it, so the tile kernels never see it (it adds nothing)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, grouped_tile, cdiv, dot_precision, element_bytes, interpreter_upcast, m_bucket, mma, tuning_candidates,
+    AUTOTUNE_TIMER, cdiv, dot_precision, grouped_tile, interpreter_upcast, m_bucket, mma, prune_tiles,
 )
-from sparsify.kernels.launch import launch
+from sparsify.kernels.launch import launch, launch_tile
 
 # Masked-dense tiles for small blocks: (BM, BN, BK, num_warps, num_stages)
 TILE_CONFIGS = [
@@ -22,21 +24,6 @@ TILE_CONFIGS = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
 ]
-
-
-def prune_tiles(rows_key: str, depth_key: str, cols_key: str, *multiple_of_block: str):
-    """An autotune pruner for a tile kernel whose stage holds an [rows, depth] and a [depth, cols]
-    operand tile: keeps the configs whose sizes under ``multiple_of_block`` are multiples of B."""
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        kept = [c for c in configs if all(c.kwargs[key] % args["B"] == 0 for key in multiple_of_block)]
-        elem = element_bytes(args)
-        return tuning_candidates(
-            kept, args, lambda c: (c.kwargs[rows_key] + c.kwargs[cols_key]) * c.kwargs[depth_key] * elem
-        )
-
-    return prune
 
 
 @triton.autotune(
@@ -54,7 +41,7 @@ def _tile_kernel(
     slot_ptr,  # [R, C] int32: the slot holding block (r, c), or -1
     bias_ptr,  # [N] or dummy
     c_ptr,  # [M, N]
-    M,
+    M,  # sizes from here on: the same names in every kernel, which the autotune keys and the pruners read
     M_BUCKET,
     N,
     KD,
@@ -76,17 +63,17 @@ def _tile_kernel(
     pid = tl.program_id(0)
     pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BM), tl.cdiv(N, BN))
 
-    rows = pid_m * BM + tl.arange(0, BM)
-    row_ok = rows < M
-    cols = pid_n * BN + tl.arange(0, BN)
+    tokens = pid_m * BM + tl.arange(0, BM)
+    token_ok = tokens < M
+    cols = pid_n * BN + tl.arange(0, BN)  # output features
     col_ok = cols < N
     kk = tl.arange(0, BK)
-    a_rows = a_ptr + rows.to(tl.int64)[:, None] * KD
+    a_tokens = a_ptr + tokens.to(tl.int64)[:, None] * KD
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, KD, BK):
         ka = k0 + kk
         ka_ok = ka < KD
-        at = tl.load(a_rows + ka[None, :], mask=row_ok[:, None] & ka_ok[None, :], other=0.0)
+        at = tl.load(a_tokens + ka[None, :], mask=token_ok[:, None] & ka_ok[None, :], other=0.0)
         # the tile's slots, one per block [BK/B, BN/B], broadcast to every element of its block
         kb = (k0 // B + tl.arange(0, BK // B))[:, None]
         nb = (pid_n * (BN // B) + tl.arange(0, BN // B))[None, :]
@@ -111,40 +98,40 @@ def _tile_kernel(
         acc = mma(at, wt, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out = c_ptr + tokens.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _slot_table_kernel(col_ptr, table_ptr, TOTAL, K, C, CHUNK: tl.constexpr):
+    """table[r, col_indices[r, k]] = k for the flat slots [pid*CHUNK, pid*CHUNK + CHUNK) whose column
+    is in [0, C); the table arrives filled with -1."""
+    s = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    in_range = s < TOTAL
+    col = tl.load(col_ptr + s, mask=in_range, other=0)
+    ok = in_range & (col >= 0) & (col < C)
+    tl.store(table_ptr + (s // K).to(tl.int64) * C + col, (s % K).to(tl.int32), mask=ok)
+
+
+SLOT_TABLE_CHUNK = 1024
 
 
 def slot_table(col_indices: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """[R, C] int32: slot_table[r, c] = k where col_indices[r, k] == c, else -1 (built on the device)."""
-    rows, k = col_indices.shape
-    table = torch.full((rows, num_cols), -1, dtype=torch.int32, device=col_indices.device)
-    slots = torch.arange(k, dtype=torch.int32, device=col_indices.device).expand(rows, k)
-    return table.scatter_(1, col_indices.long(), slots)  # unique columns per row: no write conflicts
-
-
-# Which kernel serves large token counts: "gather" (boxes per slot) or "tile" (masked-dense tiles).
-# SPARSIFY_BLOCK_KERNEL=gather|tile overrides (benchmarks compare both).
-# Masked-dense tiles do the dense FLOPs whatever the density, so they win where gathering is slower
-# than that: measured on the H100 (4096<->14336, M = 8192, benchmarks/NOTES.md), gathering at B = 16
-# was slower than the tiles from density 0.25 up (3.1 vs ~2.4 ms), at B = 32 faster at 0.25 (1.1 vs
-# ~2.2 ms), even at 0.5 and slower at 0.75. Key: block size -> the lowest density that takes the tiles.
-TILE_MIN_DENSITY = {16: 0.15, 32: 0.5}
-TILE_MIN_TOKENS = 256
-
-
-def use_tiles(block: int, density: float, num_tokens: int) -> bool:
-    choice = os.environ.get("SPARSIFY_BLOCK_KERNEL", "auto")
-    if choice == "tile":
-        return True
-    if choice == "gather" or num_tokens < TILE_MIN_TOKENS or block not in TILE_MIN_DENSITY:
-        return False
-    return density >= TILE_MIN_DENSITY[block]
+    """[R, C] int32: slot_table[r, c] = k where col_indices[r, k] == c, else -1 (built on the device;
+    unique columns per row: no write conflicts)."""
+    block_rows, k = col_indices.shape
+    flat = col_indices.reshape(-1)
+    flat = flat if flat.dtype == torch.int32 else flat.to(torch.int32)
+    table = torch.full((block_rows, num_cols), -1, dtype=torch.int32, device=col_indices.device)
+    launch(_slot_table_kernel, (cdiv(flat.numel(), SLOT_TABLE_CHUNK),), (flat, table, flat.numel(), k, num_cols),
+           dict(CHUNK=SLOT_TABLE_CHUNK), flat.device)
+    return table
 
 
 def tile_matmul(a, values, table, bias, out, w_rows_are_kd: bool, config: dict | None = None) -> None:
-    """out [M, N] = a [M, KD] @ (W if w_rows_are_kd else W^T), W given by values + slot table."""
-    rows, k, block, _ = values.shape
+    """out [M, N] = a [M, KD] @ (W if w_rows_are_kd else W^T), W given by values + slot table.
+    ``config``: a fixed tile {"BM", "BN", "BK", "num_warps", "num_stages"} instead of autotuning."""
+    _, k, block, _ = values.shape
     num_tokens, kd = a.shape
     n = out.shape[1]
     args = (a, values, table, bias if bias is not None else out, out, num_tokens, m_bucket(num_tokens), n, kd, k, table.shape[1])
@@ -155,12 +142,5 @@ def tile_matmul(a, values, table, bias, out, w_rows_are_kd: bool, config: dict |
         PRECISION=dot_precision(a.dtype),
         UPCAST=interpreter_upcast(a.dtype),
     )
-    if config is None:
-        grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
-        launch(_tile_kernel, grid, args, flags, a.device)
-    else:
-        grid = (cdiv(num_tokens, config["BM"]) * cdiv(n, config["BN"]),)
-        _tile_kernel.fn[grid](
-            *args, **flags, BM=config["BM"], BN=config["BN"], BK=config["BK"],
-            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
-        )
+    grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * cdiv(n, meta["BN"]),)  # noqa: E731
+    launch_tile(_tile_kernel, grid, args, flags, a.device, config)

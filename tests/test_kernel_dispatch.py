@@ -1,0 +1,107 @@
+"""kernels/dispatch.py: the kernel options (environment defaults read once and validated, the context
+manager), and the routing rules that read them."""
+
+import os
+
+import pytest
+import torch
+
+import sparsify
+from sparsify import KernelOptions, kernel_options
+from sparsify.kernels import dispatch
+from tests.test_ops import random_operands
+
+op = torch.ops.sparsify.block_ell_linear
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("SPARSIFY_BACKEND", "cuda"),
+        ("SPARSIFY_BLOCK_KERNEL", "blocks"),
+        ("SPARSIFY_TMA", "maybe"),
+        ("SPARSIFY_LEAN_LAUNCH", "yes please"),
+        ("SPARSIFY_CHECK_COLUMNS", "2"),
+    ],
+)
+def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, value):
+    with pytest.raises(ValueError, match=f"{variable}={value!r} is not one of"):
+        KernelOptions.from_env({variable: value})
+
+
+def test_environment_values_map_onto_the_option_fields():
+    env = {"SPARSIFY_BACKEND": " Reference ", "SPARSIFY_BLOCK_KERNEL": "tile", "SPARSIFY_TMA": "1",
+           "SPARSIFY_LEAN_LAUNCH": "0", "SPARSIFY_CHECK_COLUMNS": "off"}
+    assert KernelOptions.from_env(env) == KernelOptions(
+        backend="reference", block_kernel="tile", tma="on", lean_launch=False, check_columns=False
+    )
+    assert KernelOptions.from_env({}) == KernelOptions()
+
+
+def test_kernel_options_restore_the_previous_options_and_reject_unknown_values_without_change():
+    before = dispatch.options()
+    with kernel_options(block_kernel="gather") as inside:
+        assert dispatch.options() is inside and inside.block_kernel == "gather"
+        with pytest.raises(ValueError, match="tma='sometimes'"):
+            with kernel_options(tma="sometimes"):
+                pass
+        assert dispatch.options() is inside
+    assert dispatch.options() == before
+
+
+def test_the_environment_is_not_read_on_the_per_call_path(monkeypatch):
+    x, values, topology, b = random_operands(4, 32, 32, 16, 1, True, torch.float32, seed=1)
+    values.requires_grad_(True)
+    op(x, values, topology, b).sum().backward()  # first call: defaults loaded
+
+    read = []
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            read.append(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            read.append(key)
+            return super().__getitem__(key)
+
+    monkeypatch.setattr(os, "environ", Recording(os.environ))
+    for fn in (op, sparsify.functional.block_ell_linear):
+        fn(x, values, topology, b).sum().backward()
+    assert not [key for key in read if key.startswith(("SPARSIFY_", "TRITON_"))]
+
+
+def test_the_triton_backend_on_cpu_tensors_without_the_interpreter_says_what_it_needs():
+    assert not dispatch.interpreting()  # this process: no TRITON_INTERPRET
+    x, values, topology, b = random_operands(3, 32, 32, 16, 1, False, torch.float32, seed=2)
+    with kernel_options(backend="triton"):
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            op(x, values, topology, b)
+    with kernel_options(backend="reference"):
+        assert dispatch.backend_for(torch.device("cuda")) == "reference"
+    assert dispatch.backend_for(torch.device("cpu")) == "reference"  # auto off CUDA
+
+
+def test_the_block_kernel_option_overrides_the_measured_tile_thresholds():
+    tokens = dispatch.TILE_MIN_TOKENS
+    assert dispatch.use_tiles(16, 0.5, tokens) and not dispatch.use_tiles(16, 0.5, tokens - 1)
+    assert not dispatch.use_tiles(64, 0.5, tokens) and not dispatch.use_tiles(32, 0.25, tokens)
+    with kernel_options(block_kernel="tile"):
+        assert dispatch.use_tiles(64, 0.1, 1)
+    with kernel_options(block_kernel="gather"):
+        assert not dispatch.use_tiles(16, 0.9, 1 << 20)
+
+
+def test_the_tma_forward_is_never_chosen_off_cuda():
+    x = torch.randn(512, 1024)
+    values = torch.randn(2, 4, 128, 128)
+    with kernel_options(tma="on"):
+        assert not dispatch.use_tma(x, values, 512)
+
+
+def test_split_counts_fill_the_device_but_never_exceed_the_work():
+    cpu = torch.device("cpu")  # counts as 4 SMs
+    assert dispatch.split_slots(num_tiles=1, k=3, device=cpu) == 3  # at most K ranges of slots
+    assert dispatch.split_slots(num_tiles=4, k=8, device=cpu) == 1  # the tiles alone fill it
+    assert dispatch.split_tokens(programs=1, num_tokens=1000, device=cpu) == 1  # too few tokens to split
+    assert dispatch.split_tokens(programs=1, num_tokens=4096, device=cpu) == 8
