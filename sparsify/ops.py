@@ -200,9 +200,9 @@ def _setup_context(ctx, inputs, output):
     save_for_backward(ctx, *inputs)
 
 
-def _block_norms(t: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
-    """L2 norm over tokens and block width of every block of columns of t [M, num_blocks * B], float32."""
-    return torch.linalg.vector_norm(t.reshape(-1, num_blocks, block_size), dim=(0, 2), dtype=torch.float32)
+def _block_norms(t: torch.Tensor, num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """L2 norm over tokens and block width of every block of columns of t [M, num_blocks * B], in ``dtype``."""
+    return torch.linalg.vector_norm(t.reshape(-1, num_blocks, block_size), dim=(0, 2), dtype=dtype)
 
 
 def backward_grads(ctx, grad_y, grad_input_fn, grad_values_fn) -> tuple:
@@ -222,9 +222,11 @@ def backward_grads(ctx, grad_y, grad_input_fn, grad_values_fn) -> tuple:
     if ctx.has_bias and needs[3]:
         grad_bias = grad_2d.sum(0, dtype=torch.promote_types(grad_2d.dtype, torch.float32)).to(ctx.bias_dtype)
     if needs[4]:
-        # One fused reduction per tensor (no float32 copies of x or grad_out): norms, then squared.
-        error_energy = _block_norms(grad_2d, block_rows, block_size).square()  # [R]
-        activation_energy = _block_norms(x_2d, in_features // block_size, block_size).square()  # [C]
+        # One fused reduction per tensor (no float32 copies of x or grad_out): norms, then squared, in
+        # the probe's dtype (at least float32): a float64 probe keeps energies beyond float32's range.
+        acc = torch.promote_types(ctx.probe_dtype, torch.float32)
+        error_energy = _block_norms(grad_2d, block_rows, block_size, acc).square()  # [R]
+        activation_energy = _block_norms(x_2d, in_features // block_size, block_size, acc).square()  # [C]
         grad_probe = torch.cat([error_energy, activation_energy]).to(ctx.probe_dtype)
     return (grad_x, grad_values, None, grad_bias, grad_probe)[: len(ctx.needs_input_grad)]
 

@@ -116,3 +116,13 @@ def test_grad_ops_reject_operands_on_different_devices():
     x, values, topology, _ = random_operands(3, 32, 32, 16, 1, False, torch.float32, seed=47)
     with pytest.raises(ValueError, match="share one device"):
         torch.ops.sparsify.block_ell_grad_values(torch.randn(3, 32), x, topology.to("meta"), 16)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_float64_stats_probe_receives_energies_beyond_float32s_range(route):
+    _, values, topology, _ = random_operands(32, 64, 32, 16, 2, False, torch.float32, seed=48)
+    x = torch.full((32, 64), 1e18, requires_grad=True)  # each block's energy: 32 * 16 * 1e36 > float32 max
+    probe = torch.zeros(2 + 4, dtype=torch.float64, requires_grad=True)
+    ROUTES[route](x, values, topology, None, probe).sum().backward()
+    assert probe.grad.dtype == torch.float64
+    assert torch.allclose(probe.grad[2:], torch.full((4,), 32 * 16 * 1e36, dtype=torch.float64), rtol=1e-6)
