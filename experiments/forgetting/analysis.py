@@ -31,6 +31,14 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean(values), T975.get(len(values) - 1, 1.96) * stdev(values) / math.sqrt(len(values))
 
 
+def pm(value: tuple[float, float], scale: float = 100, digits: int = 1, unit: str = "%") -> str:
+    """``mean ± half-width`` of an ``interval`` (scaled, with a unit); n/a without values."""
+    m, h = value
+    if m != m:
+        return "n/a"
+    return f"{scale * m:.{digits}f}{unit}" + ("" if h != h else f" ± {scale * h:.{digits}f}")
+
+
 def forgetting(run: dict, index: int, split: str = "acc_test") -> float:
     before, after = run["phase"]["evals"][0][split], run["phase"]["evals"][index][split]
     return (before - after) / before if before > 0 else math.nan

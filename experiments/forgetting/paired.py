@@ -14,7 +14,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from forgetting import plots
-from forgetting.analysis import forgetting, interpolate, interval
+from forgetting.analysis import forgetting, interpolate, interval, pm
 
 REFERENCES = ("dense", "ewc", "replay-0.01", "replay-0.1", "lora")  # started from the dense task-A model
 
@@ -100,8 +100,7 @@ def _task_a_rows(a_runs: list[dict]) -> list[list]:
     for key, seeds in sorted(by_key.items(), key=lambda kv: kv[0] != "dense"):
         row = [key, len(seeds)]
         for split in ("acc_test", "byte_test"):
-            mean_, half = interval([e[split] for e in seeds.values()])
-            row.append(f"{100 * mean_:.1f}%" + ("" if math.isnan(half) else f" ± {100 * half:.1f}"))
+            row.append(pm(interval([e[split] for e in seeds.values()])))
             diffs = [e[split] - by_key["dense"][s][split] for s, e in seeds.items() if s in by_key.get("dense", {})]
             row.append("-" if key == "dense" or not diffs else _pts((*interval(diffs), len(diffs))))
         rows.append(row)
@@ -132,10 +131,9 @@ def section(runs, a_runs, index: int, split: str, measure: str, base_lr: float, 
         diffs = differences(grouped, arm, index, split)
         for lr in sorted({lr for by_lr in grouped[arm].values() for lr in by_lr}):
             at_lr = [by_lr[lr] for by_lr in grouped[arm].values() if lr in by_lr]
-            fgt = interval([forgetting(r, index, split) for r in at_lr])
             rows.append([arm, at_lr[0]["a"]["key"], f"{lr:g}", len(at_lr), at_lr[0].get("trainable", "-"),
                          f"{interval([_loss(r, index) for r in at_lr])[0]:.3f}",
-                         f"{100 * fgt[0]:.1f}%" + ("" if math.isnan(fgt[1]) else f" ± {100 * fgt[1]:.1f}")]
+                         pm(interval([forgetting(r, index, split) for r in at_lr]))]
                         + [_pts(diffs.get((ref, lr))) for ref in refs])
         if arm not in REFERENCES:
             verdicts.append([arm, verdict(diffs)] + [verdict({k: v for k, v in diffs.items() if k[0] == ref}) for ref in refs])

@@ -88,7 +88,7 @@ def forgetting_by_step(runs: list[dict], base_lr: float, split: str, path: Path,
     fig, ax = plt.subplots(figsize=(8, 4))
     for arm, group in _by_arm(runs, base_lr):
         steps = [e["step"] for e in group[0]["phase"]["evals"]]
-        ys = [100 * np.nanmean([forgetting(r, i, split) for r in group]) for i in range(len(steps))]
+        ys = [100 * interval([forgetting(r, i, split) for r in group])[0] for i in range(len(steps))]  # nan: no A left
         ax.plot(steps, ys, label=arm, lw=2 if arm in ("dense", "ewc") else 1)
     ax.set_xlabel("task-B step")
     ax.set_ylabel(f"forgetting of task A, {measure} (%)")

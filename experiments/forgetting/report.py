@@ -13,17 +13,10 @@ from statistics import mean
 from tabulate import tabulate
 
 from forgetting import HOME, paired, plots
-from forgetting.analysis import calibrate, forgetting, interpolate, interval, load, overlap, spikes
+from forgetting.analysis import calibrate, forgetting, interpolate, interval, load, overlap, pm, spikes
 from forgetting.data import SOURCE_NOTE
 
 SWEPT = ("dense", "ewc")
-
-
-def _pm(value: tuple[float, float], scale: float = 100, digits: int = 1, unit: str = "%") -> str:
-    m, h = value
-    if m != m:
-        return "n/a"
-    return f"{scale * m:.{digits}f}{unit}" + ("" if h != h else f" ± {scale * h:.{digits}f}")
 
 
 def _arm_rows(runs, index, base_lr, primary="acc_test"):
@@ -99,7 +92,7 @@ def _equal_learning(points):
     rows = []
     for arm, pts in sorted(points.items()):
         for lr, loss, fgt, width in pts:
-            row = [arm, f"{lr:g}", f"{loss:.3f}", _pm((fgt, width))]
+            row = [arm, f"{lr:g}", f"{loss:.3f}", pm((fgt, width))]
             for ref in SWEPT:
                 d, w = diffs[arm].get((ref, lr), (None, None))
                 row.append("-" if d is None else _pts(d, w))
@@ -231,9 +224,9 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
            tabulate(_coverage(runs, cfg.b_lrs), headers=["arm"] + [f"B lr {lr:g}" + (" (base)" if lr == base_lr else "")
                                                              for lr in cfg.b_lrs], tablefmt="github"), ""]
     md += ["## Forgetting per arm (base learning rate)", "", link(fig["bars"]), ""]
-    table = [[r["arm"], r["seeds"], _pm(r["before"]), _pm(r["after"]), _pm(r["forgetting_exact"]), _pm(r["bytes_before"]),
-              _pm(r["bytes_after"]), _pm(r["forgetting_bytes"]), _pm(r["b_loss"], 1, 3, ""), _pm(r["b_loss_end"], 1, 3, ""),
-              _pm(r["overlap"], 1, 3, "")] for r in rows]
+    table = [[r["arm"], r["seeds"], pm(r["before"]), pm(r["after"]), pm(r["forgetting_exact"]), pm(r["bytes_before"]),
+              pm(r["bytes_after"]), pm(r["forgetting_bytes"]), pm(r["b_loss"], 1, 3, ""), pm(r["b_loss_end"], 1, 3, ""),
+              pm(r["overlap"], 1, 3, "")] for r in rows]
     md += [tabulate(table, headers=["arm", "seeds", "exact match before", "after", "forgetting (exact)",
                                     "answer bytes before", "after", "forgetting (bytes)", "B loss", "B loss (end)",
                                     "Jaccard A/B"], tablefmt="github"), "",
@@ -268,7 +261,7 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
                 for key in ("kept", "added", "removed"):
                     ov[key].append(v[key])
         sp = r["spikes"]
-        topo.append([r["arm"], _pm(r["overlap"], 1, 3, ""),
+        topo.append([r["arm"], pm(r["overlap"], 1, 3, ""),
                      f"{mean(ov['kept']):.0f} / {mean(ov['added']):.0f} / {mean(ov['removed']):.0f}" if ov else "-",
                      f"{100 * mean(r['swap']):.2f}%" if r["swap"] else "-",
                      f"{100 * sum(1 <= 100 * s <= 10 for s in r['swap']) / len(r['swap']):.0f}%" if r["swap"] else "-",
@@ -385,8 +378,8 @@ def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
         best = min(sparse, key=lambda r: r["forgetting"][0])
         held = dyn is not None and dyn["forgetting"][0] < 0.3
         out.append(["SC-001 sparse forgets < 30%", "held" if held else "refuted",
-                    f"dynamic-0.5 {_pm(dyn['forgetting']) if dyn else 'n/a'}; best sparse arm {best['arm']} "
-                    f"{_pm(best['forgetting'])}; dense {_pm(dense['forgetting']) if dense else 'n/a'}"])
+                    f"dynamic-0.5 {pm(dyn['forgetting']) if dyn else 'n/a'}; best sparse arm {best['arm']} "
+                    f"{pm(best['forgetting'])}; dense {pm(dense['forgetting']) if dense else 'n/a'}"])
     out.append(["SC-002 forward >= 1.3x at density 0.5", "not measured", "here: end-to-end steps only; see the kernel benchmarks"])
     scored = [s for s in (bench or {}).get("steps", []) if "topology scoring" in s["label"]]
     if scored:
@@ -435,7 +428,7 @@ def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
         out.append(["US1-2 forgetting >= 30% lower than dense (density 0.5)", "held" if cut >= 0.3 else "refuted",
                     f"at base lr: {100 * cut:.0f}% lower; at equal B loss: {verdict} ({evidence})"])
         out.append(["US1-3 pathway overlap < 70%", "held" if dyn["overlap"][0] < 0.7 else "refuted",
-                    f"Jaccard end of A vs end of B {_pm(dyn['overlap'], 1, 3, '')} (dynamic-0.5)"])
+                    f"Jaccard end of A vs end of B {pm(dyn['overlap'], 1, 3, '')} (dynamic-0.5)"])
     for arm in [r["arm"] for r in sparse] + ["ewc"]:
         if len(points.get(arm, [])) > 1 or (arm in arms and arm not in ("ewc",)):
             verdict, evidence = _verdict(points, arm)
