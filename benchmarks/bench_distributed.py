@@ -1,4 +1,4 @@
-"""Sparse training on several GPUs: dense vs sparse, 1 vs N GPUs, DDP and FSDP2 (issue 8).
+"""Sparse training on several GPUs: dense vs sparse, 1 vs N GPUs, DDP and FSDP2.
 
     torchrun --nproc-per-node 2 benchmarks/bench_distributed.py                  # 12 x (2048, MLP 8192), bf16, NCCL
     torchrun --nproc-per-node 2 benchmarks/bench_distributed.py --device cpu --tiny   # gloo smoke test

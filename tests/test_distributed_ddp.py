@@ -86,6 +86,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             diverged = str(error)
         torch.save(diverged, os.path.join(out_dir, f"diverged{rank}.pt"))
 
+        # the end of a task: every rank keeps and releases the same slots and stays in step afterwards
+        opt.consolidate()
+        marks = {n: (s.kept.clone(), s.released.clone()) for n, s in opt.layer_scores.items()}
+        for _ in range(2 * UPDATE_EVERY):
+            ids = torch.randint(0, 128, (2, 16), generator=data).to(device)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        torch.save(to_cpu({**_snapshot(opt), "marks": marks}), os.path.join(out_dir, f"consolidated{rank}.pt"))
+
         # DDP's defaults (broadcast_buffers=True re-sends the buffers, stats probes included, every forward)
         model = DistributedDataParallel(_tiny_llama().to(device), device_ids=device_ids)
         opt = TopologyOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model.module, config)
@@ -120,6 +130,16 @@ def test_ddp_ranks_with_different_data_end_with_identical_topology_and_values(dd
         assert torch.equal(r0["values"][name], r1["values"][name]), name
     # the statistics were local until the last decision averaged them; afterwards they differ again
     assert any(not torch.equal(r0["probe_ema"][n], r1["probe_ema"][n]) for n in r0["probe_ema"])
+
+
+def test_ddp_ranks_consolidate_the_same_slots_and_keep_them_through_the_next_decisions(ddp_run):
+    before = torch.load(ddp_run / "rank0.pt", weights_only=True)["col_indices"]
+    r0, r1 = (torch.load(ddp_run / f"consolidated{r}.pt", weights_only=True) for r in range(WORLD))
+    assert r0["decisions"] == r1["decisions"] >= 5 and r0["checksums"] == r1["checksums"]
+    for name, (kept, released) in r0["marks"].items():
+        assert torch.equal(kept, r1["marks"][name][0]) and torch.equal(released, r1["marks"][name][1]), name
+        assert bool(kept.any()) and torch.equal(r0["col_indices"][name][kept], before[name][kept]), name
+        assert torch.equal(r0["values"][name], r1["values"][name]), name
 
 
 def test_ddp_with_default_buffer_broadcast_and_the_inner_module_passed_agrees_too(ddp_run):

@@ -135,7 +135,7 @@ def test_two_runs_with_one_seed_give_identical_topologies_and_another_seed_diffe
     assert not all(torch.equal(x, y) for x, y in zip(a_cols, c_cols))
 
 
-def test_checkpoint_at_step_12_resumes_bit_identically_at_step_25(tmp_path):
+def test_a_checkpoint_between_decisions_resumes_bit_identically(tmp_path):
     config = TopologyConfig(**LIVELY)
     straight_model, straight_opt = make(config)
     train(straight_model, straight_opt, range(25))

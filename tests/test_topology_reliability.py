@@ -117,11 +117,17 @@ def _flatten(obj, prefix: str = "") -> dict:
     return {k: v for key, value in items for k, v in _flatten(value, f"{prefix}/{key}").items()}
 
 
-def test_a_state_from_another_density_is_refused_and_leaves_both_states_as_they_were():
+def trained_at_two_densities(steps: int):
+    """``(model, opt)`` at density 0.5 and the optimizer of a model at 0.25, both trained ``steps`` steps."""
     other_model, other = build(density=0.25)
-    train(other_model, other, range(4))
+    train(other_model, other, range(steps))
     model, opt = build()
-    train(model, opt, range(4))
+    train(model, opt, range(steps))
+    return model, opt, other
+
+
+def test_a_state_from_another_density_is_refused_and_leaves_both_states_as_they_were():
+    model, opt, other = trained_at_two_densities(4)
     before = snapshot(opt)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.\w+_proj: checkpoint block_ema has shape .*density 0\.500"):
         opt.load_state_dict(other.state_dict())
@@ -131,10 +137,7 @@ def test_a_state_from_another_density_is_refused_and_leaves_both_states_as_they_
 
 
 def test_a_wrapped_state_from_another_density_is_refused_even_without_a_topology_entry():
-    other_model, other = build(density=0.25)
-    train(other_model, other, range(2))
-    model, opt = build()
-    train(model, opt, range(2))
+    _, opt, other = trained_at_two_densities(2)
     before = snapshot(opt)
     with pytest.raises(ValueError, match=r"wrapped optimizer's checkpoint state 'exp_avg' has shape \(8, 1, 16, 16\)"):
         opt.load_state_dict(other.optimizer.state_dict())

@@ -1,6 +1,6 @@
 """Dynamic topology: TopologyOptimizer evolves which blocks of every BlockSparseLinear are active.
 
-A Level 2 event runs one way: statistics -> decide -> apply -> record.
+A Level 2 event runs one way: statistics -> decide -> (one host synchronization) -> apply -> record.
 
     config.py       TopologyConfig: periods, the decision rule, new-block init (validated)
     scores.py       ScoreBank: every statistic a decision reads (block EMAs, probe norms, ages, protected
@@ -10,7 +10,8 @@ A Level 2 event runs one way: statistics -> decide -> apply -> record.
                     (through the ScoreBank) the changed slots' EMAs and ages; bumps topology_version
     records.py      the decision records: named tensors brought to the host in one transfer, TopologyDecision
     random.py       counter-based random numbers, the same on every rank (no state to move or save)
-    optimizer.py    TopologyOptimizer: the three levels, protected slots, callbacks
+    optimizer.py    TopologyOptimizer: the three levels, protected slots, consolidate(), callbacks
+    consolidate.py  the end of a task: block importance, kept and released slots for the next task
     checkpoint.py   the optimizer's topology state: saved, validated whole, then loaded
     distributed.py  DDP: one bucketed all-reduce, topology checksums, divergence errors
     fsdp.py         FSDP2: row shards, distributed checkpoints

@@ -1,19 +1,20 @@
-"""Applying a Level 2 decision in place: the only writer of a decision.
+"""Applying Level 2 decisions in place: the only writer of a decision.
 
-In two steps, because the changed slots are known on the device at once but on the host only after
-the event's one host synchronization:
+Run after the event's one host synchronization, from the decisions (on the device) and the host's list
+of their swaps. For every group of same-shaped layers:
 
-  :func:`write_topology` (on the device, before the synchronization): every layer's ``col_indices``
-      and, through ``ScoreBank.absorb``, the block-score EMAs and ages of the changed slots;
-  :func:`write_blocks` (after it, from the host's list of swaps): the grown blocks' values
-      (``grow_init``: Kaiming-uniform x 0.1 drawn on the device from the decision's seed so every rank
-      draws the same, or zeros), a zero gradient and zeroed per-element state of the wrapped optimizer
-      (Adam's moments, SGD momentum), in this rank's block-rows (all of them unless FSDP2 shards them);
-      then every layer whose topology changed gets its ``topology_version`` bumped.
+  * the statistics absorb the decision (``ScoreBank.absorb``): the changed slots' block-score EMAs and
+    ages start afresh;
+  * every layer whose topology changed gets its new ``col_indices`` (written in place) and its
+    ``topology_version`` bumped; layers a decision left alone are not written at all;
+  * the swapped slots' blocks (this rank's block-rows: all of them unless FSDP2 shards them): values
+    drawn by ``grow_init`` (Kaiming-uniform x 0.1, from the decision's seed so every rank draws the
+    same, or zeros), a zero gradient, zeroed per-element state of the wrapped optimizer (Adam's
+    moments, SGD momentum).
 
 Same tensors, same storage: compiled graphs and CUDA graphs stay valid. ``layer.topology_version`` is
-a plain int that grows whenever a decision changes the layer's ``col_indices``, so metadata derived from
-the topology can be cached against it.
+a plain int that grows with every write of the layer's ``col_indices`` here, so metadata derived from
+the topology can be cached against it (so can ``col_indices._version``, which the same writes bump).
 """
 
 from __future__ import annotations
@@ -31,10 +32,20 @@ from sparsify.topology.scores import ScoreBank, ShapeGroup
 GROW_STREAM = 1  # the random stream of grown values (stream 0 is the decision's)
 
 
-def write_topology(bank: ScoreBank, group: ShapeGroup, decision, scorer: str) -> None:
-    """Write a group's new topologies in place and let its statistics absorb the decision (no host sync)."""
-    torch._foreach_copy_([bank.layers[i].col_indices for i in group.members], list(decision.col_indices.unbind(0)))
-    bank.absorb(group, decision, scorer)
+def apply_decisions(bank: ScoreBank, events: list[tuple], optimizer: torch.optim.Optimizer, config) -> None:
+    """Apply every group's decision. ``events``: per group, ``(group, seed, decision, host swaps)``."""
+    written, sources = [], []
+    for group, _, decision, swaps in events:
+        bank.absorb(group, decision, config.scorer)
+        for j, num in enumerate(swaps.per_layer(len(group.members))):
+            if num:
+                written.append(bank.layers[group.members[j]])
+                sources.append(decision.col_indices[j])
+    if written:
+        torch._foreach_copy_([layer.col_indices for layer in written], sources)
+        for layer in written:
+            bump_version(layer)
+    _write_blocks(bank, [(group, seed, swaps) for group, seed, _, swaps in events], optimizer, config.grow_init)
 
 
 def bump_version(layer: BlockSparseLinear) -> None:
@@ -42,16 +53,13 @@ def bump_version(layer: BlockSparseLinear) -> None:
     layer.topology_version = getattr(layer, "topology_version", 0) + 1
 
 
-def write_blocks(bank: ScoreBank, events: list[tuple[ShapeGroup, int, Swaps]], optimizer: torch.optim.Optimizer,
+def _write_blocks(bank: ScoreBank, events: list[tuple[ShapeGroup, int, Swaps]], optimizer: torch.optim.Optimizer,
                  grow_init: str) -> None:
     """Write the swapped slots' values, zero their gradient and the wrapped optimizer's per-element
     state. ``events``: per group, ``(group, seed, host swaps)``. This rank's slots go to the device in
     one non-blocking copy; new values are drawn there, the same on every rank."""
     host, pieces, offset = [], [], 0
     for g, (group, _, swaps) in enumerate(events):
-        for index, num in zip(group.members, swaps.per_layer(len(group.members))):
-            if num:
-                bump_version(bank.layers[index])
         if swaps.layer.numel() == 0:
             continue
         bounds = torch.tensor([fsdp.row_range(bank.layers[i].values) for i in group.members])  # [L, 2]

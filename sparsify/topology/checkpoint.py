@@ -2,13 +2,14 @@
 anything is loaded.
 
     {"global_step": int, "last_age_step": int, "warned_nonfinite": bool, "config": dict (TopologyConfig),
-     "layers": {name: {"block_ema", "probe_ema", "age", "ratio", "protected": tensors, "swaps_total": int,
-                       "nonfinite": bool tensor, "col_indices": [R, K] the topology the state belongs to}},
+     "layers": {name: {"block_ema", "probe_ema", "age", "ratio", "protected", "kept", "released": tensors,
+                       "swaps_total": int, "nonfinite": bool tensor,
+                       "col_indices": [R, K] the topology the state belongs to}},
      "history": [TopologyDecision.to_dict() ...]}
 
 The rule a load follows (:func:`validate`, then the wrapped optimizer's own load, then :func:`commit`):
-  * every field is present (``nonfinite`` and ``col_indices`` may be absent: older checkpoints lack
-    them), every tensor has this model's shape (so a state from another density or block size is
+  * every field is present (``nonfinite``, ``kept``, ``released`` and ``col_indices`` may be absent:
+    older checkpoints lack them), every tensor has this model's shape (so a state from another density or block size is
     refused) and a fitting dtype, every history record parses;
   * the topology must match: the statistics belong to the topology they were gathered on, so a state
     whose saved ``col_indices`` differ from the model's is refused. Load the model's state dict (its
@@ -34,7 +35,8 @@ logger = logging.getLogger("sparsify.topology")
 
 FIELDS = ("global_step", "last_age_step", "warned_nonfinite", "config", "layers", "history")
 LAYER_FIELDS = LayerScores.TENSORS + ("swaps_total",)
-_KINDS = {"block_ema": "float", "probe_ema": "float", "ratio": "float", "age": "int", "protected": "bool"}
+_KINDS = {"block_ema": "float", "probe_ema": "float", "ratio": "float", "age": "int", "protected": "bool",
+          "kept": "bool", "released": "bool"}
 
 
 def topology_state(opt) -> dict:
@@ -98,7 +100,7 @@ def _check_layer(where: str, state, scores: LayerScores, layer) -> None:
     missing = [name for name in LAYER_FIELDS if name not in state]
     if missing:
         raise ValueError(f"{where}: the layer's topology state has no field {missing[0]!r} (missing: {missing})")
-    for name in LayerScores.TENSORS:
+    for name in LayerScores.TENSORS + tuple(n for n in LayerScores.OPTIONAL_TENSORS if n in state):
         mine, theirs = getattr(scores, name), state[name]
         if not torch.is_tensor(theirs):
             raise ValueError(f"{where}: checkpoint {name} must be a tensor, got {type(theirs).__name__}")
@@ -163,7 +165,7 @@ def commit(opt, prepared: Prepared) -> None:
     opt._last_age_step = prepared.last_age_step
     opt._warned_nonfinite = prepared.warned_nonfinite
     opt.history = prepared.history
-    saved = {f.name: prepared.config.get(f.name) for f in fields(TopologyConfig)}
+    saved = {f.name: prepared.config.get(f.name, f.default) for f in fields(TopologyConfig)}  # older: defaults
     if saved != asdict(opt.config):
         logger.warning("TopologyOptimizer.load_state_dict: the checkpoint was saved with %s; continuing with %s",
                        saved, opt.config)

@@ -25,6 +25,12 @@ class TopologyConfig:
         scorer: ``"gradient"`` (EMA of the block gradient norm) or ``"magnitude"`` (block weight norm).
         seed: seeds every decision's generator together with the step.
         history_size: how many decision records (one per layer per Level 2) ``history`` keeps; None: all.
+        consolidate_keep: at ``TopologyOptimizer.consolidate()`` (the end of a task), the fraction of each
+            layer's active blocks, the most important for that task, that later decisions never prune.
+        consolidate_lr_scale: those blocks then train at this multiple of the learning rate (0 freezes
+            them like ``protect()``, 1 leaves their learning rate alone); their optimizer state is kept.
+        consolidate_release: the fraction of each layer's blocks, the least important for the task
+            just ended, that the next decisions prune first, to grow the next task's blocks there.
     """
 
     score_every: int = 10
@@ -38,6 +44,9 @@ class TopologyConfig:
     scorer: str = "gradient"
     seed: int = 0
     history_size: int | None = 10_000
+    consolidate_keep: float = 0.2
+    consolidate_lr_scale: float = 0.1
+    consolidate_release: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("score_every", "update_every"):
@@ -59,6 +68,14 @@ class TopologyConfig:
             raise ValueError(f"TopologyConfig: scorer={self.scorer!r} is not one of {SCORERS}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TopologyConfig: seed={self.seed!r} must be an int")
+        _check_fraction("consolidate_keep", self.consolidate_keep, "0.2 keeps the most important 20% of the blocks")
+        _check_fraction("consolidate_lr_scale", self.consolidate_lr_scale, "0.1 trains consolidated blocks 10x slower")
+        _check_fraction("consolidate_release", self.consolidate_release, "0.1 frees the least important 10%")
+        if self.consolidate_keep + self.consolidate_release > 1.0:
+            raise ValueError(
+                f"TopologyConfig: consolidate_keep={self.consolidate_keep!r} + consolidate_release="
+                f"{self.consolidate_release!r} exceed 1: a block cannot be both kept and released"
+            )
         if self.history_size is not None and (not isinstance(self.history_size, int) or self.history_size < 0):
             raise ValueError(f"TopologyConfig: history_size={self.history_size!r} must be None or an int >= 0")
 

@@ -121,8 +121,10 @@ def decide_layers(
 
     ``block_scores [L, R, K]``, ``candidate_scores [L, R, C]``, ``col_indices [L, R, K]``, ``protected
     [L, R, K] bool``; ``allowed [L] bool`` skips layers (e.g. statistics that were not finite); ``seed``
-    an int (see :func:`draw_seed`). All tensors on one device.
+    an int (see ``sparsify.topology.random.draw_seed``). All tensors on one device.
     """
+    # One function on purpose: the three steps of the module docstring share a dozen [N, n] / [N, C]
+    # intermediates (slots, scores, eligibility, random draws); split, they would travel as arguments.
     layers, rows, k = col_indices.shape
     num_cols = candidate_scores.shape[2]
     device = col_indices.device

@@ -11,9 +11,10 @@ Three levels, counted in calls to ``step()``:
       advance; a few kernels per group of same-shaped layers, no host synchronization.
   Level 2, every ``update_every`` steps, one way: statistics (``ScoreBank.synchronize``: identical on
       every rank) -> decide (``decide_layers``, per group of same-shaped layers, on the device) -> apply
-      (``apply.py``, the only writer of a decision) -> record (``records.py``). The host reads the
-      decision records, the non-finite flags and the cross-rank topology check in ONE transfer: one host
-      synchronization per event (per device holding evolved layers), however many layers there are.
+      (``apply.py``, the only writer of a decision) -> record (``records.py``). Between deciding and
+      applying, the host reads the decision records, the non-finite flags and the cross-rank topology
+      check in ONE transfer: one host synchronization per event (per device holding evolved layers),
+      however many layers there are.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from sparsify.layer import BlockSparseLinear
 from sparsify.topology import checkpoint, fsdp
-from sparsify.topology.apply import write_blocks, write_topology
+from sparsify.topology.apply import apply_decisions
 from sparsify.topology.config import TopologyConfig
+from sparsify.topology.consolidate import consolidate_bank
 from sparsify.topology.decide import decide_layers
 from sparsify.topology.distributed import check_same_topology, process_group_of, raise_if_diverged, unwrap
 from sparsify.topology.metrics import decision_metrics
@@ -82,7 +85,12 @@ class TopologyOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"TopologyOptimizer wraps a torch.optim.Optimizer such as AdamW, got {type(optimizer).__name__}"
             )
-        # Optimizer.__init__ is not called: it would copy the param groups; these are the wrapped one's.
+        # Optimizer.__init__ is not called: it would build new param groups and state, and schedulers,
+        # GradScaler and the HF Trainer must see (and write) the wrapped optimizer's own. Only its hook
+        # tables are set up, and _patch_step_function (what __init__ calls) makes step() run them, so
+        # register_step_pre/post_hook work on the wrapper. Registering hooks on the wrapped optimizer
+        # instead would not do: protected slots must be zeroed after a closure's backward, inside the
+        # step, and schedulers need an Optimizer whose step() is the one training calls.
         self.optimizer = optimizer
         self.config = config if config is not None else TopologyConfig()
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -168,6 +176,22 @@ class TopologyOptimizer(torch.optim.Optimizer):
             )
         s.set_protected(mask)
 
+    def consolidate(self) -> dict[str, torch.Tensor]:
+        """End a task: score every active block's importance for the task just trained, then, for the
+        tasks that follow, never prune the ``config.consolidate_keep`` most important blocks of each
+        layer and train them at ``config.consolidate_lr_scale`` times the learning rate (their optimizer
+        state is kept), and prune the ``config.consolidate_release`` least important first, to grow the
+        next task's blocks there. The statistics restart for the next task. Every rank must call it at
+        the same step (it synchronizes the statistics, as a decision does). See
+        ``sparsify.topology.consolidate``.
+
+        Returns ``{layer name: importance [R, K]}`` (float64, on the layer's device)."""
+        with torch.no_grad():
+            out = {}
+            for bank in self.banks:
+                out.update(consolidate_bank(bank, self.config, self.process_group))
+        return {name: out[name] for name in self.layers}
+
     def _layer_name(self, layer: str | BlockSparseLinear) -> str:
         if isinstance(layer, str):
             if layer not in self.layers:
@@ -187,7 +211,7 @@ class TopologyOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """Level 0 (the wrapped step and score EMAs), then Level 1 / Level 2 when their period is due."""
-        frozen = self._frozen()  # [(values, mask [R_local, K, 1, 1], saved local values)]
+        frozen = self._frozen()
 
         def masked_closure():
             with torch.enable_grad():
@@ -198,21 +222,25 @@ class TopologyOptimizer(torch.optim.Optimizer):
         _zero_protected_grads(frozen)
         loss = self.optimizer.step(masked_closure if closure is not None else None)
         with torch.no_grad():
-            for values, mask, saved in frozen:
-                local = fsdp.local(values)
-                local.copy_(torch.where(mask, saved, local))
+            for f in frozen:
+                local = fsdp.local(f.values)
+                if f.kept is not None:  # the step's change, scaled: the learning rate of those slots, scaled
+                    local.copy_(torch.where(f.kept, torch.lerp(f.saved, local, self.config.consolidate_lr_scale), local))
+                local.copy_(torch.where(f.protected, f.saved, local))
             self._after_step()
         return loss
 
-    def _frozen(self):
-        # protected masks are kept on the host side as well so the common case costs no sync
+    def _frozen(self) -> list[_Frozen]:
+        # protected and kept masks have host flags too, so the common case costs no sync
+        scaled = self.config.consolidate_lr_scale != 1.0
         out = []
         for name, layer in self.layers.items():
             s = self.layer_scores[name]
-            if s.has_protected():  # under FSDP2: this rank's rows only
+            if s.has_protected() or (scaled and s.any_kept):  # under FSDP2: this rank's rows only
                 first, stop = fsdp.row_range(layer.values)
                 local = fsdp.local(layer.values.detach())
-                out.append((layer.values, s.protected[first:stop, :, None, None], local.clone()))
+                kept = s.kept[first:stop, :, None, None] if scaled and s.any_kept else None
+                out.append(_Frozen(layer.values, s.protected[first:stop, :, None, None], kept, local.clone()))
         return out
 
     def _after_step(self) -> None:
@@ -255,24 +283,24 @@ class TopologyOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _decide(self, bank: ScoreBank, seeds: list[int], step: int) -> dict[str, TopologyDecision]:
-        """Statistics -> decide -> apply -> record, for every layer of ``bank``; the host waits for the
-        device once (``fetch``), between writing the topologies and writing the grown blocks."""
+        """Statistics -> decide -> apply -> record, for every layer of ``bank``. The host waits for the
+        device once (``fetch``), after the decisions and before they are applied."""
         config = self.config
         bank.synchronize(self.process_group, config.scorer)  # identical statistics on every rank
-        device_records = []
+        decisions, device_records = [], []
         for group, seed in zip(bank.groups, seeds):
-            inputs = bank.decision_inputs(group, config.scorer)
-            mean_score = inputs["block_scores"].mean((1, 2))  # [L], before grown slots take their scores
+            inputs, mean_score = bank.decision_inputs(group, config.scorer)
             decision = decide_layers(config=config, seed=seed, **inputs)
-            write_topology(bank, group, decision, config.scorer)
-            device_records.append(GroupRecord.of(decision, mean_score=mean_score, age_sum=bank.age_sums(group),
-                                                 column_counts=column_counts(decision.col_indices, group.cols)))
-        differ = check_same_topology(bank.names, [m.col_indices for m in bank.layers], self.process_group, step,
-                                     wait=False)
+            decisions.append(decision)
+            device_records.append(GroupRecord.of(
+                decision, mean_score=mean_score, age_sum=bank.age_sums(group, reset=decision.changed),
+                column_counts=column_counts(decision.col_indices, group.cols)))
+        new_topologies = [t for decision in decisions for t in decision.col_indices.unbind(0)]  # in bank order
+        differ = check_same_topology(bank.names, new_topologies, self.process_group, step, wait=False)
         bank.end_decision()
         host, extra = fetch(device_records, [] if differ is None else [differ])  # the one host synchronization
         swaps = [Swaps.of(record) for record in host]
-        write_blocks(bank, list(zip(bank.groups, seeds, swaps)), self.optimizer, config.grow_init)
+        apply_decisions(bank, list(zip(bank.groups, seeds, decisions, swaps)), self.optimizer, config)
         records = {}
         for group, record, group_swaps in zip(bank.groups, host, swaps):
             bank.count_swaps(group, group_swaps.per_layer(len(group.members)))
@@ -338,7 +366,16 @@ class TopologyOptimizer(torch.optim.Optimizer):
         checkpoint.commit(self, checkpoint.validate(self, topology))
 
 
-def _zero_protected_grads(frozen) -> None:
-    for values, mask, _ in frozen:
-        if values.grad is not None:
-            fsdp.local(values.grad).masked_fill_(mask, 0)
+class _Frozen(NamedTuple):
+    """A layer whose protected or kept slots are restored or scaled after the wrapped step."""
+
+    values: torch.Tensor
+    protected: torch.Tensor  # [R_local, K, 1, 1] bool
+    kept: torch.Tensor | None  # [R_local, K, 1, 1] bool, or None when no learning-rate scaling applies
+    saved: torch.Tensor  # this rank's values before the step
+
+
+def _zero_protected_grads(frozen: list[_Frozen]) -> None:
+    for f in frozen:
+        if f.values.grad is not None:
+            fsdp.local(f.values.grad).masked_fill_(f.protected, 0)

@@ -7,6 +7,9 @@ For a layer with R block-rows, K slots and C block-columns, :class:`LayerScores`
     age:        [R, K] int64    steps since each block was grown (or since training started)
     ratio:      [] float64      calibration of candidate scores against block scores (Level 1)
     protected:  [R, K] bool     slots that are neither pruned nor trained (see TopologyOptimizer.protect)
+    kept:       [R, K] bool     slots consolidated for an earlier task: never pruned, trained at a scaled
+                                learning rate (see TopologyOptimizer.consolidate)
+    released:   [R, K] bool     slots consolidate() gave to the next task: pruned first, until swapped
 
 Statistics are float64 and gradient norms are accumulated in float64 (so is the stats probe, a
 float64 leaf: the op computes its energies in the probe's precision), so they stay meaningful over
@@ -46,6 +49,7 @@ class LayerScores:
     """The statistics of one BlockSparseLinear: views into its :class:`ScoreBank` (on the layer's device)."""
 
     TENSORS = ("block_ema", "probe_ema", "age", "ratio", "protected")
+    OPTIONAL_TENSORS = ("kept", "released")  # absent in checkpoints from before consolidate(): all False
 
     def __init__(self, bank: "ScoreBank", index: int, layer: BlockSparseLinear) -> None:
         rows, k, cols = layer.num_rows, layer.blocks_per_row, layer.num_cols
@@ -56,9 +60,12 @@ class LayerScores:
         self.age = bank.age[slice(*blocks)].view(rows, k)  # [R, K]
         self.ratio = bank.ratio[index]  # []
         self.protected = bank.protected[slice(*blocks)].view(rows, k)  # [R, K]
+        self.kept = bank.kept[slice(*blocks)].view(rows, k)  # [R, K]
+        self.released = bank.released[slice(*blocks)].view(rows, k)  # [R, K]
         self._finite = (bank.finite[slice(*blocks)], bank.finite[slice(*probes)])
         self.swaps_total = 0
         self.any_protected = False  # host copy of protected.any(), so unprotected layers cost no sync
+        self.any_kept = False  # host copy of kept.any(), likewise
 
     def has_protected(self) -> bool:
         return self.any_protected
@@ -86,7 +93,7 @@ class LayerScores:
         return ~(blocks.all() & probes.all())
 
     def state_dict(self) -> dict:
-        out = {name: getattr(self, name).detach().clone() for name in self.TENSORS}
+        out = {name: getattr(self, name).detach().clone() for name in self.TENSORS + self.OPTIONAL_TENSORS}
         out["nonfinite"] = self.nonfinite()
         out["swaps_total"] = self.swaps_total
         return out
@@ -95,11 +102,14 @@ class LayerScores:
         """Copy a state that ``sparsify.topology.checkpoint.validate`` accepted (shapes, fields)."""
         for name in self.TENSORS:
             getattr(self, name).copy_(state[name])
+        for name in self.OPTIONAL_TENSORS:
+            getattr(self, name).copy_(state[name]) if name in state else getattr(self, name).zero_()
         finite = ~torch.as_tensor(state.get("nonfinite", False), device=self.age.device)  # absent in older checkpoints
         for flags in self._finite:
             flags.copy_(finite.expand_as(flags))
         self.swaps_total = int(state["swaps_total"])
         self.any_protected = bool(self.protected.any())
+        self.any_kept = bool(self.kept.any())
 
 
 @dataclass
@@ -161,6 +171,9 @@ class ScoreBank:
         self.age = torch.zeros(self.num_blocks, dtype=torch.int64, device=device)
         self.ratio = torch.ones(count, dtype=STATS_DTYPE, device=device)
         self.protected = torch.zeros(self.num_blocks, dtype=torch.bool, device=device)
+        self.kept = torch.zeros(self.num_blocks, dtype=torch.bool, device=device)
+        self.released = torch.zeros(self.num_blocks, dtype=torch.bool, device=device)
+        self.any_released = False  # host hint: released slots may remain (decisions then rank them first)
         self.scores = [LayerScores(self, i, layer) for i, layer in enumerate(self.layers)]
         self._fresh = [(self.fresh[b0:b1].view_as(s.block_ema), self.fresh[p0:p1])  # per layer, made once
                        for s, (b0, b1), (p0, p1) in zip(self.scores, self.block_range, self.probe_range)]
@@ -296,16 +309,25 @@ class ScoreBank:
                 averaged.append(s.block_ema)
         reduce_(averaged, summed, process_group)
 
-    def decision_inputs(self, group: ShapeGroup, scorer: str) -> dict[str, torch.Tensor]:
-        """What ``decide_layers`` reads for a group, as its keyword arguments: ``block_scores``,
-        ``candidate_scores``, ``col_indices``, ``protected``, ``allowed``. Refits the group's ``ratio``
-        first. Call after :meth:`synchronize`."""
+    def decision_inputs(self, group: ShapeGroup, scorer: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """What ``decide_layers`` reads for a group, as its keyword arguments (``block_scores``,
+        ``candidate_scores``, ``col_indices``, ``protected``, ``allowed``), and the mean block score of
+        each layer ``[L]``. Refits the group's ``ratio`` first. Call after :meth:`synchronize`.
+
+        Consolidated (kept) slots are never pruned, like protected ones; released slots count as the
+        weakest blocks (score 0), so the next decisions give them to the best candidates first."""
         block = self.block_scores(group, scorer)  # [L, R, K]
         cols = self.col_indices(group)  # [L, R, K]
         self.calibrate(group, block, cols)
+        mean_score = block.mean((1, 2))  # a copy: grown slots take new scores after the decision
+        protected = group.block_view(self.protected)
+        if any(self.scores[i].any_kept for i in group.members):
+            protected = protected | group.block_view(self.kept)
+        if self.any_released:
+            block = torch.where(group.block_view(self.released), torch.zeros_like(block), block)
         members = slice(group.first, group.first + len(group.members))
         return dict(block_scores=block, candidate_scores=self.candidate_scores(group), col_indices=cols,
-                    protected=group.block_view(self.protected), allowed=self.flags[members] == 0)
+                    protected=protected, allowed=self.flags[members] == 0), mean_score
 
     def absorb(self, group: ShapeGroup, decision, scorer: str) -> None:
         """A decision's changed slots start afresh: age 0 and, with the gradient scorer, the calibrated
@@ -314,14 +336,25 @@ class ScoreBank:
             ema = group.block_view(self.stats)
             ema.scatter_(2, decision.slots, torch.where(decision.swap, decision.grown_scores, ema.gather(2, decision.slots)))
         group.block_view(self.age).masked_fill_(decision.changed, 0)
+        if self.any_released:
+            group.block_view(self.released).masked_fill_(decision.changed, False)
 
-    def age_sums(self, group: ShapeGroup) -> torch.Tensor:
-        """``[L]`` int64: the sum of the block ages of each layer of the group."""
-        return group.block_view(self.age).sum((1, 2))
+    def age_sums(self, group: ShapeGroup, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L]`` int64: the sum of the block ages of each layer of the group, counting the slots of
+        ``reset [L, R, K]`` (a decision's changed slots, about to be absorbed) as 0."""
+        ages = group.block_view(self.age)
+        return (ages if reset is None else ages.masked_fill(reset, 0)).sum((1, 2))
 
     def count_swaps(self, group: ShapeGroup, per_layer: list[int]) -> None:
         for index, num in zip(group.members, per_layer):
             self.scores[index].swaps_total += num
+
+    def restart(self) -> None:
+        """Forget the statistics (block and probe EMAs, calibration, non-finite marks): the next task's
+        decisions read the next task only. Ages, protected, kept and released slots stay."""
+        self.stats.zero_()
+        self.ratio.fill_(1.0)
+        self.finite.fill_(True)
 
     def end_decision(self) -> None:
         """The non-finite marks were read with the decision: start collecting afresh."""
