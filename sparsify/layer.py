@@ -91,9 +91,10 @@ class BlockSparseLinear(nn.Module):
         # layer initializes itself the moment it leaves the meta device: col_indices then always
         # hold a valid topology, never leftover memory. Sharded (DTensor) values are left to the
         # caller, who must call reset_parameters on the full tensors.
-        was_meta = self.col_indices.is_meta
+        was_meta = self.values.is_meta or self.col_indices.is_meta  # accelerate's init_empty_weights: values only
         result = super()._apply(fn, recurse)
-        if was_meta and not self.col_indices.is_meta and type(self.values.data) is torch.Tensor:
+        materialized = not (self.values.is_meta or self.col_indices.is_meta)
+        if was_meta and materialized and type(self.values.data) is torch.Tensor:
             self.reset_parameters()
         return result
 

@@ -56,7 +56,16 @@ def test_a_layer_built_on_meta_initializes_itself_on_to_empty(build):
     assert torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, atol=1e-6)
 
 
-def test_to_empty_leaves_a_materialized_layer_alone_and_moves_no_data_twice():
+def test_a_layer_built_under_accelerates_init_empty_weights_initializes_itself_on_to_empty():
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():  # parameters on meta, buffers (col_indices) real zeros
+        layer = BlockSparseLinear(128, 64, block_size=16, density=0.5)
+    assert layer.values.is_meta and not layer.col_indices.is_meta
+    layer.to_empty(device="cpu")
+    assert_initialized_like_a_fresh_linear(layer)
+
+
+def test_casting_a_materialized_layer_keeps_its_topology():
     layer = BlockSparseLinear(64, 32, block_size=16)
     before = layer.col_indices.clone()
     layer.to(torch.float64)  # an _apply that is not a materialization
