@@ -4,6 +4,9 @@ unchanged, rebuilt after every way the library writes a topology, never kept pas
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,3 +109,14 @@ def test_inference_tensors_and_subclasses_are_never_cached():
     param_like = torch.nn.Parameter(topology().float(), requires_grad=False)
     topology_cache.cached(param_like, "sum", 0, lambda: param_like.sum())
     assert topology_cache.builds == before
+
+
+def test_cache_around_the_triton_metadata_builders_under_the_interpreter():
+    pytest.importorskip("triton")
+    checks = os.path.join(os.path.dirname(__file__), "topology_cache_interpreter_checks.py")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SPARSIFY_")}
+    env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-m", "pytest", checks, "-p", "no:cacheprovider", "-q"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"interpreter checks failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+    assert "3 passed" in done.stdout.strip().splitlines()[-1]

@@ -57,6 +57,16 @@ def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[
     return value
 
 
+def per_topology(kind: str, build: Callable):
+    """``build(col, num_cols)`` (a metadata builder: column view, slot table, column check) cached per
+    state of ``col``: what the dispatcher's launchers call."""
+
+    def cached_build(col: torch.Tensor, num_cols: int):
+        return cached(col, kind, num_cols, lambda: build(col, num_cols))
+
+    return cached_build
+
+
 def clear() -> None:
     """Forget every entry (tests)."""
     with _lock:
