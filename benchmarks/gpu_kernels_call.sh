@@ -8,7 +8,7 @@
 # B = 16..128), ncu (one launch of each kernel at B = 64 and 128 under Nsight Compute, clocks left alone),
 # memory (memory_phases.py: a bench_training step per phase, dense vs sparse, and bench_training's order
 # of parts), check (the GPU correctness check), layer (bench_layer.py, the table), training
-# (bench_training.py). Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
+# (bench_training.py). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
 # BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
 set -u
 OUT=${OUT:-/tmp/kernels-out}
@@ -70,8 +70,9 @@ for p in "$@"; do
             part ncu-parse 30 python3 benchmarks/kernel_profile.py --parse-ncu /tmp/ncu-raw.csv \
                 --labels "$OUT/ncu-labels.json" --out "$OUT/ncu.json" ;;
         memory) part memory 300 python3 benchmarks/memory_phases.py --out "$OUT" --sequence --block-sizes 64 16 ;;
-        check) part check 300 python3 benchmarks/gpu_check.py ;;
-        check-tests) part check 300 python3 -m pytest -q -x tests/gpu ;;
+        check)  # the GPU correctness check: under tests/gpu once it moved there, else benchmarks/gpu_check.py
+            if [ -d tests/gpu ]; then part check 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu
+            else part check 300 python3 benchmarks/gpu_check.py; fi ;;
         layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks 16,32,64,128 --out "$OUT" ;;
         training) part training 540 python3 benchmarks/bench_training.py --block-sizes 128 64 16 --out "$OUT" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
