@@ -175,3 +175,14 @@ def test_sparsify_and_densify_keep_the_hf_config_in_step():
     assert sorted(model.config.quantization_config["modules"]) == [name for name, _ in sparse_layers(model)]
     densify(model)
     assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_a_model_quantized_by_transformers_is_refused_before_recording():
+    from sparsify.integrations.hf_checkpoint import check_not_quantized
+
+    model = tiny_llama(layers=1)
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    with pytest.raises(ValueError, match="quantized by transformers \\('bitsandbytes'\\)"):
+        check_not_quantized(model)
+    assert model.config.quantization_config["quant_method"] == "bitsandbytes"
+    check_not_quantized(tiny_llama(layers=1))  # no quantization_config: fine

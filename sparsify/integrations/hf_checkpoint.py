@@ -180,17 +180,23 @@ def record_sparsity(model) -> None:
     if not isinstance(config, PretrainedConfig):
         return
     modules = {name: layer.config.to_dict() for name, layer in sparse_layers(model)}
-    ours = _is_ours(getattr(config, "quantization_config", None))
     if modules:
-        existing = getattr(config, "quantization_config", None)
-        if existing is not None and not ours:
-            raise ValueError(
-                f"{type(model).__name__}: the model already has a quantization_config "
-                f"({_method_of(existing)!r}); a block-sparse model cannot also be quantized by transformers"
-            )
+        check_not_quantized(model)
         config.quantization_config = SparsifyQuantizationConfig(modules).to_dict()
-    elif ours:
+    elif _is_ours(getattr(config, "quantization_config", None)):
         del config.quantization_config
+
+
+def check_not_quantized(model) -> None:
+    """Raise a ValueError if transformers quantized ``model`` (its config has another
+    ``quantization_config``): the checkpoint could not say both. ``sparsify()`` calls it before
+    rewriting anything, so the refusal leaves the model unchanged."""
+    existing = getattr(getattr(model, "config", None), "quantization_config", None)
+    if existing is not None and not _is_ours(existing):
+        raise ValueError(
+            f"{type(model).__name__}: the model is quantized by transformers ({_method_of(existing)!r}); "
+            "block-sparse layers cannot be combined with it: load the model unquantized, then sparsify it"
+        )
 
 
 def _method_of(quantization_config) -> Any:
