@@ -239,3 +239,14 @@ def test_a_decision_synchronizes_once_for_all_layers():
         assert sum(d.num_swaps for d in opt.history) > 0
         decisions = [c for step, c in enumerate(counts, 1) if step % 2 == 0]
         assert [c.syncs for c in decisions] == [1, 1], (layers, [dict(c.events) for c in decisions])
+
+
+def test_after_consolidate_steps_stay_free_of_syncs_and_a_decision_still_synchronizes_once():
+    model = _model(2)
+    opt = TopologyOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model,
+                            TopologyConfig(score_every=1, update_every=3, prune_fraction=0.5, swap_threshold=1.0,
+                                           consolidate_keep=0.3, consolidate_lr_scale=0.5, consolidate_release=0.2))
+    count_steps(model, opt, 3)
+    opt.consolidate()  # a host read once per task, off the step path
+    counts = count_steps(model, opt, 3)  # steps 4, 5 (kept slots scaled, released ranked first), 6 decides
+    assert [c.syncs for c in counts] == [0, 0, 1], [dict(c.events) for c in counts]

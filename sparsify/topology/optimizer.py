@@ -46,6 +46,11 @@ logger = logging.getLogger("sparsify.topology")
 DecisionCallback = Callable[[int, dict, list], None]
 
 
+def _wrapped(name: str) -> property:
+    """A property that reads and writes the wrapped optimizer's attribute ``name`` (its own object)."""
+    return property(lambda self: getattr(self.optimizer, name), lambda self, value: setattr(self.optimizer, name, value))
+
+
 class TopologyOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer`` (any torch.optim.Optimizer) and evolves the topology of ``model``'s
     BlockSparseLinear layers. It is an Optimizer itself (LR schedulers, GradScaler and the HF
@@ -124,29 +129,9 @@ class TopologyOptimizer(torch.optim.Optimizer):
         self._callbacks: list[DecisionCallback] = [on_decision] if on_decision is not None else []
 
     # -- the wrapped optimizer's objects ---------------------------------------------------------
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
+    param_groups = _wrapped("param_groups")
+    state = _wrapped("state")
+    defaults = _wrapped("defaults")
 
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
