@@ -44,6 +44,10 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_sparse_model(kind, 
     assert all(torch.equal(a, b) for a, b in zip(topologies(loaded).values(), topologies(model).values()))
     assert torch.equal(loaded(token_ids).logits, model(token_ids).logits)
     assert not loaded.is_quantized and loaded.hf_quantizer is None  # an ordinary model: .half(), Trainer, densify
+    corrupt = {k: v.clone() for k, v in loaded.state_dict().items()}
+    corrupt[next(k for k in corrupt if k.endswith("col_indices"))].fill_(-1)
+    with pytest.raises(ValueError, match="col_indices hold values"):
+        loaded.load_state_dict(corrupt)  # guarded like a sparsified model: nothing copied
     loaded.half()
 
 

@@ -32,7 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sparsify import block_ell
 from sparsify.config import BlockSparseConfig
-from sparsify.layer import BlockSparseLinear
+from sparsify.layer import BlockSparseLinear, guard_state_dict_loads
 from sparsify.select import is_linear, linear_weight, replace_submodule
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class SparsifyHfQuantizer(HfQuantizer):
             module.__dict__.pop("_init_weights", None)
         _detach_quantizer(model)
         record_sparsity(model)
+        guard_state_dict_loads(model)  # as sparsify() does: a later load_state_dict checks before copying
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
