@@ -10,7 +10,7 @@
 # the grid pins worker n to GPU n mod GPUs), USE_MPS (1), TF32 (1), N_LAYERS, HIDDEN,
 # MLP, HEADS, SEQ, BATCH, LAYERS (sparse MLP layers), A_STEPS, B_STEPS, A_EVALS, B_EVALS, B_LRS ("low base high"),
 # SEEDS, BIG_BLOCK, PAIRED (1: the paired design with the replay, LoRA, densified and sparse-EWC baselines;
-# LoRA needs peft installed),
+# LoRA needs peft: see below),
 # RESULTS (experiments/forgetting/results/gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options).
 #
 # Why this configuration fits (estimate for one H100, 16 cores): the last call measured 600 task-A steps
@@ -107,6 +107,15 @@ if ! probe; then
   fi
 fi
 echo "CUDA MPS: $MPS"
+
+# ---- the lora arm needs peft; the device machine has no network: carry wheels made here with
+#      `pip download peft accelerate --no-deps -d .whl` (carry=[".whl", ...]) and they are installed from there
+if [ "${PAIRED:-0}" = 1 ] && ! python -c "import peft" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    pip install -q --no-index --no-deps --find-links .whl peft accelerate || echo "peft: installing from .whl failed"
+  fi
+  python -c "import peft" 2>/dev/null || echo "peft is missing: the lora runs will fail (the grid goes on)"
+fi
 
 # ---- the kernels against the reference on this model's shapes (B = 16 and the big block); warms Triton's cache
 CHECK="passed"

@@ -147,6 +147,25 @@ def test_plan_puts_the_whole_base_table_before_any_sweep_and_late_arms_last():
     assert late_names[-3:] == [f"static-0.5__s{s}__lr{cfg.b_lrs[1]:g}.json" for s in range(3)]
 
 
+def test_paired_design_trains_two_task_a_models_a_seed_and_starts_every_b_run_from_one():
+    from forgetting.arms import paired_arms
+    from forgetting.grid import plan
+    from forgetting.train import ExpConfig
+
+    cfg = ExpConfig()
+    jobs = plan(paired_arms(0.5), 8, cfg, sweep=True)
+    a_jobs = [j for j in jobs if j.kind == "A"]
+    assert sorted((j.arm.a_key, j.seed) for j in a_jobs) == sorted((k, s) for k in ("dense", "dynamic-0.5") for s in range(8))
+    b_jobs = [j for j in jobs if j.kind == "B"]
+    assert {j.arm.a_key for j in b_jobs} == {"dense", "dynamic-0.5"}
+    starts = {j.arm.name: j.arm.a_key for j in b_jobs}
+    assert {n for n, k in starts.items() if k == "dense"} == {"dense", "ewc", "replay-0.01", "replay-0.1", "lora"}
+    swept = {j.arm.name for j in b_jobs if j.lr != cfg.b_lrs[1]}
+    assert {"dense", "ewc", "replay-0.01", "replay-0.1", "lora"} <= swept  # the references have curves
+    assert all(len([j for j in b_jobs if j.arm.name == n and j.lr == cfg.b_lrs[1] and not j.lam_search]) == 8
+               for n in starts)
+
+
 def test_grid_starts_no_run_that_cannot_finish_before_the_deadline(tmp_path, monkeypatch):
     from forgetting import grid
     from forgetting.arms import Arm
