@@ -60,9 +60,9 @@ def check(m, in_f, out_f, block, k, dtype, tf32, config=None, tma="auto") -> tup
     fc, ic, vc = (config or {}).get("fwd"), (config or {}).get("gi"), (config or {}).get("gv")
     with sparsify.kernel_options(tma=tma):
         y = kernels.forward(x, v, col, b, config=fc, out=poisoned(m, out_f, dtype=dtype), poison=True)
-    gi, gi2 = (kernels.grad_input(g, v, col, in_f, config=ic, out=poisoned(m, in_f, dtype=dtype)) for _ in range(2))
-    gv, gv2 = (kernels.grad_values(g, x, col, block, config=vc, out=poisoned(block_rows, k, block, block, dtype=dtype),
-                                   poison=True) for _ in range(2))
+        gi, gi2 = [kernels.grad_input(g, v, col, in_f, config=ic, out=poisoned(m, in_f, dtype=dtype)) for _ in range(2)]
+        gv, gv2 = [kernels.grad_values(g, x, col, block, config=vc, poison=True,
+                                       out=poisoned(block_rows, k, block, block, dtype=dtype)) for _ in range(2)]
     xd, vd, gd, bd = x.double(), v.double(), g.double(), b.double()
     errs = (
         rel(y, reference.forward(xd, vd, col, bd)),
