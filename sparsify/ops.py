@@ -55,7 +55,9 @@ def _check_operands(x, values, col_indices, bias, stats_probe=None) -> None:
     if x.dim() == 0 or x.shape[-1] % block_size:
         _fail(f"input's last dimension {tuple(x.shape)[-1:]} is not a multiple of block_size={block_size}")
     if x.dtype != values.dtype:
-        _fail(f"input dtype {x.dtype} differs from weight dtype {values.dtype}; cast one of them, or run under torch.autocast")
+        _fail(
+            f"input dtype {x.dtype} differs from weight dtype {values.dtype}; cast one of them, or run under torch.autocast"
+        )
     out_features = block_rows * block_size
     if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
         _fail(f"bias must be [{out_features}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
@@ -103,7 +105,8 @@ def forward_impl(
     x2 = x.reshape(-1, in_features)
     if x2.shape[0]:
         kernels = kernels_for(x.device)
-        kernels.forward(x2.contiguous(), values.contiguous(), col_indices.contiguous(), bias, out=y.view(-1, out_features))
+        y2 = y.view(-1, out_features)
+        kernels.forward(x2.contiguous(), values.contiguous(), col_indices.contiguous(), bias, out=y2)
     return y
 
 
@@ -112,7 +115,7 @@ def _check_grad_operands(grad_out, values_or_x, col_indices, name: str) -> None:
         raise ValueError(f"{name}: grad_out, col_indices and the other operand must share one device")
 
 
-def grad_input_impl(grad_out: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, in_features: int) -> torch.Tensor:
+def grad_input_impl(grad_out: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, in_features: int):
     _check_grad_operands(grad_out, values, col_indices, "block_ell_grad_input")
     _check_indices_in_range(col_indices, in_features // values.shape[2])
     if grad_out.shape[0] == 0:
@@ -121,7 +124,7 @@ def grad_input_impl(grad_out: torch.Tensor, values: torch.Tensor, col_indices: t
     return kernels.grad_input(grad_out.contiguous(), values.contiguous(), col_indices.contiguous(), in_features)
 
 
-def grad_values_impl(grad_out: torch.Tensor, x: torch.Tensor, col_indices: torch.Tensor, block_size: int) -> torch.Tensor:
+def grad_values_impl(grad_out: torch.Tensor, x: torch.Tensor, col_indices: torch.Tensor, block_size: int):
     _check_grad_operands(grad_out, x, col_indices, "block_ell_grad_values")
     _check_indices_in_range(col_indices, x.shape[-1] // block_size)  # a negative column would wrap
     block_rows, k = col_indices.shape
@@ -336,8 +339,8 @@ def plain_eager(tensors) -> bool:
     tracer, no torch-dispatch or torch-function mode, no functorch transform, no tensor subclass.
     ``functional`` takes its eager route (an autograd.Function, no dispatcher trip) only then; these
     are private torch._C predicates because no public API asks "is any mode active"."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
         return False
     return all(t is None or t.__class__ in _PLAIN for t in tensors)

@@ -2,7 +2,8 @@
 
 TRITON_INTERPRET must be set before triton is first imported, and the rest of the suite imports
 torch and sparsify (and maybe triton) first, so the checks run in a child pytest process with
-TRITON_INTERPRET=1 (they select the Triton backend with set_kernel_options): `test_kernels_under_the_interpreter` starts it and
+TRITON_INTERPRET=1 (they select the Triton backend with set_kernel_options):
+`test_kernels_under_the_interpreter` starts it and
 fails with its output when any check there fails. The checks themselves live in
 triton_interpreter_checks.py (not collected by the parent run: its name does not start with test_).
 Small shapes; every block size 16..128; float32 and bfloat16; forward,

@@ -37,4 +37,5 @@ def check_columns(col: torch.Tensor, num_cols: int) -> None:
     ok = torch.ones(1, dtype=torch.int32, device=col.device)
     launch(_column_check_kernel, (max(1, cdiv(flat.numel(), CHECK_CHUNK)),), (flat, ok, flat.numel(), num_cols),
            dict(CHUNK=CHECK_CHUNK), col.device)
-    torch._assert_async(ok, f"col_indices hold a column outside [0, {num_cols}): the topology is corrupt or the input is narrower than in_features")
+    torch._assert_async(ok, f"col_indices hold a column outside [0, {num_cols}): the topology is corrupt or the "
+                            "input is narrower than in_features")

@@ -195,7 +195,8 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     elif config is None and use_tma(x, values, num_tokens):
         run.forward_tma(x, values, col, bias, y)
     else:
-        split = (config or {}).get("SPLIT") or split_slots(cdiv(num_tokens, 16 if num_tokens <= 32 else 128) * block_rows, k, x.device)
+        token_tiles = cdiv(num_tokens, 16 if num_tokens <= 32 else 128)
+        split = (config or {}).get("SPLIT") or split_slots(token_tiles * block_rows, k, x.device)
         gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
         if split == 1:
             run.forward_gather(x, values, col, bias, y, gather)
