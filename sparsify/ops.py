@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from sparsify.kernels.dispatch import backend_for, kernels_for, triton_kernels
+from sparsify.kernels.dispatch import backend_for, kernels_for, triton_kernels  # noqa: F401  (re-exported)
 
-# Kept for scripts that import them from here (benchmarks, experiments): the public names are
-# sparsify.kernels.dispatch.backend_for / triton_kernels.
+# Kept for scripts that import them from here (benchmarks): sparsify.ops.backend_name(device) and
+# sparsify.ops.triton_kernels(); the public names are sparsify.kernels.dispatch.backend_for / triton_kernels.
 backend_name = backend_for
-__all__ = ["backend_name", "triton_kernels", "forward_impl", "grad_input_impl", "grad_values_impl"]
 
 
 # ---------------------------------------------------------------------------------------------------
