@@ -8,6 +8,9 @@
     protected-0.5    upper bound: at the end of A, the half of each row's slots that mattered most for A
                      (optimal-brain-damage saliency) are frozen for B (TopologyOptimizer.protect)
     anchored-0.5     the variant: the same half is never pruned but keeps learning at 0.1x the rate
+    consolidated-0.5 the method built for task boundaries: TopologyOptimizer.consolidate() at the start of B, on
+                     the block statistics task A left (the most important blocks kept and slowed, the least
+                     important released for B), then dynamic B
     finetune-0.5     the dynamic-0.5 task-A model densified (zero blocks become trainable weights), then dense B
     ewc-0.5          the dynamic-0.5 task-A model, topology frozen, EWC on its block values (dense EWC's lambda)
     replay-R         dense + a fraction R of B's training sequences drawn from task A (R = 0.01, 0.1)
@@ -42,6 +45,7 @@ class Arm:
     replay: float = 0.0  # fraction of B's training sequences taken from task A
     lora_density: float | None = None  # B trains LoRA adapters (frozen model) sized like sparse arms at this density
     lr_scale: float = 1.0  # B's learning rates are the grid's times this
+    consolidate: bool = False  # TopologyOptimizer.consolidate() on task A's statistics before B
 
     @property
     def a_key(self) -> str:
@@ -65,7 +69,8 @@ def make_arms(density: float = 0.5, densities=(0.25, 0.5, 0.75), big_block: int 
     arms.append(Arm(f"protected-{density}", density=density, dynamic=True, protect="freeze"))
     arms.append(Arm(f"anchored-{density}", density=density, dynamic=True, protect="anchor"))
     if baselines:
-        arms += [Arm(f"finetune-{density}", density=density, a_dynamic=True, densify=True),
+        arms += [Arm(f"consolidated-{density}", density=density, dynamic=True, consolidate=True),
+                 Arm(f"finetune-{density}", density=density, a_dynamic=True, densify=True),
                  Arm(f"ewc-{density}", density=density, a_dynamic=True, ewc=True),
                  Arm("replay-0.01", replay=0.01), Arm("replay-0.1", replay=0.1), Arm("lora", lora_density=density, lr_scale=10.0)]
     return {arm.name: arm for arm in arms}

@@ -88,7 +88,7 @@ def _plan_b(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool) -> li
     for seed in range(seeds):
         jobs += [Job(2, "B", arm, seed, base) for arm in arms.values()]
     if sweep:
-        swept = [a for a in arms.values() if a.name == "dense" or a.ewc or a.protect == "anchor" or a.replay
+        swept = [a for a in arms.values() if a.name == "dense" or a.ewc or a.protect == "anchor" or a.replay or a.consolidate
                  or a.lora_density is not None
                  or (a.dynamic and a.protect is None and a.block_size == 16 and a.density == arms_density(arms))]
         for seed in range(seeds):

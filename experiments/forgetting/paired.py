@@ -122,7 +122,9 @@ def section(runs, a_runs, index: int, split: str, measure: str, base_lr: float, 
           "of B's training sequences are task-A windows. LoRA: peft adapters on every linear layer but the head, "
           "frozen base, rank matched to the sparse arms' trainable block values, learning rate 10x the grid's. "
           "finetune: the sparse task-A model densified, then trained dense. ewc-D: EWC on the sparse task-A model, "
-          "topology frozen, with dense EWC's lambda.", "",
+          "topology frozen, with dense EWC's lambda. consolidated-D: `TopologyOptimizer.consolidate()` on the block "
+          "statistics of the sparse task-A run before B (TopologyConfig's consolidate_keep, consolidate_lr_scale and "
+          "consolidate_release at their defaults), then dynamic B.", "",
           "Task A after A (before B), each task-A model against the dense one of the same seed:", "",
           tabulate(_task_a_rows(a_runs), headers=["task-A model", "seeds", "exact match", "vs dense (pts)",
                                                   "answer bytes", "vs dense (pts)"], tablefmt="github"), ""]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparsify import TopologyConfig, densify, set_kernel_options, sparse_layers
+from sparsify import TopologyConfig, TopologyOptimizer, densify, set_kernel_options, sparse_layers
 
 from forgetting import arms as A
 from forgetting import baselines as B
@@ -200,6 +200,8 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, d
     batches = lambda: ((lambda x=x: _loss(model, x)) for x in _windows(math_stream, cfg, seed))  # noqa: E731
     ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     ckpt["fisher"] = {k: v.cpu() for k, v in A.fisher_diagonal(model, batches()).items()}  # EWC, dense or sparse
+    if isinstance(opt, TopologyOptimizer):  # task A's block statistics, for consolidate() at the start of B
+        ckpt["topology"] = _to_cpu(opt.topology_state_dict())
     if arm.density is not None:
         ckpt["saliency"] = {k: v.cpu() for k, v in A.block_saliency(model, batches()).items()}
     summary = {
@@ -211,6 +213,17 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, d
         "params": sum(p.numel() for p in model.parameters()),
     }
     return summary, ckpt
+
+
+def _to_cpu(state):
+    """A nested state (dicts, lists, tensors, plain values) with every tensor on the CPU."""
+    if torch.is_tensor(state):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_cpu(v) for v in state]
+    return state
 
 
 def _windows(stream, cfg: ExpConfig, seed: int, batch: int = 8):
@@ -234,6 +247,11 @@ def run_b(arm: A.Arm, seed: int, lr: float, cfg: ExpConfig, a_summary: dict, ckp
     topo_a = _topology(model)
     values_a = {n: layer.values.detach().clone() for n, layer in sparse_layers(model)}
     opt = A.make_optimizer(model, arm, lr * arm.lr_scale, cfg.topology(seed + 100))
+    if arm.consolidate:
+        # task A's statistics on B's own clock, records and settings, then the end of task A
+        opt.load_topology_state_dict(ckpt["topology"] | {"global_step": 0, "last_age_step": 0, "history": [],
+                                                         "config": asdict(opt.config)})
+        opt.consolidate()
     penalty = A.EWCPenalty(model, {k: v.to(cfg.device) for k, v in ckpt["fisher"].items()}, lam) if arm.ewc else None
     masks, hooks = {}, None
     if arm.protect is not None:

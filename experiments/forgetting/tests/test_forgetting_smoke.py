@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[3]  # the repository
 SCRIPT = Path(__file__).resolve().parents[1] / "run.py"
 ARMS = ("dense", "ewc", "static-0.5", "dynamic-0.25", "dynamic-0.5", "dynamic-0.75", "dynamic-0.5-b64",
-        "protected-0.5", "anchored-0.5", "finetune-0.5", "ewc-0.5", "replay-0.01", "replay-0.1", "lora")
+        "protected-0.5", "anchored-0.5", "consolidated-0.5", "finetune-0.5", "ewc-0.5", "replay-0.01", "replay-0.1", "lora")
 SECTIONS = ("## Setup", "## Runs per arm", "## Forgetting per arm", "## Forgetting at equal task-B learning", "## Paired by seed",
             "## Accuracy through A then B",
             "## Topology: pathways, swaps, entropy, spikes", "## Final quality against dense", "## Claims")
@@ -78,6 +78,9 @@ def test_baseline_arms_train_what_they_name(smoke):
     assert runs["ewc-0.5"]["a"]["key"] == "dynamic-0.5" and runs["ewc-0.5"]["topology_a"] == runs["ewc-0.5"]["topology_b"]
     assert runs["ewc-0.5"]["ewc_lambda"] == runs["ewc"]["ewc_lambda"]
     assert runs["replay-0.1"]["a"]["key"] == "dense" and runs["replay-0.1"]["trainable"] == dense_params
+    consolidated = runs["consolidated-0.5"]
+    assert consolidated["a"]["key"] == "dynamic-0.5" and consolidated["decisions"]  # B's decisions on B's clock
+    assert all(d["step"] <= consolidated["config"]["b_steps"] for d in consolidated["decisions"])
     # LoRA's adapters: within half a rank's parameters of the sparse arms' trainable block values
     rank, target = runs["lora"]["lora_rank"], sparse_trainable(SMOKE["model"], 0.5)
     assert abs(runs["lora"]["trainable"] - target) <= runs["lora"]["trainable"] / rank / 2
