@@ -26,12 +26,18 @@ from sparsify.kernels.options import (  # noqa: F401  (re-exported: the public n
 def _launchers() -> SimpleNamespace:
     """Every Triton kernel's launcher (imported on first use: this file stands on torch alone)."""
     from sparsify.kernels import column_check, column_view, forward, forward_tma, grad_input, grad_values, tiles
+    from sparsify.kernels import grad_input_tma, grad_values_tma
     from sparsify.kernels.common import reduce_partials
+    from sparsify.kernels.topology_cache import per_topology
 
     return SimpleNamespace(
-        check_columns=column_check.check_columns, column_view=column_view.column_view,
-        forward_gather=forward.forward_gather, forward_tma=forward_tma.forward_tma, slot_table=tiles.slot_table,
+        # metadata of the topology: built once per state of col_indices (topology_cache.py says when)
+        check_columns=per_topology("columns checked", column_check.check_columns),
+        column_view=per_topology("column view", column_view.column_view),
+        slot_table=per_topology("slot table", tiles.slot_table),
+        forward_gather=forward.forward_gather, forward_tma=forward_tma.forward_tma,
         tile_matmul=tiles.tile_matmul, grad_input_columns=grad_input.grad_input_columns,
+        grad_input_tma=grad_input_tma.grad_input_tma_columns, grad_values_tma=grad_values_tma.grad_values_tma,
         grad_values_gather=grad_values.grad_values_gather, grad_values_tiles=grad_values.grad_values_tiles,
         reduce_partials=reduce_partials,
     )
@@ -95,21 +101,26 @@ def use_tiles(block: int, density: float, num_tokens: int) -> bool:
     return density >= TILE_MIN_DENSITY[block]
 
 
-TMA_MIN_BLOCK = 128  # measured on the H100 (benchmarks/NOTES.md): faster at B = 128, a wash at B = 64
+# The tensor-descriptor kernels from this block size up, per product: measured on the H200 (2026-12-01,
+# 4096<->14336, M = 8192, benchmarks/NOTES.md): forward faster at B = 64 and 128, grad_input at 64 and 128,
+# grad_values at 128 (at 64 faster on one shape, slower on the other).
+TMA_MIN_BLOCK = {"forward": 64, "grad_input": 64, "grad_values": 128}
 TMA_MIN_TOKENS = 256
 
 
-def use_tma(x: torch.Tensor, values: torch.Tensor, num_tokens: int) -> bool:
-    """The TMA forward for large blocks and many tokens on Hopper or newer; option tma="on" also
-    takes it for B = 64, "off" never."""
+def use_tma(a: torch.Tensor, b: torch.Tensor, num_tokens: int, product: str = "forward",
+            block: int | None = None) -> bool:
+    """The TMA kernel of ``product`` for large blocks and many tokens on Hopper or newer, operands a and b
+    (x / grad_out and values or x; ``block`` defaults to values' block size); option tma="on" takes
+    every TMA kernel from B = 64, "off" none."""
     choice = options().tma
-    if choice == "off" or x.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
+    if choice == "off" or a.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
         return False
-    if _capability_major(_index(x.device)) < 9:
+    if _capability_major(_index(a.device)) < 9:
         return False
-    if x.data_ptr() % 16 or values.data_ptr() % 16 or (x.shape[1] * x.element_size()) % 16:
+    if any(t.data_ptr() % 16 or (t.shape[-1] * t.element_size()) % 16 for t in (a, b)):
         return False  # tensor descriptors need 16-byte aligned bases and row strides
-    return values.shape[2] >= (64 if choice == "on" else TMA_MIN_BLOCK)
+    return (b.shape[2] if block is None else block) >= (64 if choice == "on" else TMA_MIN_BLOCK[product])
 
 
 def split_slots(num_tiles: int, k: int, device: torch.device) -> int:
@@ -209,7 +220,7 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
 
 def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=None, config=None):
     """grad_x [M, in] = grad_out [M, out] W: the masked-dense tiles on W (as for the forward), else the
-    column walk over the column view of the topology."""
+    column walk over the column view of the topology (through tensor descriptors where use_tma says)."""
     run = _launchers()
     _, k, block, _ = values.shape
     num_tokens = grad_out.shape[0]
@@ -221,13 +232,16 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
         run.tile_matmul(grad_out, values, run.slot_table(col, num_cols), None, grad_x, True, tile)
     else:
         slots_by_col, col_start = run.column_view(col, num_cols)
-        run.grad_input_columns(grad_out, values, slots_by_col, col_start, grad_x, config)
+        tma = config is None and use_tma(grad_out, values, num_tokens, "grad_input")
+        walk = run.grad_input_tma if tma else run.grad_input_columns
+        walk(grad_out, values, slots_by_col, col_start, grad_x, config)
     return grad_x
 
 
 def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, config=None, poison: bool = False):
-    """dL/dvalues [R, K, B, B]: the tile kernel where the forward takes tiles, else the gather kernel;
-    the tokens split into fixed ranges where the programs alone cannot fill the GPU. The tile kernel
+    """dL/dvalues [R, K, B, B]: the tile kernel where the forward takes tiles, else the gather kernel (the
+    TMA kernel where use_tma says and no split is needed); the tokens split into fixed ranges where the
+    programs alone cannot fill the GPU. The tile kernel
     writes only the slots in the slot table, so the column check runs there too."""
     run = _launchers()
     num_tokens, in_features = x.shape
@@ -251,7 +265,10 @@ def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, c
         run.grad_values_tiles(grad_out, x, run.slot_table(col, num_cols), target, tile)
     else:
         gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
-        run.grad_values_gather(grad_out, x, col, target, gather)
+        if split == 1 and config is None and use_tma(grad_out, x, num_tokens, "grad_values", block):
+            run.grad_values_tma(grad_out, x, col, block, out=dv)
+        else:
+            run.grad_values_gather(grad_out, x, col, target, gather)
     if split > 1:
         run.reduce_partials(target, None, dv)
     return dv

@@ -7,8 +7,8 @@ column r*B + i0 of grad_out (a rectangle, so plain Hopper TMA loads it) and its 
 [KC, B] = values[s, i0:i0+KC, :] at row s*B + i0 of values viewed as [R*K*B, B]. Same order of
 accumulation for every token tile, no atomics: bitwise repeatable. Tokens past M read as zeros.
 
-Not routed yet: ``benchmarks/kernel_profile.py`` times it beside the pointer kernel; the dispatcher takes
-it only where a GPU run shows it correct and faster.
+Where it runs: ``dispatch.use_tma`` (the block sizes where the H200 run of benchmarks/kernel_profile.py
+measured it faster than the pointer kernel, on both benchmark shapes).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, SMEM_BUDGET, cdiv, dot_precision, grouped_tile, interpreter_upcast, interpreting, m_bucket, mma, tuning_candidates,
+    AUTOTUNE_TIMER, SMEM_BUDGET, cdiv, dot_precision, grouped_tile, interpreter_upcast, interpreting, m_bucket, mma,
+    tuning_candidates,
 )
 
 # (BM tokens, KC positions a step, num_warps, num_stages); KC divides B. Stage: [BM, KC] + [KC, B].

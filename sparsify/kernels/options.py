@@ -14,7 +14,7 @@ What each option decides: ``dispatch.py``.
 |---------------|-------------------------|------------------------------|--------------|
 | backend       | auto, reference, triton | SPARSIFY_BACKEND             | auto: Triton on CUDA tensors, the PyTorch reference elsewhere; triton on CPU tensors needs TRITON_INTERPRET=1 |
 | block_kernel  | auto, gather, tile      | SPARSIFY_BLOCK_KERNEL        | large-token kernels for small blocks: per-slot gather or masked-dense tiles (auto: measured thresholds) |
-| tma           | auto, on, off           | SPARSIFY_TMA (auto/on/off/1/0) | the tensor-descriptor forward on Hopper: auto takes it for B >= 128, on also for B = 64 |
+| tma           | auto, on, off           | SPARSIFY_TMA (auto/on/off/1/0) | the tensor-descriptor kernels on Hopper: auto where measured faster (dispatch.TMA_MIN_BLOCK), on every one from B = 64 |
 | lean_launch   | True, False             | SPARSIFY_LEAN_LAUNCH (1/0)   | relaunch compiled Triton kernels without the JIT's Python argument binding |
 | check_columns | True, False             | SPARSIFY_CHECK_COLUMNS (1/0) | Triton forward: a device-side assert that every column index is in [0, C) (no host sync) |
 
