@@ -71,9 +71,10 @@ for p in "$@"; do
                 --labels "$OUT/ncu-labels.json" --out "$OUT/ncu.json" ;;
         memory) part memory 300 python3 benchmarks/memory_phases.py --out "$OUT" --sequence --block-sizes 64 16 ;;
         check)  # the GPU correctness check: under tests/gpu once it moved there, else benchmarks/gpu_check.py
-            if [ -d tests/gpu ]; then part check 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu
+            if [ -d tests/gpu ]; then part check 330 python3 -m pytest -q -p no:cacheprovider tests/gpu
             else part check 300 python3 benchmarks/gpu_check.py; fi ;;
-        layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks 16,32,64,128 --out "$OUT" ;;
+        layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks 16,32,64,128 --out "$OUT" \
+                   --shapes "${SHAPES:-4096x14336,14336x4096,640x2560,2560x640}" ;;
         training) part training 540 python3 benchmarks/bench_training.py --block-sizes 128 64 16 --out "$OUT" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac
