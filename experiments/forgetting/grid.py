@@ -32,10 +32,11 @@ import torch
 from tqdm import tqdm
 
 from sparsify import kernel_options
+from sparsify.kernels.dispatch import backend_for
 
 from forgetting.arms import Arm
 from forgetting.evaluate import EVAL_BATCH
-from forgetting.train import DeadlinePassed, ExpConfig, backend_in_use, run_a, run_b, tasks
+from forgetting.train import DeadlinePassed, ExpConfig, run_a, run_b, tasks
 
 
 @dataclass(frozen=True)
@@ -156,15 +157,16 @@ def _execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> flo
 
 
 def backend_matches(cfg: ExpConfig, block_sizes: tuple[int, ...] = (16,), tolerance: float = 2e-2) -> bool:
-    """Forward and backward of one training step of a sparse model per block size: the device's backend
-    against the PyTorch reference (relative error of the output and of every gradient)."""
+    """Forward and backward of one training step of a sparse model per block size: the backend the runs
+    use (``cfg.backend``; auto: the device's) against the PyTorch reference (relative error of the output
+    and of every gradient)."""
     from forgetting.model import build_model
 
     cfg.set_precision()
     worst = 0.0
     for block_size in block_sizes:
         results = {}
-        for backend in ("reference", "auto"):
+        for backend in ("reference", cfg.backend):
             with kernel_options(backend=backend):
                 model = build_model(cfg.model, 0.5, block_size, seed=0).to(cfg.device)
                 x = torch.randint(0, 256, (cfg.batch, cfg.model.seq_len + 1), generator=torch.Generator().manual_seed(0))
@@ -172,8 +174,8 @@ def backend_matches(cfg: ExpConfig, block_sizes: tuple[int, ...] = (16,), tolera
                 logits = model(input_ids=x[:, :-1], use_cache=False).logits
                 torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1)).backward()
                 results[backend] = [logits.detach()] + [p.grad for p in model.parameters() if p.grad is not None]
-                used = backend_in_use(torch.device(cfg.device))
-        errors = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(results["auto"], results["reference"])]
+                used = backend_for(torch.device(cfg.device))
+        errors = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(results[cfg.backend], results["reference"])]
         print(f"B={block_size}: backend {used} vs reference "
               f"(tf32 {'on' if cfg.tf32 else 'off'}): max relative error {max(errors):.2e}")
         worst = max(worst, *errors)

@@ -51,7 +51,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-note", action="store_true", help="report: keep the opening text of the report file it replaces")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto",
-                   help="sparse kernels of every run (sparsify.set_kernel_options); check compares auto to reference")
+                   help="sparse kernels of every run (sparsify.set_kernel_options); check compares them to the reference")
     p.add_argument("--workers", type=int, default=0, help="parallel processes (0: in this process)")
     p.add_argument("--deadline", type=float, default=None, help="seconds from now; later runs are not started")
     p.add_argument("--deadline-at", type=float, default=None, help="the same as a Unix time (wins over --deadline)")
@@ -87,7 +87,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def config(args) -> ExpConfig:
     if args.smoke:
-        return ExpConfig(**SMOKE, device="cpu")
+        return ExpConfig(**SMOKE, device="cpu", backend=args.backend)
     model = ModelConfig(layers=args.n_layers, hidden=args.hidden, mlp=args.mlp, sparse_layers=args.layers,
                         heads=args.heads or max(1, args.hidden // 64), seq_len=args.seq)
     return ExpConfig(model=model, a_steps=args.a_steps, b_steps=args.b_steps, batch=args.batch, a_lr=args.a_lr,

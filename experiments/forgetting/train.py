@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify import TopologyConfig, TopologyOptimizer, densify, set_kernel_options, sparse_layers
+from sparsify.kernels.dispatch import backend_for
 
 from forgetting import arms as A
 from forgetting import baselines as B
@@ -163,21 +164,12 @@ def _topology(model) -> dict[str, list]:
     return {n: layer.col_indices.tolist() for n, layer in sparse_layers(model)}
 
 
-def backend_in_use(device: torch.device) -> str:
-    """The kernel backend the runs on ``device`` use: the dispatcher's answer for the device where it gives
-    one (``backend_for``), else the backend option in force ("auto" on CUDA means Triton)."""
-    from sparsify.kernels import dispatch
-
-    resolve = getattr(dispatch, "backend_for", None)
-    return resolve(device) if resolve is not None else dispatch.options().backend
-
-
 def _meta(cfg: ExpConfig) -> dict:
     import transformers
     device = torch.device(cfg.device)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "backend": backend_in_use(device), "torch": torch.__version__, "transformers": transformers.__version__,
+        "backend": backend_for(device), "torch": torch.__version__, "transformers": transformers.__version__,
         "config": asdict(cfg),
     }
 
