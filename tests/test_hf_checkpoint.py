@@ -190,3 +190,14 @@ def test_a_model_quantized_by_transformers_is_refused_before_recording():
         check_not_quantized(model)
     assert model.config.quantization_config["quant_method"] == "bitsandbytes"
     check_not_quantized(tiny_llama(layers=1))  # no quantization_config: fine
+
+
+def test_a_model_sparsified_through_its_base_model_loads_as_the_task_model(tmp_path, token_ids):
+    model = tiny_llama()
+    sparsify(model.model, components="mlp", layers="1", block_size=16)  # names recorded without "model."
+    record_sparsity(model.model)
+    assert "layers.1.mlp.up_proj" in model.config.quantization_config["modules"]
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert [n for n, _ in sparse_layers(loaded)] == [n for n, _ in sparse_layers(model)]
+    assert torch.equal(loaded(token_ids).logits, model(token_ids).logits)

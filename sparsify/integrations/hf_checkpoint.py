@@ -76,14 +76,8 @@ class SparsifyHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        for name, config in self.quantization_config.layer_configs().items():
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(
-                    f"{name}: config.json names this module as block-sparse but {type(model).__name__} has no such "
-                    "module; the checkpoint belongs to another architecture or config"
-                ) from None
+        for recorded, config in self.quantization_config.layer_configs().items():
+            name, module = _find_module(model, recorded)
             if isinstance(module, BlockSparseLinear):
                 continue  # the model's own code already builds it sparse
             if not is_linear(module):
@@ -132,6 +126,23 @@ class SparsifyHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _find_module(model, name: str):
+    # Names are recorded relative to the model sparsify() was given; sparsify(model.model) shares its
+    # config with the task model around it, so a name may lack the base-model prefix ("model.").
+    prefix = getattr(model, "base_model_prefix", "")
+    for candidate in (name, f"{prefix}.{name}" if prefix else None):
+        if candidate is None:
+            continue
+        try:
+            return candidate, model.get_submodule(candidate)
+        except AttributeError:
+            pass
+    raise ValueError(
+        f"{name}: config.json names this module as block-sparse but {type(model).__name__} has no such "
+        "module; the checkpoint belongs to another architecture or config"
+    )
 
 
 def _teach_init_weights(model) -> None:
