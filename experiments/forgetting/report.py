@@ -354,7 +354,7 @@ def _bench_section(bench) -> list[str]:
                           f"{r['speedup']:.2f}x" if "speedup" in r else "-"] for r in bench["steps"]],
                         headers=["run", "ms / step", "tokens / s", "peak GiB", "vs dense"], tablefmt="github"), ""]
     if bench["topology"]:
-        md += ["Topology optimizer cost, as a fraction of the step (issue 4 asks < 2% for scoring + Level 2):", "",
+        md += ["Topology optimizer cost, as a fraction of the step (the target: < 2% for scoring + Level 2):", "",
                tabulate([[f"B={t['block_size']}", f"{100 * t['probe_fraction_eager']:.2f}%", f"{100 * t['scoring_fraction']:.2f}%",
                           f"{t['decisions_in_window']} / {t['swaps_in_window']}", f"{1e3 * t['level2_seconds_per_decision']:.1f} ms",
                           f"{100 * t['level2_fraction_measured']:.2f}%", f"{100 * t['overhead_fraction_at_update_every_100']:.2f}%"]
