@@ -4,14 +4,15 @@
     model = sparsify(model, layers="8..12", components=("mlp",), density=0.5, block_size=16)
 """
 
-from sparsify.api import densify, sparse_layers, sparsify, sparsity_table
+from sparsify.api import densify, skipped_layers, sparse_layers, sparsify, sparsity_table
 from sparsify.config import BlockSparseConfig
-from sparsify.kernels.dispatch import KernelOptions, kernel_options, set_kernel_options
-from sparsify.layer import BlockSparseLinear
+from sparsify.kernels.options import KernelOptions, kernel_options, set_kernel_options
+from sparsify.layer import BlockSparseLinear, guard_state_dict_loads
 from sparsify.topology import TopologyConfig, TopologyOptimizer, topology_report
 
 __all__ = [
-    "BlockSparseConfig", "BlockSparseLinear", "KernelOptions", "TopologyConfig", "kernel_options", "set_kernel_options", "TopologyOptimizer", "densify", "sparse_layers", "sparsify", "sparsity_table",
-    "topology_report",
+    "BlockSparseConfig", "BlockSparseLinear", "KernelOptions", "TopologyConfig", "TopologyOptimizer", "densify",
+    "guard_state_dict_loads", "kernel_options", "set_kernel_options", "skipped_layers", "sparse_layers", "sparsify",
+    "sparsity_table", "topology_report",
 ]
 __version__ = "0.1.0"

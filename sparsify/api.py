@@ -9,7 +9,8 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from sparsify.config import BlockSparseConfig
-from sparsify.layer import BlockSparseLinear
+from sparsify.integrations import hf_checkpoint
+from sparsify.layer import BlockSparseLinear, guard_state_dict_loads
 from sparsify.passes.linear_to_block_ell import sparsify_graph
 from sparsify.rewrite import to_block_sparse
 from sparsify.select import LayerSpec, forget_skipped, replace_submodule, report_skipped, select, skipped_layers
@@ -66,10 +67,13 @@ def sparsify(
     if isinstance(model, fx.GraphModule):
         return sparsify_graph(model, config, layers=layers, components=components, filter_fn=filter_fn)
     selection = select(model, layers, components, filter_fn, already_sparse=lambda m: isinstance(m, BlockSparseLinear))
+    hf_checkpoint.check_not_quantized(model)
     for target, sparse in zip(selection.targets, to_block_sparse(selection.targets, config)):
         for path in target.all_paths:
             replace_submodule(model, path, sparse)
     report_skipped(model, selection.skipped)
+    guard_state_dict_loads(model)
+    hf_checkpoint.record_sparsity(model)
     return model
 
 
@@ -89,6 +93,7 @@ def densify(model: nn.Module) -> nn.Module:
             dense_of[id(layer)] = layer.to_linear()
         replace_submodule(model, name, dense_of[id(layer)])
     forget_skipped(model)
+    hf_checkpoint.record_sparsity(model)
     return model
 
 

@@ -10,7 +10,6 @@ function of tensors; layers, passes and the topology optimizer all build on it.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -20,16 +19,6 @@ from sparsify.config import INIT_METHODS
 def blocks_per_row(num_cols: int, density: float) -> int:
     """K for a block-row of ``num_cols`` columns: ``max(1, round(C * density))``, at most C."""
     return min(num_cols, max(1, round(num_cols * density)))
-
-
-def check_density(density: float, where: str) -> None:
-    """Raise a ValueError unless ``density`` is a real number in (0, 1]."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise ValueError(f"{where}: density={density!r} must be a number in (0, 1], e.g. density=0.5")
-    if math.isnan(density) or not 0.0 < density <= 1.0:
-        raise ValueError(
-            f"{where}: density={density!r} is outside (0, 1]; pass the fraction of blocks to keep, e.g. density=0.5"
-        )
 
 
 def check_block_shape(in_features: int, out_features: int, block_size: int, where: str) -> None:

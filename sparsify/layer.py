@@ -44,20 +44,17 @@ class BlockSparseLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        where = f"BlockSparseLinear({in_features}, {out_features})"
-        block_ell.check_block_shape(in_features, out_features, block_size, where)
-        block_ell.check_density(density, where)
-        self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        config = BlockSparseConfig(density=density, block_size=block_size, init=init)
+        block_ell.check_block_shape(in_features, out_features, block_size, f"BlockSparseLinear({in_features}, {out_features})")
         rows, cols = out_features // block_size, in_features // block_size
         k = block_ell.blocks_per_row(cols, density)
         factory = {"device": device, "dtype": dtype}
-        self.values = nn.Parameter(torch.empty(rows, k, block_size, block_size, **factory))  # [R, K, B, B]
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.register_buffer("col_indices", torch.zeros(rows, k, dtype=torch.int32, device=device))  # [R, K]
-        self.register_buffer(  # [R + C], float32 whatever the weight dtype (the ops require it)
-            "stats_probe", torch.zeros(rows + cols, dtype=torch.float32, device=device), persistent=False
+        self._set_state(
+            config, in_features,
+            values=torch.empty(rows, k, block_size, block_size, **factory),
+            bias=torch.empty(out_features, **factory) if bias else None,
+            col_indices=torch.zeros(rows, k, dtype=torch.int32, device=device),
         )
-        self.config = BlockSparseConfig(density=density, block_size=block_size, init=init)
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -147,19 +144,33 @@ class BlockSparseLinear(nn.Module):
         block_ell.check_block_shape(in_features, out_features, block_size, name)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_features, layer.out_features, layer.block_size = in_features, out_features, block_size
         with torch.no_grad():
             topology = block_ell.choose_topology(dense, block_size, density, init, generator)
-            layer.values = nn.Parameter(block_ell.gather_blocks(dense.detach(), topology, block_size).clone())
             bias = getattr(linear, "bias", None)
-            layer.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        layer.register_buffer("col_indices", topology)
-        layer.register_buffer(
-            "stats_probe", torch.zeros(layer.num_rows + layer.num_cols, dtype=torch.float32, device=dense.device),
-            persistent=False,
-        )
-        layer.config = config
+            layer._set_state(
+                config, in_features,
+                values=block_ell.gather_blocks(dense.detach(), topology, block_size).clone(),
+                bias=bias.detach().clone() if bias is not None else None,
+                col_indices=topology,
+            )
         return layer
+
+    def _set_state(self, config: BlockSparseConfig, in_features: int, *, values, bias, col_indices) -> None:
+        """Register parameters and buffers (both constructors end here, so they hold the same state).
+        ``topology_version`` counts writes of ``col_indices`` (decisions, loads): caches derived from
+        the topology key on it."""
+        rows, _, block_size, _ = values.shape
+        self.in_features, self.out_features, self.block_size = in_features, rows * block_size, block_size
+        self.config = config
+        self.values = nn.Parameter(values)  # [R, K, B, B]
+        self.bias = nn.Parameter(bias) if bias is not None else None  # [out]
+        self.register_buffer("col_indices", col_indices)  # [R, K] int32
+        cols = in_features // block_size
+        # [R + C] float32 (a TopologyOptimizer may make it float64); not saved: it is per-step scratch
+        self.register_buffer(
+            "stats_probe", torch.zeros(rows + cols, dtype=torch.float32, device=values.device), persistent=False
+        )
+        self.topology_version = 0
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight ``[out, in]``, zeros outside the kept blocks (differentiable in ``values``)."""
@@ -193,7 +204,7 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probe = self.stats_probe if self.stats_probe.requires_grad else None
-        return block_ell_linear(x, self.values, self.col_indices, self.bias, probe)
+        return block_ell_linear(x, self.values, self.col_indices, self.bias, probe, in_features=self.in_features)
 
     def check_state_dict(self, state_dict: dict, prefix: str = "") -> None:
         """Raise a ValueError, naming the layer, unless the entries ``prefix + "col_indices"`` and
@@ -213,7 +224,10 @@ class BlockSparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         self.check_state_dict(state_dict, prefix)
+        errors_before = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "col_indices" in state_dict and len(error_msgs) == errors_before:
+            self.topology_version += 1
 
     def extra_repr(self) -> str:
         return (

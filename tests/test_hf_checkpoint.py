@@ -169,10 +169,6 @@ def test_config_json_naming_a_module_the_model_lacks_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-WIRING = pytest.mark.xfail(reason="waits for sparsify()/densify() in api.py to call record_sparsity", strict=False)
-
-
-@WIRING
 def test_sparsify_and_densify_keep_the_hf_config_in_step():
     model = sparsify(tiny_llama(), components="mlp", layers="1", block_size=16)
     assert model.config.quantization_config["quant_method"] == "sparsify"

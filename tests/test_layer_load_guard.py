@@ -64,7 +64,6 @@ def test_a_valid_load_goes_through_and_layers_sparsified_after_the_guard_are_che
     assert all(torch.equal(v, before[k]) for k, v in wrapper.state_dict().items())
 
 
-@pytest.mark.xfail(reason="waits for sparsify() in api.py to call guard_state_dict_loads", strict=False)
 def test_sparsify_guards_the_model_against_partial_loads():
     model = sparsify(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)), block_size=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
