@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from sparsify.config import BlockSparseConfig
 from sparsify.integrations import hf_checkpoint
-from sparsify.layer import BlockSparseLinear, guard_state_dict_loads
+from sparsify.layer import BlockSparseLinear, guard_state_dict_loads, sparse_layers
 from sparsify.passes.linear_to_block_ell import sparsify_graph
 from sparsify.rewrite import to_block_sparse
 from sparsify.select import LayerSpec, forget_skipped, replace_submodule, report_skipped, select, skipped_layers
@@ -75,12 +75,6 @@ def sparsify(
     guard_state_dict_loads(model)
     hf_checkpoint.record_sparsity(model)
     return model
-
-
-def sparse_layers(model: nn.Module) -> list[tuple[str, BlockSparseLinear]]:
-    """Every BlockSparseLinear of the model with its qualified name (a layer registered under several
-    paths appears once, under its first)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
 
 
 def densify(model: nn.Module) -> nn.Module:

@@ -254,3 +254,9 @@ def guard_state_dict_loads(model: nn.Module) -> nn.Module:
         model.register_load_state_dict_pre_hook(_check_sparse_entries)
         model._sparsify_guards_loads = True
     return model
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, BlockSparseLinear]]:
+    """Every BlockSparseLinear of the model with its qualified name (a layer registered under several
+    paths appears once, under its first)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)]

@@ -32,7 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sparsify import block_ell
 from sparsify.config import BlockSparseConfig
-from sparsify.layer import BlockSparseLinear, guard_state_dict_loads
+from sparsify.layer import BlockSparseLinear, guard_state_dict_loads, sparse_layers
 from sparsify.select import is_linear, linear_weight, replace_submodule
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,6 @@ class SparsifyHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from sparsify.api import sparse_layers
-
         expected = getattr(self, "expected_shapes", {})
         wrong = [f"{name} {tuple(t.shape)} (expected {expected[name]})"
                  for name, t in model.state_dict(keep_vars=True).items() if name in expected and tuple(t.shape) != expected[name]]
@@ -186,8 +184,6 @@ def record_sparsity(model) -> None:
     """Write ``model.config.quantization_config`` from the model's current BlockSparseLinear layers (or
     remove it when none are left), so that ``save_pretrained`` stores how the model was sparsified.
     ``sparsify()`` and ``densify()`` call it; a no-op for models without an HF config."""
-    from sparsify.api import sparse_layers
-
     config = getattr(model, "config", None)
     if not isinstance(config, PretrainedConfig):
         return

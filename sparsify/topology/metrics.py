@@ -16,7 +16,7 @@ from tabulate import tabulate
 from torch import nn
 
 from sparsify.block_ell import block_mask
-from sparsify.layer import BlockSparseLinear
+from sparsify.layer import BlockSparseLinear, sparse_layers
 from sparsify.topology.records import TopologyDecision, entropy_of_counts
 
 
@@ -174,4 +174,4 @@ def _pyplot():
 def _sparse_layers(model: nn.Module) -> list[tuple[str, BlockSparseLinear]]:
     from sparsify.topology.distributed import unwrap
 
-    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, BlockSparseLinear)]
+    return sparse_layers(unwrap(model))
