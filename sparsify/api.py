@@ -78,13 +78,14 @@ def sparsify(
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Turn every BlockSparseLinear back into an ``nn.Linear`` with the zero-filled dense weight; a
-    layer registered under several paths becomes one linear at all of them."""
+    """Turn every BlockSparseLinear back into the dense module it was cut from (``nn.Linear``, or GPT-2's
+    ``Conv1D``) with the zero-filled dense weight; a layer registered under several paths becomes one
+    module at all of them."""
     every_path = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, BlockSparseLinear)]
     dense_of: dict[int, nn.Linear] = {}
     for name, layer in every_path:
         if id(layer) not in dense_of:
-            dense_of[id(layer)] = layer.to_linear()
+            dense_of[id(layer)] = layer.to_dense_module()
         replace_submodule(model, name, dense_of[id(layer)])
     forget_skipped(model)
     hf_checkpoint.record_sparsity(model)

@@ -10,6 +10,7 @@ from torch import nn
 from sparsify import block_ell
 from sparsify.config import BlockSparseConfig
 from sparsify.functional import block_ell_linear
+from sparsify.integrations.transformers import is_conv1d_type
 
 
 class BlockSparseLinear(nn.Module):
@@ -144,6 +145,7 @@ class BlockSparseLinear(nn.Module):
         block_ell.check_block_shape(in_features, out_features, block_size, name)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        layer.source_type = type(linear)  # what densify rebuilds (GPT-2's Conv1D stores its weight transposed)
         with torch.no_grad():
             topology = block_ell.choose_topology(dense, block_size, density, init, generator)
             bias = getattr(linear, "bias", None)
@@ -201,6 +203,23 @@ class BlockSparseLinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+    def to_dense_module(self) -> nn.Module:
+        """The dense module this layer stands for, as it was before ``sparsify``: a GPT-2 style ``Conv1D``
+        (weight ``[in, out]``) for a layer cut from one, so a densified checkpoint loads into stock
+        transformers; else :meth:`to_linear`."""
+        source = getattr(self, "source_type", nn.Linear)
+        if not is_conv1d_type(source):
+            return self.to_linear()
+        conv = source(self.out_features, self.in_features)  # Conv1D(nf=out, nx=in)
+        conv.to(device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.to_dense().t())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+            else:
+                conv.bias = None
+        return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probe = self.stats_probe if self.stats_probe.requires_grad else None

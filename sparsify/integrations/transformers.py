@@ -36,7 +36,12 @@ ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 def is_conv1d(module: nn.Module) -> bool:
     """HF GPT-2 style ``Conv1D``: a linear whose weight is stored ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    return is_conv1d_type(type(module)) and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_conv1d_type(cls: type) -> bool:
+    """The class of a GPT-2 style ``Conv1D`` (built as ``Conv1D(nf=out_features, nx=in_features)``)."""
+    return cls.__name__ == "Conv1D" and issubclass(cls, nn.Module)
 
 
 def is_linear(module: nn.Module) -> bool:
