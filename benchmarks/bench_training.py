@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import re
 import statistics
@@ -104,8 +105,13 @@ def time_steps(model, opt, args, x, steps: int | None = None, warmup: int | None
     for _ in range(args.warmup if warmup is None else warmup):
         step()
     _sync(args)
+    # earlier parts' models and optimizers can sit in cyclic garbage until a collection (0.94 GiB of a
+    # deleted model was seen on the H200, benchmarks/NOTES.md): collect it so the peak is this part's
+    gc.collect()
     if args.device == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    start_gib = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
     times = []
     for _ in range(steps or args.steps):
         start = time.perf_counter()
@@ -115,7 +121,7 @@ def time_steps(model, opt, args, x, steps: int | None = None, warmup: int | None
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
     ms = statistics.median(times) * 1e3
     return {"step_ms": ms, "mean_ms": statistics.mean(times) * 1e3, "tokens_per_s": x.numel() / (ms / 1e3),
-            "peak_gib": peak}
+            "peak_gib": peak, "allocated_at_start_gib": start_gib}
 
 
 class TopologyTimer:
