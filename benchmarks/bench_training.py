@@ -238,7 +238,7 @@ def speed(args, x, save) -> tuple[list[dict], list[dict]]:
               f"{deciding['step_ms']:.1f} ms; Level 0+1 {level01['median_ms']:.2f} ms per step, Level 2 "
               f"{level2['median_ms']:.1f} ms per decision ({len(decisions)} timed); probe {100 * probe_compiled:.2f}%",
               flush=True)
-        del model, opt
+        del model, opt, timer  # the timer holds the optimizer (and through it the model): it must go too
     return rows, topo
 
 
