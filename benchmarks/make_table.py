@@ -116,10 +116,16 @@ def summary(result: dict) -> str:
                                          tablefmt="github")
 
 
+def _is_layer_result(result: dict) -> bool:
+    """bench_layer.py's rows (kernel_profile.py's files have rows too, of another kind)."""
+    rows = result.get("rows") or []
+    return bool(rows) and "speedup_fwd" in rows[0]
+
+
 def newest_results() -> list[pathlib.Path]:
     """The layer-benchmark files of the newest date: the plain <device>-<date>.json ones where there
     are (the current table, possibly merged), else every file of that date."""
-    files = [p for p in (HERE / "results").glob("*.json") if "rows" in json.loads(p.read_text())]
+    files = [p for p in (HERE / "results").glob("*.json") if _is_layer_result(json.loads(p.read_text()))]
     if not files:
         sys.exit("no benchmarks/results/*.json yet; run benchmarks/bench_layer.py on a GPU first")
     dates = {p: json.loads(p.read_text()).get("date", "") for p in files}
@@ -166,7 +172,7 @@ def main() -> None:
         args.results = [args.merge]
     paths = [pathlib.Path(p) for p in args.results] or newest_results()
     results = [json.loads(p.read_text()) for p in paths]
-    layer_results = [(p, r) for p, r in zip(paths, results) if "rows" in r]  # layer benchmarks only
+    layer_results = [(p, r) for p, r in zip(paths, results) if _is_layer_result(r)]
     table = "\n\n".join(render(r) for _, r in layer_results)
     print(table)
     if args.write_readme:

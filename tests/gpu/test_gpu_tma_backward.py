@@ -24,7 +24,7 @@ CASES = [  # (tokens, block-rows, block-columns, slots)
 ]
 DTYPES = [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True)]
 GRAD_INPUT_TILES = [None, {"BM": 64, "KC": 64, "num_warps": 4, "num_stages": 4}]
-GRAD_VALUES_TILES = [None, {"BT": 64, "KC": 64, "GS": 2, "num_warps": 8, "num_stages": 4}]
+GRAD_VALUES_TILES = [None, {"BT": 64, "KC": 64, "GS": 2, "num_warps": 8, "num_stages": 2}]  # fits fp32 at B = 128
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
