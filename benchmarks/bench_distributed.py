@@ -1,21 +1,33 @@
-"""Sparse training on several GPUs: dense vs sparse, 1 vs N GPUs, DDP and FSDP2.
+"""Sparse training on several GPUs: dense vs sparse, 1 vs N GPUs, DDP and FSDP2, eager and compiled.
 
-    torchrun --nproc-per-node 2 benchmarks/bench_distributed.py                  # 12 x (2048, MLP 8192), bf16, NCCL
+    torchrun --nproc-per-node N benchmarks/bench_distributed.py                   # 12 x (2048, MLP 8192), bf16, NCCL
+    torchrun --nproc-per-node N benchmarks/bench_distributed.py --compile         # the same under torch.compile
     torchrun --nproc-per-node 2 benchmarks/bench_distributed.py --device cpu --tiny   # gloo smoke test
 
-A Llama-style model with every MLP linear sparse (block size 64, density 0.5 by default), trained in
-eager mode with AdamW; the sparse runs use the TopologyOptimizer deciding every ``--update-every``
-steps inside the timed window. Rank 0 first trains alone (the 1-GPU baseline, the other ranks wait),
-then all ranks train under DDP and under FSDP2 (``fully_shard`` on every decoder layer and the root).
-Each rank gets its own batch of ``--batch`` x ``--seq`` tokens (weak scaling).
+A Llama-style model with every MLP linear sparse (``--block-sizes``, density 0.5 by default), trained with
+AdamW, eagerly or compiled (``--execution eager compiled``; ``--compile`` = compiled only). Any world size
+N: rank 0 first trains alone (the 1-GPU baseline, the other ranks wait), then all N ranks train under DDP
+and under FSDP2 (``fully_shard`` on every decoder layer and the root). Each rank gets its own batch of
+``--batch`` x ``--seq`` tokens (weak scaling).
 
-Per run: tokens/s over all ranks (median step), scaling efficiency = tokens/s / (N x tokens/s on 1 GPU),
-peak memory of every rank, the seconds per step spent in the topology optimizer's collectives (the
-bucketed all-reduce of the statistics and the checksum, timed between device syncs), and, at the end,
-every rank's number of topology decisions and swaps, its topology checksum and a digest of every sparse
-layer's block values (under FSDP2 the full, all-gathered tensor): a SHA-256 of the bytes plus a float64
-sum. Both must agree across ranks ("same topology", "same values"). Writes
-``benchmarks/results/distributed-<device>-<date>.json`` and prints a table.
+What the sparse model trains with (``--topology``): ``decide`` (the TopologyOptimizer, deciding every
+``--update-every`` steps inside the timed window), ``stats`` (the TopologyOptimizer collecting its per-step
+statistics but deciding after the window: no Level 2 collective is timed) and ``off`` (plain AdamW, a fixed
+topology: no probes, no statistics). DDP runs with ``broadcast_buffers`` on (DDP's default: every forward
+broadcasts every buffer, ``col_indices`` and the stats probes included) and / or off
+(``--broadcast-buffers on off``). Together they split the sparse model's DDP overhead into the layers'
+own cost, the per-step statistics, the per-forward buffer broadcast and the Level 2 collectives.
+
+Per run: tokens/s over all ranks (median step), scaling efficiency = tokens/s / (N x tokens/s of the same
+variant on 1 GPU), the host time of a step (until ``zero_grad`` returns, before the device sync: close to
+the step time means the step is bound by the host), peak memory of every rank, the milliseconds per step
+spent in the topology optimizer's collectives (the bucketed all-reduce of the statistics and the checksum,
+timed between device syncs), for compiled runs the first step's seconds and the number of graphs, and, at
+the end, every rank's number of topology decisions and swaps, its topology checksum and a digest of every
+sparse layer's block values (under FSDP2 the full, all-gathered tensor): a SHA-256 of the bytes plus a
+float64 sum. Both must agree across ranks ("same topology", "same values"). Writes
+``benchmarks/results/distributed-<device>-<N>x-<date>.json`` (devices, versions, configuration) and prints
+a table.
 """
 
 from __future__ import annotations
@@ -31,10 +43,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from tabulate import tabulate
 
-from sparsify import TopologyConfig, TopologyOptimizer, sparsify
+from sparsify import BlockSparseLinear, TopologyConfig, TopologyOptimizer, sparsify
 from sparsify.topology import optimizer as topology_optimizer
 from sparsify.topology import scores as topology_scores
 from sparsify.topology.distributed import topology_checksum
@@ -50,7 +63,14 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=4, help="sequences per rank and step")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--density", type=float, default=0.5)
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[64], help="one sparse model per block size")
+    p.add_argument("--models", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
+    p.add_argument("--topology", nargs="+", default=["decide"], choices=["decide", "stats", "off"],
+                   help="what the sparse model trains with (see above)")
+    p.add_argument("--broadcast-buffers", nargs="+", default=["on"], choices=["on", "off"], help="DDP's setting")
+    p.add_argument("--execution", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    p.add_argument("--compile", action="store_true", help="compiled runs only (= --execution compiled)")
+    p.add_argument("--compile-backend", default=None, help="default: inductor on CUDA, aot_eager on the CPU")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--update-every", type=int, default=5)
@@ -62,12 +82,16 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.tiny:
         args.layers, args.hidden, args.mlp, args.vocab, args.batch, args.seq = 2, 64, 256, 128, 2, 32
-        args.block_size, args.steps, args.warmup, args.update_every = 16, 4, 1, 2
+        args.block_sizes, args.steps, args.warmup, args.update_every = [16], 4, 1, 2
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.compile:
+        args.execution = ["compiled"]
+    # inductor compiles C++ for every graph on the CPU (minutes); aot_eager traces the same graphs, runs them eagerly
+    args.compile_backend = args.compile_backend or ("inductor" if args.device == "cuda" else "aot_eager")
     return args
 
 
-def build(args, sparse: bool):
+def build(args, block_size: int | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # the same initial model on every rank
@@ -76,8 +100,8 @@ def build(args, sparse: bool):
                          num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=args.seq, use_cache=False)
     model = LlamaForCausalLM(config)
-    if sparse:  # sparsify on the CPU in fp32, then move: the order the docs prescribe
-        sparsify(model, components="mlp", density=args.density, block_size=args.block_size, init="random", seed=0)
+    if block_size:  # sparsify on the CPU in fp32, then move: the order the docs prescribe
+        sparsify(model, components="mlp", density=args.density, block_size=block_size, init="random", seed=0)
     return model.to(device=args.torch_device, dtype=getattr(torch, args.dtype))
 
 
@@ -134,16 +158,31 @@ def values_digest(layers: dict) -> dict:
     return {"sha256": sha.hexdigest(), "float64_sum": total}
 
 
-def run(args, mode: str, sparse: bool, group, ids: torch.Tensor) -> dict:
-    """Train ``mode`` ("single": this process alone; "ddp"; "fsdp") and time it on this rank."""
-    from torch.nn.parallel import DistributedDataParallel
+def variants(args) -> list[dict]:
+    """Every (model, block size, topology, execution, DDP buffer broadcast) to run, dense first."""
+    out = []
+    for execution in args.execution:
+        models = ([(None, "-")] if "dense" in args.models else []) + (
+            [(b, t) for b in args.block_sizes for t in args.topology] if "sparse" in args.models else [])
+        for block_size, topology in models:
+            for mode in args.modes:
+                for broadcast in args.broadcast_buffers if mode == "ddp" else ["-"]:
+                    out.append({"model": "sparse" if block_size else "dense", "block_size": block_size,
+                                "topology": topology, "execution": execution, "mode": mode,
+                                "broadcast_buffers": broadcast})
+    return out
 
+
+def wrap(args, model, variant: dict, group):
+    """``model`` under DDP or FSDP2 over ``group`` (as it is for a single run)."""
     device = args.torch_device
-    model = build(args, sparse)
-    if mode == "ddp":
+    if variant["mode"] == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
         device_ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(model, process_group=group, device_ids=device_ids)
-    elif mode == "fsdp":
+        return DistributedDataParallel(model, process_group=group, device_ids=device_ids,
+                                       broadcast_buffers=variant["broadcast_buffers"] == "on")
+    if variant["mode"] == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -153,12 +192,34 @@ def run(args, mode: str, sparse: bool, group, ids: torch.Tensor) -> dict:
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    return model
+
+
+def run(args, variant: dict, group, ids: torch.Tensor) -> dict:
+    """Train one variant on this rank (``group``: this rank alone for "single") and time it."""
+    device = args.torch_device
+    sparse, topology = variant["model"] == "sparse", variant["topology"]
+    model = wrap(args, build(args, variant["block_size"]), variant, group)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-    if sparse:
-        config = TopologyConfig(update_every=args.update_every, score_every=max(1, args.update_every // 2))
-        opt = TopologyOptimizer(opt, model, config, process_group=group)
+    if sparse and topology != "off":
+        window = args.warmup + args.steps
+        every = args.update_every if topology == "decide" else window + 1  # "stats": no decision in the window
+        config = TopologyConfig(update_every=every, score_every=max(1, args.update_every // 2))
+        opt = TopologyOptimizer(opt, model, config, process_group=group)  # before compiling: it turns the probes on
+    forward = model
+    graphs = []
+    if variant["execution"] == "compiled":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        torch._dynamo.reset()  # graphs of the previous variant: not counted, not reused
+
+        def counting_backend(gm, example_inputs):  # once per graph (under DDP: per gradient-bucket split)
+            graphs.append(len(gm.graph.nodes))
+            return lookup_backend(args.compile_backend)(gm, example_inputs)
+
+        forward = torch.compile(model, backend=counting_backend)
     timer = CollectiveTimer(device)
-    times = []
+    times, host = [], []
     with timer:
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
@@ -167,31 +228,126 @@ def run(args, mode: str, sparse: bool, group, ids: torch.Tensor) -> dict:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
+            forward(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            host.append(time.perf_counter() - start)
             _sync(device)
             times.append(time.perf_counter() - start)
-    times = times[args.warmup :]
-    world = 1 if mode == "single" else dist.get_world_size(group)
+            if step == 0:
+                warm_graphs = len(graphs)
+    first_step_s = times[0]
+    times, host = times[args.warmup :], host[args.warmup :]
+    world = 1 if variant["mode"] == "single" else dist.get_world_size(group)
     step_s = statistics.median(times)
     out = {
-        "mode": mode, "model": "sparse" if sparse else "dense", "gpus": world, "step_ms": step_s * 1e3,
-        "tokens_per_s": world * ids.numel() / step_s,
+        **variant, "gpus": world, "step_ms": step_s * 1e3, "host_ms": statistics.median(host) * 1e3,
+        "step_ms_max": max(times) * 1e3, "first_step_s": first_step_s, "tokens_per_s": world * ids.numel() / step_s,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
-        "topology_collective_ms_per_step": 1e3 * timer.seconds / len(times) if sparse else 0.0,
+        "topology_collective_ms_per_step": 1e3 * timer.seconds / len(times),
         "topology_collective_calls": timer.calls,
     }
+    if graphs:
+        out["compiled_graphs"], out["compile_backend"] = len(graphs), args.compile_backend
+        out["graphs_compiled_after_first_step"] = len(graphs) - warm_graphs  # recompiles: 0 expected
     if sparse:
-        out["decisions"] = len({d.step for d in opt.history})
-        out["swaps"] = sum(d.num_swaps for d in opt.history)
-        sums = torch.stack([topology_checksum(m.col_indices) for m in opt.layers.values()])
+        history = getattr(opt, "history", [])
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
+        out["decisions"] = len({d.step for d in history})
+        out["swaps"] = sum(d.num_swaps for d in history)
+        sums = torch.stack([topology_checksum(layers[n].col_indices) for n in sorted(layers)])
         out["checksum"] = int((sums * torch.arange(1, len(sums) + 1, device=sums.device)).sum())
-        out["values_digest"] = values_digest(opt.layers)
-    del model, opt
+        out["values_digest"] = values_digest(layers)
+    del model, opt, forward
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def gather_rows(row: dict | None, world: int) -> dict | None:
+    """On rank 0: its own row plus every rank's peak memory, collective time, topology and values."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, row)
+    if dist.get_rank() != 0:
+        return None
+    mine = gathered[0]
+    if mine["mode"] != "single":
+        for key in ("peak_gib", "topology_collective_ms_per_step", "step_ms", "host_ms"):
+            mine[f"{key}_per_rank"] = [g[key] for g in gathered]
+        if mine["model"] == "sparse":
+            mine["checksum_per_rank"] = [g["checksum"] for g in gathered]
+            mine["same_topology_on_every_rank"] = len(set(mine["checksum_per_rank"])) == 1
+            mine["values_digest_per_rank"] = [g["values_digest"] for g in gathered]
+            mine["same_values_on_every_rank"] = len({d["sha256"] for d in mine["values_digest_per_rank"]}) == 1
+            mine["decisions_per_rank"] = [g["decisions"] for g in gathered]
+            mine["swaps_per_rank"] = [g["swaps"] for g in gathered]
+    return mine
+
+
+def describe(r: dict) -> str:
+    name = r["model"] + (f" B={r['block_size']} topology {r['topology']}" if r["model"] == "sparse" else "")
+    bcast = f" broadcast_buffers {r['broadcast_buffers']}" if r["mode"] == "ddp" else ""
+    line = (f"{name} {r['execution']} {r['mode']}{bcast}: {r['step_ms']:.1f} ms/step (host {r['host_ms']:.1f}),"
+            f" {r['tokens_per_s']:.0f} tok/s")
+    if "values_digest_per_rank" in r:
+        digests = r["values_digest_per_rank"]
+        line += (f", after {r['decisions_per_rank']} topology decisions ({r['swaps_per_rank']} swaps)"
+                 f" per rank: topology checksums {r['checksum_per_rank']}"
+                 f" (same: {r['same_topology_on_every_rank']}),"
+                 f" values sha256 {[d['sha256'][:16] for d in digests]}"
+                 f" float64 sums {[d['float64_sum'] for d in digests]}"
+                 f" (same: {r['same_values_on_every_rank']})")
+    return line
+
+
+def add_scaling(rows: list[dict]) -> None:
+    """Scaling efficiency of every row against the 1-GPU run of the same model, topology and execution."""
+    same = ("model", "block_size", "topology", "execution")
+    for r in rows:
+        base = next((b for b in rows if b["mode"] == "single" and all(b[k] == r[k] for k in same)), None)
+        r["scaling_efficiency"] = r["tokens_per_s"] / (r["gpus"] * base["tokens_per_s"]) if base else None
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    for name in ("transformers", "triton"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def write_record(args, rows: list[dict], backend: str, world: int) -> dict:
+    if args.device == "cuda":
+        devices = [torch.cuda.get_device_name(i) for i in range(world)] if torch.cuda.device_count() >= world else None
+        devices = devices or [torch.cuda.get_device_name(args.torch_device)] * world
+    else:
+        devices = ["cpu"] * world
+    today = datetime.date.today().isoformat()
+    record = {
+        "devices": devices, "world_size": world, "backend": backend, "date": today, "versions": versions(),
+        "config": {k: v for k, v in vars(args).items() if k != "torch_device"}, "runs": rows,
+    }
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", devices[0]).strip("-").lower() + f"-{world}x" + ("-tiny" if args.tiny else "")
+    path = Path(args.out) / f"distributed-{tag}-{today}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    yes_no = {True: "yes", False: "NO"}
+    table = [[r["model"], r["block_size"] or "", r["topology"], r["execution"], r["mode"], r["broadcast_buffers"],
+              r["gpus"], f"{r['step_ms']:.1f}", f"{r['host_ms']:.1f}", f"{r['tokens_per_s']:.0f}",
+              "" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.2f}",
+              " / ".join(f"{g:.2f}" for g in r.get("peak_gib_per_rank", [r["peak_gib"]])),
+              f"{r['topology_collective_ms_per_step']:.2f}",
+              yes_no.get(r.get("same_topology_on_every_rank"), ""), yes_no.get(r.get("same_values_on_every_rank"), "")]
+             for r in rows]
+    print(tabulate(table, headers=["model", "B", "topology", "execution", "mode", "bcast", "GPUs", "ms/step",
+                                   "host ms", "tokens/s", "scaling", "peak GiB per rank", "topology coll. ms/step",
+                                   "same topology", "same values"]))
+    print("->", path)
+    return record
 
 
 def main(argv=None) -> dict:
@@ -213,74 +369,21 @@ def main(argv=None) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(args.torch_device)
 
     rows = []
-    for sparse in (False, True):
-        for mode in args.modes:
-            if mode == "single":
-                row = run(args, mode, sparse, solo, ids) if rank == 0 else None
-                dist.barrier()
-            else:
-                row = run(args, mode, sparse, group, ids)
-            gathered = [None] * world
-            dist.all_gather_object(gathered, row)
-            if rank == 0:
-                mine = gathered[0]
-                if mode != "single":
-                    mine["peak_gib_per_rank"] = [g["peak_gib"] for g in gathered]
-                    mine["topology_collective_ms_per_step_per_rank"] = [
-                        g["topology_collective_ms_per_step"] for g in gathered]
-                    if sparse:
-                        mine["checksum_per_rank"] = [g["checksum"] for g in gathered]
-                        mine["same_topology_on_every_rank"] = len(set(mine["checksum_per_rank"])) == 1
-                        mine["values_digest_per_rank"] = [g["values_digest"] for g in gathered]
-                        mine["same_values_on_every_rank"] = len({d["sha256"] for d in mine["values_digest_per_rank"]}) == 1
-                        mine["decisions_per_rank"] = [g["decisions"] for g in gathered]
-                        mine["swaps_per_rank"] = [g["swaps"] for g in gathered]
-                rows.append(mine)
-                line = f"{mine['model']:>6} {mode:<6}: {mine['step_ms']:.1f} ms/step, {mine['tokens_per_s']:.0f} tok/s"
-                if sparse and mode != "single":
-                    digests = mine["values_digest_per_rank"]
-                    line += (f", after {mine['decisions_per_rank']} topology decisions ({mine['swaps_per_rank']} swaps)"
-                             f" per rank: topology checksums {mine['checksum_per_rank']}"
-                             f" (same: {mine['same_topology_on_every_rank']}),"
-                             f" values sha256 {[d['sha256'][:16] for d in digests]}"
-                             f" float64 sums {[d['float64_sum'] for d in digests]}"
-                             f" (same: {mine['same_values_on_every_rank']})")
-                print(line, flush=True)
+    for variant in variants(args):
+        if variant["mode"] == "single":
+            row = run(args, variant, solo, ids) if rank == 0 else None
+            dist.barrier()
+        else:
+            row = run(args, variant, group, ids)
+        mine = gather_rows(row, world)
+        if rank == 0:
+            rows.append(mine)
+            print(describe(mine), flush=True)
 
     record = None
     if rank == 0:
-        for r in rows:
-            base = next((b for b in rows if b["mode"] == "single" and b["model"] == r["model"]), None)
-            r["scaling_efficiency"] = r["tokens_per_s"] / (r["gpus"] * base["tokens_per_s"]) if base else None
-        device_name = torch.cuda.get_device_name(args.torch_device) if args.device == "cuda" else "cpu"
-        today = datetime.date.today().isoformat()
-        versions = {"torch": torch.__version__}
-        try:
-            import transformers
-            versions["transformers"] = transformers.__version__
-            import triton
-            versions["triton"] = triton.__version__
-        except ImportError:
-            pass
-        record = {
-            "devices": [device_name] * world, "world_size": world, "backend": backend, "date": today,
-            "versions": versions, "config": {k: v for k, v in vars(args).items() if k != "torch_device"}, "runs": rows,
-        }
-        tag = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower() + ("-tiny" if args.tiny else "")
-        path = Path(args.out) / f"distributed-{tag}-{today}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
-        table = [[r["model"], r["mode"], r["gpus"], f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}",
-                  "" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.2f}",
-                  " / ".join(f"{g:.2f}" for g in r.get("peak_gib_per_rank", [r["peak_gib"]])),
-                  f"{r['topology_collective_ms_per_step']:.2f}",
-                  {True: "yes", False: "NO"}.get(r.get("same_topology_on_every_rank"), ""),
-                  {True: "yes", False: "NO"}.get(r.get("same_values_on_every_rank"), "")]
-                 for r in rows]
-        print(tabulate(table, headers=["model", "mode", "GPUs", "ms/step", "tokens/s", "scaling", "peak GiB per rank",
-                                       "topology coll. ms/step", "same topology",
-                                       "same values"]))
-        print("->", path)
+        add_scaling(rows)
+        record = write_record(args, rows, backend, world)
     dist.barrier()
     dist.destroy_process_group()
     return record
