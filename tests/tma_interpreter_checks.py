@@ -37,36 +37,31 @@ def operands(m, rows, cols, k, block, dtype, seed):
     return g, x, values, col
 
 
-@pytest.mark.parametrize("block", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("tiles", range(len(GRAD_INPUT_TILES)))
-def test_tma_grad_input_matches_float64_and_repeats_bitwise(block, dtype, shape, tiles):
-    config = GRAD_INPUT_TILES[tiles]
-    m, rows, cols, k = shape
-    g, _, values, col = operands(m, rows, cols, k, block, dtype, seed=m + k)
-    assert tma_grad_input_fits(g, values)
-    outs = [grad_input_tma(g, values, col, cols * block, config=config,
-                           out=torch.full((m, cols * block), float("nan"), dtype=dtype)) for _ in range(2)]
-    ref = reference.grad_input(g.double(), values.double(), col, cols * block)
-    assert relative_error(outs[0], ref) < TOLERANCE[dtype]
-    assert torch.equal(outs[0], outs[1])
-
-
-@pytest.mark.parametrize("block", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("tiles", range(len(GRAD_VALUES_TILES)))
-def test_tma_grad_values_matches_float64_and_repeats_bitwise(block, dtype, shape, tiles):
-    config = GRAD_VALUES_TILES[tiles]
-    m, rows, cols, k = shape
-    g, x, _, col = operands(m, rows, cols, k, block, dtype, seed=m + 7 * k)
+def run_product(product, g, x, values, col, block, config):
+    """(the TMA kernel's output into a NaN-poisoned tensor, the float64 reference) for one product."""
+    rows, k, cols = col.shape[0], col.shape[1], x.shape[1] // block
+    if product == "grad_input":
+        assert tma_grad_input_fits(g, values)
+        out = grad_input_tma(g, values, col, cols * block, config=config, out=torch.full_like(x, float("nan")))
+        return out, reference.grad_input(g.double(), values.double(), col, cols * block)
     assert tma_grad_values_fits(g, x, block)
-    outs = [grad_values_tma(g, x, col, block, config=config,
-                            out=torch.full((rows, k, block, block), float("nan"), dtype=dtype)) for _ in range(2)]
-    ref = reference.grad_values(g.double(), x.double(), col, block)
-    assert relative_error(outs[0], ref) < TOLERANCE[dtype]
-    assert torch.equal(outs[0], outs[1])
+    poisoned = torch.full((rows, k, block, block), float("nan"), dtype=x.dtype)
+    return grad_values_tma(g, x, col, block, config=config, out=poisoned), reference.grad_values(
+        g.double(), x.double(), col, block)
+
+
+@pytest.mark.parametrize("product", ["grad_input", "grad_values"])
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tiles", range(2))
+def test_tma_backward_matches_float64_and_repeats_bitwise(product, block, dtype, shape, tiles):
+    config = {"grad_input": GRAD_INPUT_TILES, "grad_values": GRAD_VALUES_TILES}[product][tiles]
+    m, rows, cols, k = shape
+    g, x, values, col = operands(m, rows, cols, k, block, dtype, seed=m + 7 * k)
+    (out, ref), (again, _) = (run_product(product, g, x, values, col, block, config) for _ in range(2))
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+    assert torch.equal(out, again)
 
 
 def test_tma_kernels_decline_blocks_narrower_than_64():

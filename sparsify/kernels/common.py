@@ -107,6 +107,22 @@ def prune_gather(width_key: str, stage_bytes_of):
     return prune
 
 
+def prune_descriptors(stage_bytes_of, buffers_of, fallback):
+    """An autotune pruner for a tensor-descriptor kernel with configs {"KC", ...}: keeps those whose KC
+    divides B and whose ``buffers_of(config)`` pipeline buffers of ``stage_bytes_of(config, block, elem)``
+    fit in SMEM_BUDGET, else ``fallback``. (A loop that loads an index keeps num_stages - 2 buffers, one
+    that loads none keeps num_stages: benchmarks/compile_report.py.)"""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block, elem = args["B"], args["ELEM_BYTES"]
+        kept = [c for c in configs if block % c.kwargs["KC"] == 0
+                and stage_bytes_of(c, block, elem) * buffers_of(c) <= SMEM_BUDGET]
+        return tuning_candidates(kept or [fallback], args, lambda c: stage_bytes_of(c, block, elem))
+
+    return prune
+
+
 def prune_tiles(rows_key: str, depth_key: str, cols_key: str, *multiple_of_block: str):
     """An autotune pruner for a masked-dense tile kernel whose stage holds an [rows, depth] and a
     [depth, cols] operand tile: keeps the configs whose sizes under ``multiple_of_block`` are multiples of B."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparsify.kernels.common import AUTOTUNE_TIMER, SMEM_BUDGET, cdiv, dot_precision, grouped_tile, m_bucket, tuning_candidates
+from sparsify.kernels.common import AUTOTUNE_TIMER, cdiv, dot_precision, grouped_tile, m_bucket, prune_descriptors
 
 # (BM, KC, num_warps, num_stages); KC divides B.
 TMA_CONFIGS = [
@@ -25,16 +25,9 @@ def _tma_blocks(nargs):
     nargs["v_desc"].block_shape = [nargs["B"], nargs["KC"]]
 
 
-def _prune_tma(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    block, elem = args["B"], args["ELEM_BYTES"]
-    kept = [
-        c for c in configs
-        if block % c.kwargs["KC"] == 0
-        and (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * max(1, c.num_stages - 2) <= SMEM_BUDGET
-    ]
-    kept = kept or [triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_tma_blocks)]
-    return tuning_candidates(kept, args, lambda c: (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem)
+_prune_tma = prune_descriptors(  # one stage: the activation box [BM, KC] and the block part [B, KC]
+    lambda c, block, elem: (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem, lambda c: max(1, c.num_stages - 2),
+    triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_tma_blocks))
 
 
 @triton.autotune(

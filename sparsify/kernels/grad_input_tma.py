@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, SMEM_BUDGET, cdiv, dot_precision, grouped_tile, interpreter_upcast, interpreting, m_bucket, mma,
-    tuning_candidates,
+    AUTOTUNE_TIMER, cdiv, dot_precision, grouped_tile, interpreter_upcast, interpreting, m_bucket, mma,
+    prune_descriptors,
 )
 
 # (BM tokens, KC positions a step, num_warps, num_stages); KC divides B. Stage: [BM, KC] + [KC, B].
@@ -40,17 +40,9 @@ def _blocks(nargs):
     nargs["v_desc"].block_shape = [nargs["KC"], nargs["B"]]
 
 
-def _stage_bytes(config, block: int, elem: int) -> int:
-    return (config.kwargs["BM"] + block) * config.kwargs["KC"] * elem
-
-
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    block, elem = args["B"], args["ELEM_BYTES"]
-    kept = [c for c in configs if block % c.kwargs["KC"] == 0
-            and _stage_bytes(c, block, elem) * max(1, c.num_stages - 2) <= SMEM_BUDGET]
-    kept = kept or [triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_blocks)]
-    return tuning_candidates(kept, args, lambda c: _stage_bytes(c, block, elem))
+_prune = prune_descriptors(  # one stage: the grad_out box [BM, KC] and the block slab [KC, B]
+    lambda c, block, elem: (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem, lambda c: max(1, c.num_stages - 2),
+    triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_blocks))
 
 
 @triton.autotune(

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import (
-    AUTOTUNE_TIMER, SMEM_BUDGET, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, tuning_candidates,
+    AUTOTUNE_TIMER, cdiv, dot_precision, interpreter_upcast, m_bucket, mma, prune_descriptors,
 )
 from sparsify.kernels.grad_input_tma import TMA_MIN_BLOCK, descriptors_fit
 
@@ -38,19 +38,9 @@ def _blocks(nargs):
     nargs["x_desc"].block_shape = [nargs["BT"], nargs["KC"]]
 
 
-def _stage_bytes(config, block: int, elem: int) -> int:
-    return config.kwargs["BT"] * (block + config.kwargs["GS"] * config.kwargs["KC"]) * elem
-
-
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    block, elem = args["B"], args["ELEM_BYTES"]
-    # no index load inside the token loop, so every stage is a buffer (compile_report.py: 4 buffers at
-    # num_stages = 4, against num_stages - 2 in the column walks)
-    kept = [c for c in configs if block % c.kwargs["KC"] == 0
-            and _stage_bytes(c, block, elem) * c.num_stages <= SMEM_BUDGET]
-    kept = kept or [triton.Config({"BT": 64, "KC": 64, "GS": 1}, num_warps=4, num_stages=2, pre_hook=_blocks)]
-    return tuning_candidates(kept, args, lambda c: _stage_bytes(c, block, elem))
+_prune = prune_descriptors(  # one stage: the grad_out box [BT, B] and GS activation boxes [BT, KC]
+    lambda c, block, elem: c.kwargs["BT"] * (block + c.kwargs["GS"] * c.kwargs["KC"]) * elem, lambda c: c.num_stages,
+    triton.Config({"BT": 64, "KC": 64, "GS": 1}, num_warps=4, num_stages=2, pre_hook=_blocks))
 
 
 @triton.autotune(

@@ -41,40 +41,37 @@ def operands(m, rows, cols, k, block, dtype):
     return g, x, values, col
 
 
-@pytest.mark.parametrize("block", [64, 128])
-@pytest.mark.parametrize("dtype,tf32", DTYPES)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("tile", range(2))
-def test_tma_grad_input_on_cuda_matches_float64_and_repeats_bitwise(block, dtype, tf32, case, tile):
+def run_product(product, g, x, values, col, block, config):
+    """(the TMA kernel's output into a NaN-poisoned tensor, the float64 reference) for one product."""
     from sparsify.kernels import reference
     from sparsify.kernels.grad_input_tma import grad_input_tma, tma_grad_input_fits
+    from sparsify.kernels.grad_values_tma import grad_values_tma, tma_grad_values_fits
 
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    m, rows, cols, k = case
-    g, _, values, col = operands(m, rows, cols, k, block, dtype)
-    assert tma_grad_input_fits(g, values)
-    outs = [grad_input_tma(g, values, col, cols * block, config=GRAD_INPUT_TILES[tile],
-                           out=torch.full((m, cols * block), float("nan"), dtype=dtype, device="cuda")) for _ in range(2)]
-    ref = reference.grad_input(g.double(), values.double(), col, cols * block)
-    assert rel(outs[0], ref) < TOL["tf32" if tf32 else dtype]
-    assert torch.equal(outs[0], outs[1])
+    rows, k, cols = col.shape[0], col.shape[1], x.shape[1] // block
+    if product == "grad_input":
+        assert tma_grad_input_fits(g, values)
+        out = grad_input_tma(g, values, col, cols * block, config=config, out=torch.full_like(x, float("nan")))
+        return out, reference.grad_input(g.double(), values.double(), col, cols * block)
+    assert tma_grad_values_fits(g, x, block)
+    poisoned = torch.full((rows, k, block, block), float("nan"), dtype=x.dtype, device="cuda")
+    return grad_values_tma(g, x, col, block, config=config, out=poisoned), reference.grad_values(
+        g.double(), x.double(), col, block)
 
 
+@pytest.mark.parametrize("product", ["grad_input", "grad_values"])
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("dtype,tf32", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("tile", range(2))
-def test_tma_grad_values_on_cuda_matches_float64_and_repeats_bitwise(block, dtype, tf32, case, tile):
-    from sparsify.kernels import reference
-    from sparsify.kernels.grad_values_tma import grad_values_tma, tma_grad_values_fits
-
+def test_tma_backward_on_cuda_matches_float64_and_repeats_bitwise(product, block, dtype, tf32, case, tile):
+    config = {"grad_input": GRAD_INPUT_TILES, "grad_values": GRAD_VALUES_TILES}[product][tile]
+    previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    m, rows, cols, k = case
-    g, x, _, col = operands(m, rows, cols, k, block, dtype)
-    assert tma_grad_values_fits(g, x, block)
-    outs = [grad_values_tma(g, x, col, block, config=GRAD_VALUES_TILES[tile],
-                            out=torch.full((rows, k, block, block), float("nan"), dtype=dtype, device="cuda"))
-            for _ in range(2)]
-    ref = reference.grad_values(g.double(), x.double(), col, block)
-    assert rel(outs[0], ref) < TOL["tf32" if tf32 else dtype]
-    assert torch.equal(outs[0], outs[1])
+    try:
+        m, rows, cols, k = case
+        g, x, values, col = operands(m, rows, cols, k, block, dtype)
+        (out, ref), (again, _) = (run_product(product, g, x, values, col, block, config) for _ in range(2))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous  # no tf32 leaks into the tests after this one
+    assert rel(out, ref) < TOL["tf32" if tf32 else dtype]
+    assert torch.equal(out, again)
