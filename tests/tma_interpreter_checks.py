@@ -12,9 +12,9 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_tma_kernels.py"
 
-from sparsify.kernels import reference  # noqa: E402
-from sparsify.kernels.grad_input_tma import grad_input_tma, tma_grad_input_fits  # noqa: E402
-from sparsify.kernels.grad_values_tma import grad_values_tma, tma_grad_values_fits  # noqa: E402
+from sparsify.kernels.grad_input_tma import tma_grad_input_fits  # noqa: E402
+from sparsify.kernels.grad_values_tma import tma_grad_values_fits  # noqa: E402
+from tests.gpu.test_gpu_tma_backward import run_product  # noqa: E402  (the same check, on CPU tensors)
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # (tokens, block-rows, block-columns, slots): K = 1, K = C, odd K (a grad_values program of one slot)
@@ -35,19 +35,6 @@ def operands(m, rows, cols, k, block, dtype, seed):
     values = (torch.randn(rows, k, block, block, generator=gen) / (k * block) ** 0.5).to(dtype)
     col = torch.stack([torch.randperm(cols, generator=gen)[:k] for _ in range(rows)]).to(torch.int32)
     return g, x, values, col
-
-
-def run_product(product, g, x, values, col, block, config):
-    """(the TMA kernel's output into a NaN-poisoned tensor, the float64 reference) for one product."""
-    rows, k, cols = col.shape[0], col.shape[1], x.shape[1] // block
-    if product == "grad_input":
-        assert tma_grad_input_fits(g, values)
-        out = grad_input_tma(g, values, col, cols * block, config=config, out=torch.full_like(x, float("nan")))
-        return out, reference.grad_input(g.double(), values.double(), col, cols * block)
-    assert tma_grad_values_fits(g, x, block)
-    poisoned = torch.full((rows, k, block, block), float("nan"), dtype=x.dtype)
-    return grad_values_tma(g, x, col, block, config=config, out=poisoned), reference.grad_values(
-        g.double(), x.double(), col, block)
 
 
 @pytest.mark.parametrize("product", ["grad_input", "grad_values"])

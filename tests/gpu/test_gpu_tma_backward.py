@@ -42,7 +42,8 @@ def operands(m, rows, cols, k, block, dtype):
 
 
 def run_product(product, g, x, values, col, block, config):
-    """(the TMA kernel's output into a NaN-poisoned tensor, the float64 reference) for one product."""
+    """(the TMA kernel's output into a NaN-poisoned tensor, the float64 reference) for one product, on the
+    operands' device (tests/tma_interpreter_checks.py runs it on CPU tensors under the interpreter)."""
     from sparsify.kernels import reference
     from sparsify.kernels.grad_input_tma import grad_input_tma, tma_grad_input_fits
     from sparsify.kernels.grad_values_tma import grad_values_tma, tma_grad_values_fits
@@ -53,7 +54,7 @@ def run_product(product, g, x, values, col, block, config):
         out = grad_input_tma(g, values, col, cols * block, config=config, out=torch.full_like(x, float("nan")))
         return out, reference.grad_input(g.double(), values.double(), col, cols * block)
     assert tma_grad_values_fits(g, x, block)
-    poisoned = torch.full((rows, k, block, block), float("nan"), dtype=x.dtype, device="cuda")
+    poisoned = torch.full((rows, k, block, block), float("nan"), dtype=x.dtype, device=x.device)
     return grad_values_tma(g, x, col, block, config=config, out=poisoned), reference.grad_values(
         g.double(), x.double(), col, block)
 
