@@ -45,6 +45,8 @@ _prune = prune_descriptors(  # one stage: the grad_out box [BM, KC] and the bloc
     triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_blocks))
 
 
+# The signature follows the pointer kernel's of the same product argument for argument (sizes M, M_BUCKET,
+# N_OUT, IN_F, K, ... by name): the autotune key, the pruners and the lean relauncher read them by those names.
 @triton.autotune(
     configs=[triton.Config({"BM": bm, "KC": kc}, num_warps=w, num_stages=s, pre_hook=_blocks)
              for bm, kc, w, s in TMA_GRAD_INPUT_CONFIGS],

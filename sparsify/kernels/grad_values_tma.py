@@ -43,6 +43,8 @@ _prune = prune_descriptors(  # one stage: the grad_out box [BT, B] and GS activa
     triton.Config({"BT": 64, "KC": 64, "GS": 1}, num_warps=4, num_stages=2, pre_hook=_blocks))
 
 
+# The signature follows the pointer kernel's of the same product argument for argument (sizes M, M_BUCKET,
+# N_OUT, IN_F, K, ... by name): the autotune key, the pruners and the lean relauncher read them by those names.
 @triton.autotune(
     configs=[triton.Config({"BT": bt, "KC": kc, "GS": gs}, num_warps=w, num_stages=s, pre_hook=_blocks)
              for bt, kc, gs, w, s in TMA_GRAD_VALUES_CONFIGS],
