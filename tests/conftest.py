@@ -157,3 +157,12 @@ def print_rank_summary(what: str, rank: int, checksums: dict, decisions: int, sw
     if values is not None:
         line += f", values float64 sums {[round(float(v.double().sum()), 9) for v in values.values()]}"
     print(line, flush=True)
+
+
+def spawn_ranks(worker, world: int, out_dir) -> None:
+    """Run ``worker(rank, port, out_dir)`` in ``world`` spawned processes (after ``require_dist_devices``:
+    skip or fail as it says) and wait for all of them; a rank that raises fails the caller."""
+    import torch.multiprocessing as mp
+
+    require_dist_devices(world)
+    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=world, join=True)

@@ -30,9 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port, init_dist_worker, print_rank_summary, require_dist_devices, to_cpu
+from tests.conftest import init_dist_worker, print_rank_summary, spawn_ranks, to_cpu
 
 WORLD = 2
 UPDATE_EVERY = 2
@@ -188,9 +187,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def compiled_run(tmp_path_factory):
     """One 2-process run (DDP, then FSDP2) shared by the tests below: spawning and compiling cost seconds."""
-    require_dist_devices(WORLD)
     out = tmp_path_factory.mktemp("compiled")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
