@@ -120,3 +120,22 @@ def test_cache_around_the_triton_metadata_builders_under_the_interpreter():
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"interpreter checks failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
     assert "3 passed" in done.stdout.strip().splitlines()[-1]
+
+
+def test_under_capture_metadata_is_rebuilt_but_an_earlier_column_check_is_reused(monkeypatch):
+    col = topology()
+    checks, builds = [], []
+    check = topology_cache.per_topology("check", lambda c, n: checks.append(1), reuse_under_capture=True)
+    build = topology_cache.per_topology("view", lambda c, n: builds.append(1) or len(builds))
+    check(col, 8)
+    build(col, 8)
+    monkeypatch.setattr(topology_cache, "_capturing", lambda c: True)
+    check(col, 8)  # checked before the capture: the graph needs no checking launches
+    assert build(col, 8) == 2  # the graph must rebuild the metadata from what col_indices holds at replay
+    assert build(col, 8) == 3  # and nothing built during capture is remembered
+    col[0, 0] = 2  # a new state, first seen under capture: checked inside the graph
+    check(col, 8)
+    assert len(checks) == 2
+    monkeypatch.setattr(topology_cache, "_capturing", lambda c: False)
+    check(col, 8)  # the in-capture check was not remembered either
+    assert len(checks) == 3

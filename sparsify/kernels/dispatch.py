@@ -32,7 +32,7 @@ def _launchers() -> SimpleNamespace:
 
     return SimpleNamespace(
         # metadata of the topology: built once per state of col_indices (topology_cache.py says when)
-        check_columns=per_topology("columns checked", column_check.check_columns),
+        check_columns=per_topology("columns checked", column_check.check_columns, reuse_under_capture=True),
         column_view=per_topology("column view", column_view.column_view),
         slot_table=per_topology("slot table", tiles.slot_table),
         forward_gather=forward.forward_gather, forward_tma=forward_tma.forward_tma,

@@ -12,6 +12,10 @@ Assigning a new tensor (``layer.col_indices = t``, ``.data = t``) changes the ob
 Nothing is cached, and the metadata is built as before, where a cached tensor could be wrong later:
 under CUDA graph capture (each replay must rebuild from what ``col_indices`` holds then), for tensors
 without a version counter (inference tensors), and for tensors that are not plain ``torch.Tensor``s.
+One exception under capture: a builder registered with ``reuse_under_capture`` (the column check, which
+produces nothing the kernels read) is skipped when the same state was already checked before the
+capture, so a decode graph does not replay three checking launches per layer. A topology written in
+place between replays is then not re-checked; the kernels still read nothing outside their operands.
 """
 
 from __future__ import annotations
@@ -32,12 +36,15 @@ def _state(col_indices: torch.Tensor) -> tuple | None:
     """What must not change for an entry to stay valid, or None where nothing may be cached."""
     if type(col_indices) is not torch.Tensor or col_indices.is_inference():
         return None
-    if col_indices.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
     return col_indices._version, col_indices.data_ptr(), tuple(col_indices.shape), col_indices.dtype
 
 
-def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[[], object]):
+def _capturing(col_indices: torch.Tensor) -> bool:
+    return col_indices.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[[], object],
+           reuse_under_capture: bool = False):
     """``build()``'s result for this topology, reused while ``col_indices`` is unchanged (see the module
     docstring); ``kind`` and ``num_cols`` name what is built."""
     global builds
@@ -48,21 +55,24 @@ def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[
     with _lock:
         per_tensor = _entries.get(col_indices)
         hit = per_tensor.get(key) if per_tensor is not None else None
-    if hit is not None and hit[0] == state:
+    capturing = _capturing(col_indices)
+    if hit is not None and hit[0] == state and (reuse_under_capture or not capturing):
         return hit[1]
     value = build()
+    if capturing:
+        return value
     with _lock:
         builds += 1
         _entries.setdefault(col_indices, {})[key] = (state, value)
     return value
 
 
-def per_topology(kind: str, build: Callable):
+def per_topology(kind: str, build: Callable, reuse_under_capture: bool = False):
     """``build(col, num_cols)`` (a metadata builder: column view, slot table, column check) cached per
     state of ``col``: what the dispatcher's launchers call."""
 
     def cached_build(col: torch.Tensor, num_cols: int):
-        return cached(col, kind, num_cols, lambda: build(col, num_cols))
+        return cached(col, kind, num_cols, lambda: build(col, num_cols), reuse_under_capture)
 
     return cached_build
 
