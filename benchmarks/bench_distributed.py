@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 2 benchmarks/bench_distributed.py --device cpu --tiny   # gloo smoke test
 
 A Llama-style model with every MLP linear sparse (``--block-sizes``, density 0.5 by default), trained with
-AdamW, eagerly or compiled (``--execution eager compiled``; ``--compile`` = compiled only). Any world size
+AdamW, eagerly or compiled (``--execution eager compiled compiled-layers``: the whole wrapped model, or
+every decoder layer, which compiles one graph for all of them; ``--compile`` = compiled only). Any world size
 N: rank 0 first trains alone (the 1-GPU baseline, the other ranks wait), then all N ranks train under DDP
 and under FSDP2 (``fully_shard`` on every decoder layer and the root). Each rank gets its own batch of
 ``--batch`` x ``--seq`` tokens (weak scaling).
@@ -69,7 +70,9 @@ def parse(argv=None):
     p.add_argument("--topology", nargs="+", default=["decide"], choices=["decide", "stats", "off"],
                    help="what the sparse model trains with (see above)")
     p.add_argument("--broadcast-buffers", nargs="+", default=["on"], choices=["on", "off"], help="DDP's setting")
-    p.add_argument("--execution", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    p.add_argument("--execution", nargs="+", default=["eager"], choices=["eager", "compiled", "compiled-layers"],
+                   help="compiled: torch.compile of the whole wrapped model (under DDP split at the gradient "
+                        "buckets); compiled-layers: of every decoder layer (one graph all layers share)")
     p.add_argument("--compile", action="store_true", help="compiled runs only (= --execution compiled)")
     p.add_argument("--compile-backend", default=None, help="default: inductor on CUDA, aot_eager on the CPU")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -221,7 +224,7 @@ def run(args, variant: dict, group, ids: torch.Tensor) -> dict:
         opt = TopologyOptimizer(opt, model, config, process_group=group)  # before compiling: it turns the probes on
     forward = model
     graphs = []
-    if variant["execution"] == "compiled":
+    if variant["execution"] != "eager":
         from torch._dynamo.backends.registry import lookup_backend
 
         torch._dynamo.reset()  # graphs of the previous variant: not counted, not reused
@@ -230,7 +233,12 @@ def run(args, variant: dict, group, ids: torch.Tensor) -> dict:
             graphs.append(len(gm.graph.nodes))
             return lookup_backend(args.compile_backend)(gm, example_inputs)
 
-        forward = torch.compile(model, backend=counting_backend)
+        if variant["execution"] == "compiled":
+            forward = torch.compile(model, backend=counting_backend)
+        else:  # in place, inside DDP / FSDP2: the layers are the same modules; compiles 1/L of the model's graph
+            inner = model.module if hasattr(model, "module") else model
+            for block in inner.model.layers:
+                block.compile(backend=counting_backend)
     timer = CollectiveTimer(device)
     times, host = [], []
     with timer:
@@ -333,7 +341,9 @@ def versions() -> dict:
     return out
 
 
-def write_record(args, rows: list[dict], backend: str, world: int) -> dict:
+def write_record(args, rows: list[dict], backend: str, world: int, table: bool = True) -> dict:
+    """Write the results JSON (again after every run, so a run cut short keeps what it measured); with
+    ``table``, print the table."""
     if args.device == "cuda":
         devices = [torch.cuda.get_device_name(i) for i in range(world)] if torch.cuda.device_count() >= world else None
         devices = devices or [torch.cuda.get_device_name(args.torch_device)] * world
@@ -348,6 +358,8 @@ def write_record(args, rows: list[dict], backend: str, world: int) -> dict:
     path = Path(args.out) / f"distributed-{tag}-{today}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
+    if not table:
+        return record
     yes_no = {True: "yes", False: "NO"}
     table = [[r["model"], r["block_size"] or "", r["topology"], r["execution"], r["mode"], r["broadcast_buffers"],
               r["gpus"], f"{r['step_ms']:.1f}", f"{r['host_ms']:.1f}", f"{r['tokens_per_s']:.0f}",
@@ -392,11 +404,10 @@ def main(argv=None) -> dict:
         if rank == 0:
             rows.append(mine)
             print(describe(mine), flush=True)
+            add_scaling(rows)
+            write_record(args, rows, backend, world, table=False)
 
-    record = None
-    if rank == 0:
-        add_scaling(rows)
-        record = write_record(args, rows, backend, world)
+    record = write_record(args, rows, backend, world) if rank == 0 else None
     dist.barrier()
     dist.destroy_process_group()
     return record

@@ -9,12 +9,15 @@
 #             benchmark's CPU smoke tests                                                -> $OUT/dist_tests.log
 #   gap       2 GPUs, eager, B = 64: dense, and sparse with topology decide / stats / off, DDP with buffer
 #             broadcast on and off: what the sparse model's DDP overhead is made of      -> $OUT/gap/
-#   compiled  2 GPUs, torch.compile (inductor): dense and sparse B = 64 (deciding), 1 GPU, DDP, FSDP2
+#   compiled  2 GPUs, torch.compile (inductor): dense and sparse B = 64 (deciding), 1 GPU, DDP, FSDP2; every
+#             decoder layer compiled first (one graph for all layers: fast to compile), then the whole model
+#             (under DDP split at the gradient buckets; FSDP2's hooks break it at every layer)
 #   blocks    2 GPUs, eager and compiled: sparse B = 16 (deciding), 1 GPU, DDP, FSDP2
 #   scale     4 and 8 GPUs where the machine has them, eager: dense and sparse B = 64, 1 GPU, DDP, FSDP2
 #   scale-compiled   the same, compiled
 # Every benchmark part writes benchmarks/bench_distributed.py's JSON (devices, versions, configuration, every
-# rank's topology checksum and value digest) under $OUT/<part>/ and its log beside it.
+# rank's topology checksum and value digest) under $OUT/<part>/, rewritten after every run (a part cut short
+# keeps what it measured), and its log beside it.
 # Run from the repository root with OUT set:   OUT=/some/dir bash benchmarks/distributed_gpu_run.sh
 #                                              OUT=/some/dir PARTS="compiled scale" bash benchmarks/distributed_gpu_run.sh
 # A part that fails or times out does not stop the next; the exit status is that of the last failing part.
@@ -90,13 +93,13 @@ PY
         bench gap 2 240 --models dense sparse --block-sizes 64 --topology decide stats off \
             --broadcast-buffers on off --modes single ddp --execution eager ;;
     compiled)
-        bench compiled 2 300 --models dense sparse --block-sizes 64 --modes single ddp fsdp --execution compiled ;;
+        bench compiled 2 300 --models dense sparse --block-sizes 64 --modes single ddp fsdp --execution compiled-layers compiled ;;
     blocks)
-        bench blocks 2 300 --models sparse --block-sizes 16 --modes single ddp fsdp --execution eager compiled ;;
+        bench blocks 2 300 --models sparse --block-sizes 16 --modes single ddp fsdp --execution eager compiled-layers ;;
     scale)
         for world in 4 8; do bench scale "$world" 240 --models dense sparse --block-sizes 64 --execution eager; done ;;
     scale-compiled)
-        for world in 4 8; do bench scale-compiled "$world" 300 --models dense sparse --block-sizes 64 --execution compiled; done ;;
+        for world in 4 8; do bench scale-compiled "$world" 300 --models dense sparse --block-sizes 64 --execution compiled-layers compiled; done ;;
     *)
         echo "=== $part: unknown part (machine tests gap compiled blocks scale scale-compiled) ===" | tee -a "$OUT/summary.txt"
         status=2 ;;

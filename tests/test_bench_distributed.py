@@ -62,10 +62,13 @@ def test_bench_distributed_tiny_on_two_cpu_processes_writes_agreeing_checksums(t
 
 
 def test_bench_distributed_tiny_compiled_decides_without_recompiling_and_ranks_agree(tmp_path):
-    record, _ = _run_tiny(tmp_path, "--compile", "--models", "sparse", "--modes", "single", "ddp")
-    runs = {r["mode"]: r for r in record["runs"]}
-    assert set(runs) == {"single", "ddp"} and record["config"]["compile_backend"] == "aot_eager"
+    record, _ = _run_tiny(tmp_path, "--execution", "compiled", "compiled-layers", "--models", "sparse",
+                          "--modes", "single", "ddp")
+    runs = {(r["execution"], r["mode"]): r for r in record["runs"]}
+    assert set(runs) == {(e, m) for e in ("compiled", "compiled-layers") for m in ("single", "ddp")}
+    assert record["config"]["compile_backend"] == "aot_eager"
     for run in runs.values():
-        assert run["execution"] == "compiled" and run["compiled_graphs"] >= 1, run
-        assert run["graphs_compiled_after_first_step"] == 0, run  # no recompile through the decisions
-    _assert_ranks_agree(runs["ddp"], decisions=2)
+        assert run["compiled_graphs"] >= 1 and run["graphs_compiled_after_first_step"] == 0, run  # no recompile
+    assert runs["compiled-layers", "single"]["compiled_graphs"] == 1  # both decoder layers share one graph
+    for execution in ("compiled", "compiled-layers"):
+        _assert_ranks_agree(runs[execution, "ddp"], decisions=2)
