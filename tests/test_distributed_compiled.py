@@ -21,6 +21,7 @@ the Triton kernels::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -59,12 +60,17 @@ def _tiny_llama():
     return sparsify(LlamaForCausalLM(config), components="mlp", density=0.5, block_size=16)
 
 
-def _values_digest(layers: dict) -> dict:
-    """The benchmark's digest of the block values (one definition of it)."""
+@functools.cache
+def _bench():
     spec = importlib.util.spec_from_file_location("bench_distributed", ROOT / "benchmarks" / "bench_distributed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    return bench.values_digest(layers)
+    return bench
+
+
+def _values_digest(layers: dict) -> dict:
+    """The benchmark's digest of the block values (one definition of it)."""
+    return _bench().values_digest(layers)
 
 
 class GraphBreakLog(logging.Handler):
