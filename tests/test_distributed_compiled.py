@@ -1,14 +1,19 @@
 """Two processes: a ``torch.compile``d sparsified Llama under DDP and under FSDP2 through 3 topology decisions.
 
-Proven on every rank: no graph break has sparsify in its traced call chain; the breaks there are are
-the distributed wrapper's own (DDP's forward bookkeeping; FSDP2's dynamo-disabled hooks at every
-``fully_shard`` module, and a transformers output-capturing wrapper that Dynamo then cannot resume in); under DDP the whole
-model is one Dynamo graph, which DDP's graph splitter (``DDPOptimizer``) cuts at gradient-bucket boundaries
-into several backend graphs (bucket splits, not breaks); nothing recompiles after the first step,
-through the decisions (``error_on_recompile``) and through a checkpoint resume; after every decision
-both ranks hold the same topology (checksums) and the same block values (SHA-256 of the bytes; FSDP2:
-of the all-gathered tensors); a DDP run resumed from ``model.state_dict()`` + ``opt.state_dict()``
-ends bitwise equal to the uninterrupted one.
+Proven on every rank:
+
+* no graph break has sparsify in its traced call chain; the breaks that occur are the distributed
+  wrapper's own (DDP's forward bookkeeping; FSDP2's dynamo-disabled hooks at every ``fully_shard``
+  module, and after them a transformers output-capturing wrapper that Dynamo cannot resume in);
+* under DDP the whole model is one Dynamo graph, which DDP's graph splitter (``DDPOptimizer``) cuts at
+  gradient-bucket boundaries into several backend graphs (bucket splits, not breaks);
+* nothing recompiles after the first step, through the decisions and through a checkpoint load
+  (``error_on_recompile``);
+* after every decision both ranks hold the same topology (checksums) and the same block values
+  (SHA-256 of the bytes; FSDP2: of the all-gathered tensors);
+* a checkpoint (DDP: ``model.module.state_dict()`` + ``opt.state_dict()``; FSDP2:
+  ``torch.distributed.checkpoint`` through ``checkpoint_state`` / ``load_checkpoint_state``) loaded into
+  the compiled model trains on to the same topology and bitwise the same values.
 
 The backend is ``aot_eager`` (Dynamo + AOTAutograd: the forward and the backward of the sparse op are
 traced, the graphs run eagerly), because ``inductor`` on the CPU compiles C++ for every graph, which
@@ -37,7 +42,7 @@ from tests.conftest import init_dist_worker, print_rank_summary, spawn_ranks, to
 WORLD = 2
 UPDATE_EVERY = 2
 STEPS = 7  # decisions at steps 2, 4 and 6, then one step of local statistics
-SAVE_AT = 4  # the DDP checkpoint: just after the second decision
+SAVE_AT = 4  # the checkpoint: just after the second decision
 BACKEND = "aot_eager"
 VOCAB = 4096  # embedding and head of 1 MiB each: with bucket_cap_mb=1, DDP has several gradient buckets
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +124,40 @@ def _wrap(mode: str, device: torch.device):
     return fully_shard(model, mesh=mesh)
 
 
-def _train_compiled(mode: str, device: torch.device, batches: list) -> dict:
-    """Compile, train through the decisions, and record the graphs, breaks and per-decision agreement."""
+def _save(mode: str, model, opt, path: str) -> None:
+    """A checkpoint as the eager tests take it: DDP the state dicts per rank, FSDP2 through DCP."""
+    if mode == "ddp":
+        torch.save(to_cpu({"model": model.module.state_dict(), "opt": opt.state_dict()}), path)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        from sparsify.topology.fsdp import checkpoint_state
+
+        dcp.save(checkpoint_state(model, opt), checkpoint_id=path)
+
+
+def _load(mode: str, model, opt, path: str) -> None:
+    if mode == "ddp":
+        state = torch.load(path, weights_only=False)
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    else:
+        from sparsify.topology.fsdp import load_checkpoint_state
+
+        load_checkpoint_state(model, opt, path)
+
+
+def _topology_and_values(opt) -> dict:
+    """Every layer's ``col_indices`` and (gathered) block values, on the CPU."""
+    from sparsify.topology.fsdp import is_sharded
+
+    full = lambda v: v.full_tensor() if is_sharded(v) else v  # noqa: E731
+    return to_cpu({n: (m.col_indices, full(m.values)) for n, m in opt.layers.items()})
+
+
+def _train_compiled(mode: str, device: torch.device, batches: list, checkpoint: str) -> dict:
+    """Compile, train through the decisions (saving ``checkpoint`` on the way), record the graphs, breaks
+    and per-decision agreement, then load the checkpoint into the same compiled model and train again."""
     import torch._dynamo
     from torch._dynamo.backends.registry import lookup_backend
     from torch._dynamo.utils import counters
@@ -140,20 +177,20 @@ def _train_compiled(mode: str, device: torch.device, batches: list) -> dict:
     config = TopologyConfig(score_every=1, update_every=UPDATE_EVERY, epsilon=0.3, prune_fraction=0.5, swap_threshold=1.0)
     opt = TopologyOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, config)
     compiled = torch.compile(model, backend=counting_backend)
-    out = {"decided": [], "checkpoint": None}
+    out = {"decided": []}
 
-    def step(ids) -> None:
+    def step(ids, record: bool = True) -> None:
         compiled(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-        if opt.global_step % UPDATE_EVERY == 0:  # a decision was just taken and applied
+        if record and opt.global_step % UPDATE_EVERY == 0:  # a decision was just taken and applied
             out["decided"].append({
                 "step": opt.global_step,
                 "checksums": [int(topology_checksum(m.col_indices)) for m in opt.layers.values()],
                 "values": _values_digest(opt.layers),
             })
-        if mode == "ddp" and opt.global_step == SAVE_AT:
-            out["checkpoint"] = to_cpu({"model": model.module.state_dict(), "opt": opt.state_dict()})
+        if record and opt.global_step == SAVE_AT:
+            _save(mode, model, opt, checkpoint)
 
     with GraphBreakLog() as breaks:
         step(batches[0])  # warm-up: the compilation
@@ -161,16 +198,12 @@ def _train_compiled(mode: str, device: torch.device, batches: list) -> dict:
         with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile from here on raises
             for ids in batches[1:]:
                 step(ids)
-            if mode == "ddp":
-                out["final"] = to_cpu({n: (m.col_indices, m.values) for n, m in opt.layers.items()})  # resume from the checkpoint in the same compiled model: still no recompile
-                model.module.load_state_dict(out["checkpoint"]["model"])
-                opt.load_state_dict(out["checkpoint"]["opt"])
-                for ids in batches[SAVE_AT:]:
-                    compiled(input_ids=ids, labels=ids).loss.backward()
-                    opt.step()
-                    opt.zero_grad()
-                out["resumed"] = to_cpu({n: (m.col_indices, m.values) for n, m in opt.layers.items()})
-                out["checkpoint"] = None  # not needed by the tests
+            out["final"] = _topology_and_values(opt)
+            _load(mode, model, opt, checkpoint)  # into the same compiled model: no recompile either
+            out["resumed_step"] = opt.global_step
+            for ids in batches[SAVE_AT:]:
+                step(ids, record=False)
+            out["resumed"] = _topology_and_values(opt)
     out["end"] = {"unique_graphs": counters["stats"]["unique_graphs"], "backend_graphs": list(backend_graphs)}
     out["breaks"] = breaks.breaks
     out["graph_break_count"] = sum(counters["graph_break"].values())
@@ -184,7 +217,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         data = torch.Generator().manual_seed(1000 + rank)  # different data on every rank, drawn on the CPU
         batches = [torch.randint(0, VOCAB, (2, 16), generator=data).to(device) for _ in range(STEPS)]
-        result = {mode: _train_compiled(mode, device, batches) for mode in ("ddp", "fsdp")}
+        checkpoints = {"ddp": os.path.join(out_dir, f"ddp-rank{rank}.pt"), "fsdp": os.path.join(out_dir, "fsdp-dcp")}
+        result = {mode: _train_compiled(mode, device, batches, checkpoints[mode]) for mode in ("ddp", "fsdp")}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -246,9 +280,12 @@ def test_compiled_ddp_is_one_dynamo_graph_split_only_at_gradient_buckets(compile
         assert len(r["ddp"]["warm"]["backend_graphs"]) >= 2  # cut by DDPOptimizer at the 1 MiB buckets
 
 
-def test_compiled_ddp_resumed_from_a_checkpoint_ends_bitwise_equal_to_the_uninterrupted_run(compiled_run):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_compiled_run_resumed_from_a_checkpoint_ends_bitwise_equal_to_the_uninterrupted_run(compiled_run, mode):
     for r in compiled_run:
-        assert r["ddp"]["resumed"].keys() == r["ddp"]["final"].keys()
-        for name, (col_indices, values) in r["ddp"]["final"].items():
-            assert torch.equal(r["ddp"]["resumed"][name][0], col_indices), name
-            assert torch.equal(r["ddp"]["resumed"][name][1], values), name
+        assert r[mode]["resumed_step"] == SAVE_AT
+        final, resumed = r[mode]["final"], r[mode]["resumed"]
+        assert resumed.keys() == final.keys()
+        for name, (col_indices, values) in final.items():
+            assert torch.equal(resumed[name][0], col_indices), name
+            assert torch.equal(resumed[name][1], values), name
