@@ -211,6 +211,29 @@ def wrap(args, model, variant: dict, group):
     return model
 
 
+def compiled_forward(args, model, execution: str, graphs: list):
+    """What to call for a forward: ``model`` itself (eager), ``torch.compile(model)`` ("compiled"), or
+    ``model`` with every decoder layer compiled in place ("compiled-layers"); ``graphs`` collects the
+    size of every graph the backend compiles (under DDP, "compiled" is one per gradient-bucket split)."""
+    if execution == "eager":
+        return model
+    from torch._dynamo.backends.registry import lookup_backend
+
+    torch._dynamo.reset()  # graphs of the previous variant: not counted, not reused
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return lookup_backend(args.compile_backend)(gm, example_inputs)
+
+    if execution == "compiled":
+        return torch.compile(model, backend=counting_backend)
+    # in place, inside DDP / FSDP2: the layers stay the same modules; one graph serves every layer
+    inner = model.module if hasattr(model, "module") else model
+    for block in inner.model.layers:
+        block.compile(backend=counting_backend)
+    return model
+
+
 def run(args, variant: dict, group, ids: torch.Tensor) -> dict:
     """Train one variant on this rank (``group``: this rank alone for "single") and time it."""
     device = args.torch_device
@@ -222,23 +245,8 @@ def run(args, variant: dict, group, ids: torch.Tensor) -> dict:
         every = args.update_every if topology == "decide" else window + 1  # "stats": no decision in the window
         config = TopologyConfig(update_every=every, score_every=max(1, args.update_every // 2))
         opt = TopologyOptimizer(opt, model, config, process_group=group)  # before compiling: it turns the probes on
-    forward = model
-    graphs = []
-    if variant["execution"] != "eager":
-        from torch._dynamo.backends.registry import lookup_backend
-
-        torch._dynamo.reset()  # graphs of the previous variant: not counted, not reused
-
-        def counting_backend(gm, example_inputs):  # once per graph (under DDP: per gradient-bucket split)
-            graphs.append(len(gm.graph.nodes))
-            return lookup_backend(args.compile_backend)(gm, example_inputs)
-
-        if variant["execution"] == "compiled":
-            forward = torch.compile(model, backend=counting_backend)
-        else:  # in place, inside DDP / FSDP2: the layers are the same modules; compiles 1/L of the model's graph
-            inner = model.module if hasattr(model, "module") else model
-            for block in inner.model.layers:
-                block.compile(backend=counting_backend)
+    graphs = []  # the sizes of the graphs compiled, in order
+    forward = compiled_forward(args, model, variant["execution"], graphs)
     timer = CollectiveTimer(device)
     times, host = [], []
     with timer:
