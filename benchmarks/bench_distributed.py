@@ -340,7 +340,11 @@ def add_scaling(rows: list[dict]) -> None:
 def versions() -> dict:
     out = {"torch": torch.__version__, "cuda": torch.version.cuda}
     if torch.cuda.is_available() and dist.is_nccl_available():
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        try:
+            version = torch.cuda.nccl.version()
+            out["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        except (RuntimeError, AttributeError):  # a build without NCCL's version symbol
+            out["nccl"] = None
     for name in ("transformers", "triton"):
         try:
             out[name] = __import__(name).__version__
@@ -349,14 +353,10 @@ def versions() -> dict:
     return out
 
 
-def write_record(args, rows: list[dict], backend: str, world: int, table: bool = True) -> dict:
+def write_record(args, rows: list[dict], backend: str, devices: list[str], table: bool = True) -> dict:
     """Write the results JSON (again after every run, so a run cut short keeps what it measured); with
-    ``table``, print the table."""
-    if args.device == "cuda":
-        devices = [torch.cuda.get_device_name(i) for i in range(world)] if torch.cuda.device_count() >= world else None
-        devices = devices or [torch.cuda.get_device_name(args.torch_device)] * world
-    else:
-        devices = ["cpu"] * world
+    ``table``, print the table. ``devices``: every rank's device name, in rank order."""
+    world = len(devices)
     today = datetime.date.today().isoformat()
     record = {
         "devices": devices, "world_size": world, "backend": backend, "date": today, "versions": versions(),
@@ -396,6 +396,8 @@ def main(argv=None) -> dict:
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         args.torch_device = torch.device("cpu")
+    devices = [None] * world  # every rank's device, by name
+    dist.all_gather_object(devices, torch.cuda.get_device_name(args.torch_device) if args.device == "cuda" else "cpu")
     group = dist.group.WORLD
     solo = dist.new_group([0])  # rank 0 alone: the 1-GPU baseline (every rank must create it)
     gen = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
@@ -413,9 +415,9 @@ def main(argv=None) -> dict:
             rows.append(mine)
             print(describe(mine), flush=True)
             add_scaling(rows)
-            write_record(args, rows, backend, world, table=False)
+            write_record(args, rows, backend, devices, table=False)
 
-    record = write_record(args, rows, backend, world) if rank == 0 else None
+    record = write_record(args, rows, backend, devices) if rank == 0 else None
     dist.barrier()
     dist.destroy_process_group()
     return record
