@@ -1,6 +1,7 @@
 """Selection on HF families beyond the decoder-only four: T5 / flan-T5 MLPs, choosing an
 encoder-decoder stack, tied word embeddings, mixture-of-experts (tiny models from configs)."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -169,3 +170,32 @@ def test_falcon_mlp_selects_dense_h_to_4h_and_dense_4h_to_h():
     model = sparsify(FalconForCausalLM(config), components="mlp")
     assert {name.rsplit(".", 1)[-1] for name in names(model)} == {"dense_h_to_4h", "dense_4h_to_h"}
     assert len(names(model)) == 4
+
+
+class _AnyMode(torch.overrides.TorchFunctionMode):
+    """A no-op torch-function mode: under it the layer takes the registered op instead of the eager route."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("route", ["eager", "op"])
+def test_falcon_trains_through_its_in_place_residual_on_sparse_mlps(route):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, use_cache=False,
+                          new_decoder_architecture=False, parallel_attn=True)
+    model = sparsify(FalconForCausalLM(config), components="mlp", block_size=16).train()
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    with _AnyMode() if route == "op" else contextlib.nullcontext():
+        for _ in range(3):  # Falcon adds the attention output into the MLP's output in place
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            assert all(layer.values.grad.abs().sum() > 0 for _, layer in sparse_layers(model))
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
