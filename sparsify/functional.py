@@ -40,7 +40,7 @@ def block_ell_linear(
     in_features: int | None = None,
 ) -> torch.Tensor:
     """y = x W^T + bias with W = (values [R, K, B, B], col_indices [R, K]); x is [..., in_features].
-    ``stats_probe`` (float32 [R + C], requires grad) receives the topology statistics as its gradient.
+    ``stats_probe`` (float32 or float64 [R + C], requires grad) receives the topology statistics as its gradient.
     ``in_features`` (C * B), where the caller knows it, is checked against the input's width (the
     op itself knows C only from the stats probe)."""
     if in_features is not None and x.dim() and x.shape[-1] != in_features:

@@ -11,7 +11,7 @@ node: no graph breaks, and new topology *values* never recompile (only shapes ar
 autograd too) and autocast like ``nn.Linear``.
 
 ``stats_probe`` is how the topology optimizer reads activation and error statistics without hooks:
-a float32 tensor ``[R + C]`` that requires grad. Its "gradient" is defined as the per-block-row sum
+a float32 (float64 once a TopologyOptimizer enables it) tensor ``[R + C]`` that requires grad. Its "gradient" is defined as the per-block-row sum
 of squared output gradients (first R entries) and the per-block-column sum of squared inputs (last
 C entries), so the statistics accumulate exactly like gradients under gradient accumulation.
 
