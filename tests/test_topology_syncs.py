@@ -248,5 +248,6 @@ def test_after_consolidate_steps_stay_free_of_syncs_and_a_decision_still_synchro
                                            consolidate_keep=0.3, consolidate_lr_scale=0.5, consolidate_release=0.2))
     count_steps(model, opt, 3)
     opt.consolidate()  # a host read once per task, off the step path
+    assert all(s.any_record for s in opt.layer_scores.values())  # so step 6 ranks by specificity
     counts = count_steps(model, opt, 3)  # steps 4, 5 (kept slots scaled, released ranked first), 6 decides
     assert [c.syncs for c in counts] == [0, 0, 1], [dict(c.events) for c in counts]

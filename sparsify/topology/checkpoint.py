@@ -2,14 +2,15 @@
 anything is loaded.
 
     {"global_step": int, "last_age_step": int, "warned_nonfinite": bool, "config": dict (TopologyConfig),
-     "layers": {name: {"block_ema", "probe_ema", "age", "ratio", "protected", "kept", "released": tensors,
+     "layers": {name: {"block_ema", "probe_ema", "age", "ratio", "protected", "kept", "released",
+                       "old_importance": tensors,
                        "swaps_total": int, "nonfinite": bool tensor,
                        "col_indices": [R, K] the topology the state belongs to}},
      "history": [TopologyDecision.to_dict() ...]}
 
 The rule a load follows (:func:`validate`, then the wrapped optimizer's own load, then :func:`commit`):
-  * every field is present (``nonfinite``, ``kept``, ``released`` and ``col_indices`` may be absent:
-    older checkpoints lack them), every tensor has this model's shape (so a state from another density or block size is
+  * every field is present (``nonfinite``, ``kept``, ``released``, ``old_importance`` and ``col_indices``
+    may be absent: older checkpoints lack them), every tensor has this model's shape (so a state from another density or block size is
     refused) and a fitting dtype, every history record parses;
   * the topology must match: the statistics belong to the topology they were gathered on, so a state
     whose saved ``col_indices`` differ from the model's is refused. Load the model's state dict (its
@@ -36,7 +37,7 @@ logger = logging.getLogger("sparsify.topology")
 FIELDS = ("global_step", "last_age_step", "warned_nonfinite", "config", "layers", "history")
 LAYER_FIELDS = LayerScores.TENSORS + ("swaps_total",)
 _KINDS = {"block_ema": "float", "probe_ema": "float", "ratio": "float", "age": "int", "protected": "bool",
-          "kept": "bool", "released": "bool"}
+          "kept": "bool", "released": "bool", "old_importance": "float"}
 
 
 def topology_state(opt) -> dict:
@@ -161,6 +162,8 @@ def commit(opt, prepared: Prepared) -> None:
     """Load a validated state into ``opt`` (cannot fail)."""
     for name, s in opt.layer_scores.items():
         s.load_state_dict(prepared.layers[name])
+    for bank in opt.banks:  # the host hint is not saved: released slots may remain wherever one is marked
+        bank.any_released = any(bool(s.released.any()) for s in bank.scores)
     opt.global_step = prepared.global_step
     opt._last_age_step = prepared.last_age_step
     opt._warned_nonfinite = prepared.warned_nonfinite

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 GROW_INITS = ("kaiming", "zeros")
 SCORERS = ("gradient", "magnitude")
+CONSOLIDATE_RANKS = ("specificity", "score")
 
 
 @dataclass
@@ -31,6 +32,11 @@ class TopologyConfig:
             them like ``protect()``, 1 leaves their learning rate alone); their optimizer state is kept.
         consolidate_release: the fraction of each layer's blocks, the least important for the task
             just ended, that the next decisions prune first, to grow the next task's blocks there.
+        consolidate_rank: how the decisions of a layer after ``consolidate()`` rank its blocks and
+            candidate columns: ``"specificity"`` (a column's new-task score / (1 + its old-task
+            importance relative to the layer's mean), so growth goes where the new task needs it and
+            the old task did not; a block's score * (1 + that), so blocks the old task needed are pruned
+            last) or ``"score"`` (the new-task score alone). Layers never consolidated rank by score.
     """
 
     score_every: int = 10
@@ -47,6 +53,7 @@ class TopologyConfig:
     consolidate_keep: float = 0.2
     consolidate_lr_scale: float = 0.1
     consolidate_release: float = 0.1
+    consolidate_rank: str = "specificity"
 
     def __post_init__(self) -> None:
         for name in ("score_every", "update_every"):
@@ -76,6 +83,8 @@ class TopologyConfig:
                 f"TopologyConfig: consolidate_keep={self.consolidate_keep!r} + consolidate_release="
                 f"{self.consolidate_release!r} exceed 1: a block cannot be both kept and released"
             )
+        if self.consolidate_rank not in CONSOLIDATE_RANKS:
+            raise ValueError(f"TopologyConfig: consolidate_rank={self.consolidate_rank!r} is not one of {CONSOLIDATE_RANKS}")
         if self.history_size is not None and (not isinstance(self.history_size, int) or self.history_size < 0):
             raise ValueError(f"TopologyConfig: history_size={self.history_size!r} must be None or an int >= 0")
 

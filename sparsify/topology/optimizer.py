@@ -33,7 +33,7 @@ from sparsify.layer import BlockSparseLinear
 from sparsify.topology import checkpoint, fsdp
 from sparsify.topology.apply import apply_decisions
 from sparsify.topology.config import TopologyConfig
-from sparsify.topology.consolidate import consolidate_bank
+from sparsify.topology.consolidate import consolidate_bank, decide_by_specificity, old_importance
 from sparsify.topology.decide import decide_layers
 from sparsify.topology.distributed import check_same_topology, process_group_of, raise_if_diverged, unwrap
 from sparsify.topology.metrics import decision_metrics
@@ -166,9 +166,11 @@ class TopologyOptimizer(torch.optim.Optimizer):
         tasks that follow, never prune the ``config.consolidate_keep`` most important blocks of each
         layer and train them at ``config.consolidate_lr_scale`` times the learning rate (their optimizer
         state is kept), and prune the ``config.consolidate_release`` least important first, to grow the
-        next task's blocks there. The statistics restart for the next task. Every rank must call it at
-        the same step (it synchronizes the statistics, as a decision does). See
-        ``sparsify.topology.consolidate``.
+        next task's blocks there. With ``config.consolidate_rank="specificity"`` the next decisions grow
+        the columns whose new-task score is highest relative to their old-task importance and prune
+        the blocks the old task needed last, so growth goes where the new task needs it and the old
+        task did not. The statistics restart for the next task. Every rank must call it at the same
+        step (it synchronizes the statistics, as a decision does). See ``sparsify.topology.consolidate``.
 
         Returns ``{layer name: importance [R, K]}`` (float64, on the layer's device)."""
         with torch.no_grad():
@@ -273,9 +275,13 @@ class TopologyOptimizer(torch.optim.Optimizer):
         config = self.config
         bank.synchronize(self.process_group, config.scorer)  # identical statistics on every rank
         decisions, device_records = [], []
+        specific = config.consolidate_rank == "specificity"  # consolidated layers rank by specificity
         for group, seed in zip(bank.groups, seeds):
             inputs, mean_score = bank.decision_inputs(group, config.scorer)
-            decision = decide_layers(config=config, seed=seed, **inputs)
+            if specific and any(bank.scores[i].any_record for i in group.members):
+                decision = decide_by_specificity(inputs, old_importance(bank, group), config, seed)
+            else:
+                decision = decide_layers(config=config, seed=seed, **inputs)
             decisions.append(decision)
             device_records.append(GroupRecord.of(
                 decision, mean_score=mean_score, age_sum=bank.age_sums(group, reset=decision.changed),

@@ -10,6 +10,7 @@ For a layer with R block-rows, K slots and C block-columns, :class:`LayerScores`
     kept:       [R, K] bool     slots consolidated for an earlier task: never pruned, trained at a scaled
                                 learning rate (see TopologyOptimizer.consolidate)
     released:   [R, K] bool     slots consolidate() gave to the next task: pruned first, until swapped
+    old_importance: [R, C] float64  each position's importance for the last consolidated task over the layer's mean
 
 Statistics are float64 and gradient norms are accumulated in float64 (so is the stats probe, a
 float64 leaf: the op computes its energies in the probe's precision), so they stay meaningful over
@@ -49,7 +50,7 @@ class LayerScores:
     """The statistics of one BlockSparseLinear: views into its :class:`ScoreBank` (on the layer's device)."""
 
     TENSORS = ("block_ema", "probe_ema", "age", "ratio", "protected")
-    OPTIONAL_TENSORS = ("kept", "released")  # absent in checkpoints from before consolidate(): all False
+    OPTIONAL_TENSORS = ("kept", "released", "old_importance")  # absent in checkpoints from before consolidate(): 0
 
     def __init__(self, bank: "ScoreBank", index: int, layer: BlockSparseLinear) -> None:
         rows, k, cols = layer.num_rows, layer.blocks_per_row, layer.num_cols
@@ -62,10 +63,11 @@ class LayerScores:
         self.protected = bank.protected[slice(*blocks)].view(rows, k)  # [R, K]
         self.kept = bank.kept[slice(*blocks)].view(rows, k)  # [R, K]
         self.released = bank.released[slice(*blocks)].view(rows, k)  # [R, K]
+        self.old_importance = torch.zeros(rows, cols, dtype=STATS_DTYPE, device=bank.device)  # [R, C]
         self._finite = (bank.finite[slice(*blocks)], bank.finite[slice(*probes)])
         self.swaps_total = 0
         self.any_protected = False  # host copy of protected.any(), so unprotected layers cost no sync
-        self.any_kept = False  # host copy of kept.any(), likewise
+        self.any_kept = self.any_record = False  # host copies of kept.any() and old_importance.any(), likewise
 
     def has_protected(self) -> bool:
         return self.any_protected
@@ -109,7 +111,7 @@ class LayerScores:
             flags.copy_(finite.expand_as(flags))
         self.swaps_total = int(state["swaps_total"])
         self.any_protected = bool(self.protected.any())
-        self.any_kept = bool(self.kept.any())
+        self.any_kept, self.any_record = bool(self.kept.any()), bool(self.old_importance.any())
 
 
 @dataclass
