@@ -30,6 +30,9 @@ class _BlockEllLinear(torch.autograd.Function):
         return ops.backward_grads(ctx, grad_y, ops.grad_input_impl, ops.grad_values_impl)
 
 
+_apply = ops.eager_apply(_BlockEllLinear)  # _BlockEllLinear.apply, less its per-call Python wrapper
+
+
 def block_ell_linear(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -48,6 +51,9 @@ def block_ell_linear(
     if not ops.plain_eager((x, values, col_indices, bias, stats_probe)):
         return torch.ops.sparsify.block_ell_linear(x, values, col_indices, bias, stats_probe)
     x, values, bias = ops.autocast_inputs(x, values, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, values, bias, stats_probe)):
-        return _BlockEllLinear.apply(x, values, col_indices, bias, stats_probe)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+        or (stats_probe is not None and stats_probe.requires_grad)
+    ):
+        return _apply(x, values, col_indices, bias, stats_probe)
     return ops.forward_impl(x, values, col_indices, bias, stats_probe)

@@ -222,8 +222,11 @@ class BlockSparseLinear(nn.Module):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probe = self.stats_probe if self.stats_probe.requires_grad else None
-        return block_ell_linear(x, self.values, self.col_indices, self.bias, probe, in_features=self.in_features)
+        probe = self.stats_probe
+        return block_ell_linear(
+            x, self.values, self.col_indices, self.bias, probe if probe.requires_grad else None,
+            in_features=self.in_features,
+        )
 
     def check_state_dict(self, state_dict: dict, prefix: str = "") -> None:
         """Raise a ValueError, naming the layer, unless the entries ``prefix + "col_indices"`` and

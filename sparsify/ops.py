@@ -21,6 +21,8 @@ Which kernels run (the PyTorch reference, the Triton kernels and their variants)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sparsify.kernels.dispatch import backend_for, kernels_for, triton_kernels  # noqa: F401  (re-exported)
@@ -41,28 +43,39 @@ def _fail(message: str) -> None:
     raise ValueError(f"block_ell_linear: {message}")
 
 
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
 def _check_operands(x, values, col_indices, bias, stats_probe=None) -> None:
-    if values.dim() != 4 or values.shape[2] != values.shape[3]:
-        _fail(f"values must have shape [R, K, B, B], got {tuple(values.shape)}")
-    if col_indices.shape != values.shape[:2]:
-        _fail(f"col_indices has shape {tuple(col_indices.shape)} but values imply {tuple(values.shape[:2])}")
-    if col_indices.dtype not in (torch.int32, torch.int64):
+    # Runs on every call (host time counts at decode sizes): each attribute is read once, and the
+    # messages are built only on failure.
+    values_shape = values.shape
+    if len(values_shape) != 4 or values_shape[2] != values_shape[3]:
+        _fail(f"values must have shape [R, K, B, B], got {tuple(values_shape)}")
+    if col_indices.shape != values_shape[:2]:
+        _fail(f"col_indices has shape {tuple(col_indices.shape)} but values imply {tuple(values_shape[:2])}")
+    if col_indices.dtype not in _INDEX_DTYPES:
         _fail(f"col_indices must be int32, got {col_indices.dtype}")
-    if not x.is_floating_point() or x.is_complex() or values.is_complex() or not values.is_floating_point():
-        _fail(f"input and weight must be real floating point, got {x.dtype} and {values.dtype}")
-    block_rows, _, block_size, _ = values.shape
-    if x.dim() == 0 or x.shape[-1] % block_size:
-        _fail(f"input's last dimension {tuple(x.shape)[-1:]} is not a multiple of block_size={block_size}")
-    if x.dtype != values.dtype:
+    dtype = x.dtype
+    if not (dtype.is_floating_point and values.dtype.is_floating_point):  # complex dtypes are not floating
+        _fail(f"input and weight must be real floating point, got {dtype} and {values.dtype}")
+    block_rows, _, block_size, _ = values_shape
+    x_shape = x.shape
+    if not x_shape or x_shape[-1] % block_size:
+        _fail(f"input's last dimension {tuple(x_shape)[-1:]} is not a multiple of block_size={block_size}")
+    if dtype != values.dtype:
         _fail(
-            f"input dtype {x.dtype} differs from weight dtype {values.dtype}; cast one of them, or run under torch.autocast"
+            f"input dtype {dtype} differs from weight dtype {values.dtype}; cast one of them, or run under torch.autocast"
         )
     out_features = block_rows * block_size
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
-        _fail(f"bias must be [{out_features}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    for name, t in (("values", values), ("col_indices", col_indices), ("bias", bias), ("stats_probe", stats_probe)):
-        if t is not None and t.device != x.device:
-            _fail(f"{name} is on {t.device} but the input is on {x.device}; move them to one device")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != dtype):
+        _fail(f"bias must be [{out_features}] of dtype {dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    device = x.device
+    if (values.device != device or col_indices.device != device or (bias is not None and bias.device != device)
+            or (stats_probe is not None and stats_probe.device != device)):
+        for name, t in (("values", values), ("col_indices", col_indices), ("bias", bias), ("stats_probe", stats_probe)):
+            if t is not None and t.device != device:
+                _fail(f"{name} is on {t.device} but the input is on {device}; move them to one device")
     if stats_probe is not None:
         check_width(x, values, stats_probe.numel() - block_rows)
 
@@ -78,7 +91,7 @@ def check_width(x: torch.Tensor, values: torch.Tensor, num_cols: int) -> None:
 
 
 def _check_indices_in_range(col_indices: torch.Tensor, num_cols: int) -> None:
-    if col_indices.device.type == "cpu" and col_indices.numel():
+    if col_indices.is_cpu and col_indices.numel():
         low, high = int(col_indices.min()), int(col_indices.max())
         if low < 0 or high >= num_cols:
             _fail(
@@ -97,20 +110,23 @@ def forward_impl(
     """Validate, run the forward kernel. The result is a fresh tensor (the kernel writes a 2-D view of
     it), never a view, so that it can be modified in place like nn.Linear's."""
     _check_operands(x, values, col_indices, bias, stats_probe)
-    in_features = x.shape[-1]
-    _check_indices_in_range(col_indices, in_features // values.shape[2])
-    out_features = values.shape[0] * values.shape[2]
-    y = x.new_empty(*x.shape[:-1], out_features)
-    x2 = x.reshape(-1, in_features)
+    x_shape = x.shape
+    in_features = x_shape[-1]
+    block_rows, _, block_size, _ = values.shape
+    _check_indices_in_range(col_indices, in_features // block_size)
+    out_features = block_rows * block_size
+    y = x.new_empty(*x_shape[:-1], out_features)
+    flat = len(x_shape) == 2  # the usual case: no 2-D views to make (an op each)
+    x2 = x if flat else x.reshape(-1, in_features)
     if x2.shape[0]:
-        kernels = kernels_for(x.device)
-        y2 = y.view(-1, out_features)
-        kernels.forward(x2.contiguous(), values.contiguous(), col_indices.contiguous(), bias, out=y2)
+        y2 = y if flat else y.view(-1, out_features)
+        kernels_for(x.device).forward(x2.contiguous(), values.contiguous(), col_indices.contiguous(), bias, out=y2)
     return y
 
 
 def _check_grad_operands(grad_out, values_or_x, col_indices, name: str) -> None:
-    if col_indices.device != grad_out.device or values_or_x.device != grad_out.device:
+    device = grad_out.device
+    if col_indices.device != device or values_or_x.device != device:
         raise ValueError(f"{name}: grad_out, col_indices and the other operand must share one device")
 
 
@@ -207,29 +223,42 @@ def _block_norms(t: torch.Tensor, num_blocks: int, block_size: int, dtype: torch
     return torch.linalg.vector_norm(t.reshape(-1, num_blocks, block_size), dim=(0, 2), dtype=dtype)
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(dtype, torch.float32)`` for floating ``dtype``, without an op call."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the dispatcher trip where it already has that dtype (the usual case)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def backward_grads(ctx, grad_y, grad_input_fn, grad_values_fn) -> tuple:
     """Gradients for (x, values, col_indices, bias, stats_probe), trimmed to the inputs the context saw.
     ``grad_input_fn`` / ``grad_values_fn`` compute the two products (the ops, or their impls directly)."""
     x, values, col_indices = ctx.saved_tensors
     block_rows, _, block_size, _ = values.shape
     in_features = x.shape[-1]
-    grad_2d = grad_y.reshape(-1, block_rows * block_size)
-    x_2d = x.reshape(-1, in_features)
+    flat = x.dim() == 2 and grad_y.dim() == 2  # the usual case: no 2-D views to make (an op each)
+    grad_2d = grad_y if flat else grad_y.reshape(-1, block_rows * block_size)
+    x_2d = x if flat else x.reshape(-1, in_features)
     grad_x = grad_values = grad_bias = grad_probe = None
     needs = ctx.needs_input_grad + (False,) * (5 - len(ctx.needs_input_grad))  # trailing defaults may be absent
     if needs[0]:
-        grad_x = grad_input_fn(grad_2d, values, col_indices, in_features).view(x.shape)
+        grad_x = grad_input_fn(grad_2d, values, col_indices, in_features)
+        grad_x = grad_x if flat else grad_x.view(x.shape)
     if needs[1]:
-        grad_values = grad_values_fn(grad_2d, x_2d, col_indices, block_size).to(values.dtype)
+        grad_values = _cast(grad_values_fn(grad_2d, x_2d, col_indices, block_size), values.dtype)
     if ctx.has_bias and needs[3]:
-        grad_bias = grad_2d.sum(0, dtype=torch.promote_types(grad_2d.dtype, torch.float32)).to(ctx.bias_dtype)
+        grad_bias = _cast(grad_2d.sum(0, dtype=_at_least_float32(grad_2d.dtype)), ctx.bias_dtype)
     if needs[4]:
-        # One fused reduction per tensor (no float32 copies of x or grad_out): norms, then squared, in
-        # the probe's dtype (at least float32): a float64 probe keeps energies beyond float32's range.
-        acc = torch.promote_types(ctx.probe_dtype, torch.float32)
-        error_energy = _block_norms(grad_2d, block_rows, block_size, acc).square()  # [R]
-        activation_energy = _block_norms(x_2d, in_features // block_size, block_size, acc).square()  # [C]
-        grad_probe = torch.cat([error_energy, activation_energy]).to(ctx.probe_dtype)
+        # One fused reduction per tensor (no float32 copies of x or grad_out): norms, then squared (once,
+        # for both), in the probe's dtype (at least float32): a float64 probe keeps energies beyond
+        # float32's range.
+        acc = _at_least_float32(ctx.probe_dtype)
+        error_norm = _block_norms(grad_2d, block_rows, block_size, acc)  # [R]
+        activation_norm = _block_norms(x_2d, in_features // block_size, block_size, acc)  # [C]
+        grad_probe = _cast(torch.cat([error_norm, activation_norm]).square(), ctx.probe_dtype)
     return (grad_x, grad_values, None, grad_bias, grad_probe)[: len(ctx.needs_input_grad)]
 
 
@@ -330,6 +359,22 @@ for _device_type in AUTOCAST_DEVICES:
     _register_autocast(_device_type)
 
 
+def eager_apply(function: type) -> "Callable":
+    """``function.apply`` for calls where ``plain_eager`` holds, without the Python of torch's
+    ``Function.apply`` (a signature check, a generator: microseconds a call). With no functorch
+    transform active and no ``setup_context``, that wrapper only unwraps dead functorch wrappers and
+    calls the C ``_FunctionBase.apply``, which this does."""
+    if function.setup_context is not torch.autograd.Function.setup_context:
+        raise TypeError(f"eager_apply: {function.__name__} defines setup_context; call its apply")
+    apply = super(torch.autograd.Function, function).apply
+    unwrap = torch._C._functorch.unwrap_if_dead
+
+    def call(*args):
+        return apply(*[unwrap(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+    return call
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -342,4 +387,7 @@ def plain_eager(tensors) -> bool:
         return False
     if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
         return False
-    return all(t is None or t.__class__ in _PLAIN for t in tensors)
+    for t in tensors:  # a loop, not all(<generator>): this runs on every eager call
+        if t is not None and t.__class__ not in _PLAIN:
+            return False
+    return True

@@ -42,15 +42,17 @@ def enabled() -> bool:
     return not _installed(runtime.launch_enter_hook) and not _installed(runtime.launch_exit_hook)
 
 
-def _spec(value, exact: bool):
-    """The cache key of one runtime argument: what Triton's specialization distinguishes (tensor dtype
-    and 16-byte alignment; an integer's divisibility by 16, == 1 and width), and the exact value of
-    integers Triton does specialize on (shapes: they also pick the autotuner's config)."""
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if exact or isinstance(value, bool) or not isinstance(value, int):
-        return value
-    return value % 16 == 0, value == 1, -(2**31) <= value < 2**31
+def _specs(args: tuple, exact: tuple) -> tuple:
+    """The cache key of the runtime arguments: what Triton's specialization distinguishes (a tensor's
+    dtype and 16-byte alignment; an integer's divisibility by 16, == 1 and width), and the exact value
+    of arguments Triton does specialize on (``exact``: integer shapes, which also pick the autotuner's
+    config) and of non-integers. One comprehension, no call per argument: it runs on every launch."""
+    return tuple([
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+        else a if e or a.__class__ is not int
+        else (a % 16 == 0, a == 1, -(2**31) <= a < 2**31)
+        for a, e in zip(args, exact)
+    ])
 
 
 def _jit_function(kernel):
@@ -76,7 +78,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, device: torch.device) ->
     if device.type != "cuda" or not enabled():
         kernel[grid](*args, **constexprs)
         return
-    key = (id(kernel), device.index, tuple(map(_spec, args, _exact_flags(kernel))), tuple(constexprs.items()))
+    key = (id(kernel), device.index, _specs(args, _exact_flags(kernel)), tuple(constexprs.items()))
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
