@@ -3,6 +3,14 @@ and the weight + optimizer memory of the sparse layers against density (SC-003, 
 
     python benchmarks/bench_training.py                       # 12 layers, hidden 2048, MLP 8192, bf16, compiled
     python benchmarks/bench_training.py --layers 2 --hidden 256 --mlp 1024 --vocab 512 --seq 64 --device cpu --no-compile
+    python benchmarks/bench_training.py --preset seeds --compile-mode reduce-overhead --speed-only   # CUDA graphs
+
+Presets (explicit flags override them): ``bench`` (the defaults above) and ``seeds``, the seeds' model shape
+(16 layers, hidden 640, MLP 2560; a vocabulary of 32000, batch 32 x sequence 512 = 16384 tokens per step, every
+MLP sparse). ``--compile-mode reduce-overhead`` compiles every decoder layer with ``mode="reduce-overhead"``
+(CUDA graphs through cudagraph trees), dense and sparse alike, so the speedup is a same-mode, same-run ratio.
+``--speed-only`` keeps the dense run and the three timed sparse runs below (no memory table, no probe off / on
+runs): one compile per model.
 
 Per block size, every run timed step by step (a device sync after each step; median and mean):
   (0) the stats probe's cost: the sparse model with plain AdamW, probe off then on (eager, and compiled
@@ -17,12 +25,15 @@ Per block size, every run timed step by step (a device sync after each step; med
 Scoring cost = isolated Level 0 + 1 time / scoring step time (cross-checked by (2) - (1), which is
 within the run-to-run noise); Level 2 cost per decision = isolated Level 2 time / step time, and
 amortized at update_every=100. Total at update_every=100 = scoring + Level 2 / 100, compared with
-issue 4's target of 2%. Writes ``benchmarks/results/training-<device>-<date>.json`` and prints a table.
+issue 4's target of 2%. When compiled, after the deciding run: the gradients of one step through the compiled
+layers (CUDA graphs under reduce-overhead) against the same step eager, before and after a rewrite of every
+``col_indices`` in place (``graph_check`` in the JSON: a graph that kept a stale topology fails it). Writes ``benchmarks/results/training-<device>-<date>.json`` and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -33,6 +44,7 @@ from pathlib import Path
 
 import torch
 from tabulate import tabulate
+from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparsify import TopologyConfig, TopologyOptimizer, sparse_layers, sparsify
@@ -41,10 +53,20 @@ from sparsify.topology.scores import enable_probe
 
 TARGET = 0.02  # issue 4, acceptance 5: scoring + Level 2 decisions < 2% of step time
 AMORTIZE_AT = 100  # update_every of the budget (TopologyConfig's default)
+# compiled vs eager gradients differ by bf16 rounding of fused kernels (order 1e-2); a stale topology by order 1
+GRAPH_CHECK_TOLERANCE = 0.1
+
+
+PRESETS = {
+    "bench": {},
+    # the seeds' model: 640-wide, 16 layers; 32 x 512 tokens is a batch such a model trains with on one GPU
+    "seeds": {"layers": 16, "hidden": 640, "mlp": 2560, "vocab": 32000, "batch": 32, "seq": 512},
+}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="bench", help="model shape; explicit flags override it")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--mlp", type=int, default=8192)
@@ -61,7 +83,13 @@ def parse(argv=None):
     p.add_argument("--decisions", type=int, default=10, help="Level 2 events timed in the deciding run")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default="default",
+                   help="torch.compile mode of every decoder layer, dense and sparse (reduce-overhead: CUDA graphs)")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only dense and the plain / scoring / deciding runs: no memory table, no probe off / on runs")
     p.add_argument("--out", default="benchmarks/results")
+    preset, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS[preset.preset])
     return p.parse_args(argv)
 
 
@@ -78,10 +106,25 @@ def build(args, density: float | None, block_size: int, layers: int | None = Non
     return model
 
 
+def _graphs(args) -> bool:
+    return not args.no_compile and args.compile_mode == "reduce-overhead"
+
+
 def compile_layers(model, args) -> None:
-    if not args.no_compile:
-        for layer in model.model.layers:  # regional compilation: one graph reused by identical layers
-            layer.compile()
+    """Regional compilation: one graph reused by identical layers. Under reduce-overhead cudagraph trees
+    record each layer's forward and backward and replay them. Parameters and buffers (``values``,
+    ``col_indices``, the stats probe) are static inputs of those graphs: their addresses are checked on
+    every replay and their contents are read in place, not copied in (the CUDA graph trees notes of
+    PyTorch; pytorch/pytorch#121861). The TopologyOptimizer's Level 2 writes them only in place
+    (``_foreach_copy_`` into ``col_indices``, ``index_put_`` into ``values``): the next replay reads the
+    new topology. The kernels' topology metadata (the column view) is rebuilt inside the graph on every
+    replay, never taken from the host cache while capturing (``sparsify/kernels/topology_cache.py``), and
+    ``graph_check`` below tests both."""
+    if args.no_compile:
+        return
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    for layer in model.model.layers:
+        layer.compile(mode=mode)
 
 
 def _sync(args):
@@ -94,13 +137,17 @@ def _summary(seconds: list[float]) -> dict:
     return {"median_ms": statistics.median(ms), "mean_ms": statistics.mean(ms), "max_ms": max(ms), "count": len(ms)}
 
 
+def train_step(model, opt, args, x) -> None:
+    if _graphs(args):  # a new iteration: the previous step's graph outputs (its gradients) are dead
+        torch.compiler.cudagraph_mark_step_begin()
+    model(input_ids=x, labels=x, use_cache=False).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def time_steps(model, opt, args, x, steps: int | None = None, warmup: int | None = None) -> dict:
     def step():
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        train_step(model, opt, args, x)
 
     for _ in range(args.warmup if warmup is None else warmup):
         step()
@@ -119,9 +166,14 @@ def time_steps(model, opt, args, x, steps: int | None = None, warmup: int | None
         _sync(args)  # per-step host timing after a sync: the Level 2 host work is inside it
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    # replayed CUDA graphs allocate nothing: their activations sit in the graphs' private pool, which
+    # reserved memory counts and allocated memory does not (peak_gib compares only without graphs)
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else float("nan")
     ms = statistics.median(times) * 1e3
     return {"step_ms": ms, "mean_ms": statistics.mean(times) * 1e3, "tokens_per_s": x.numel() / (ms / 1e3),
-            "peak_gib": peak, "allocated_at_start_gib": start_gib}
+            "peak_gib": peak, "peak_reserved_gib": reserved, "allocated_at_start_gib": start_gib,
+            # graphs inductor declined to run as CUDA graphs so far in this process (see main's record)
+            "cudagraph_skips_so_far": counters["inductor"]["cudagraph_skips"]}
 
 
 class TopologyTimer:
@@ -166,12 +218,91 @@ def adamw(model):
 
 def _set_probes(model, on: bool) -> None:
     for _, layer in sparse_layers(model):
-        enable_probe(layer)  # float32, as the TopologyOptimizer makes it: plain and topology runs share one graph
+        enable_probe(layer)  # as the TopologyOptimizer makes it: plain and topology runs share one graph
         layer.stats_probe.requires_grad_(on)
 
 
+def _probe_runs(model, args, x) -> dict:
+    """Part (0): the stats probe's cost, eager (probe off, then on), then compiled with the probe off (the
+    probe changes the graph). Leaves the model compiled with the probe on."""
+    short = max(3, args.steps // 3)
+    eager_off = time_steps(model, adamw(model), args, x, steps=short)
+    _set_probes(model, True)
+    eager_on = time_steps(model, adamw(model), args, x, steps=short)
+    compile_layers(model, args)
+    compiled_off = None
+    if not args.no_compile:
+        _set_probes(model, False)
+        compiled_off = time_steps(model, adamw(model), args, x)
+        _set_probes(model, True)
+    return {"eager_off": eager_off, "eager_on": eager_on, "compiled_off": compiled_off,
+            "eager": max(0.0, (eager_on["mean_ms"] - eager_off["mean_ms"]) / eager_on["mean_ms"])}
+
+
+def _compile_for_speed_only(model, args, x) -> None:
+    """Probe on, one eager step, then compile. The eager step builds the kernels' topology metadata (the
+    host cache of ``sparsify/kernels/topology_cache.py``) in the ordinary memory pool: built first in a
+    cudagraph-trees warm-up it would live in the CUDA graph pool, which the trees may free under it
+    (pytorch/pytorch#177854 describes that for state made lazily in a warm-up)."""
+    _set_probes(model, True)
+    train_step(model, adamw(model), args, x)
+    _sync(args)
+    compile_layers(model, args)
+
+
+def graph_check(model, args, x, eager=None) -> dict:
+    """Gradients of one step through the compiled layers (replayed CUDA graphs under reduce-overhead)
+    against the same step run under ``eager()`` (default ``set_stance("force_eager")``), before and after
+    every ``col_indices`` is rewritten in place: each slot's column moves by one block column (mod C), a
+    valid topology with a different column in every slot. A graph that kept the old topology, or metadata
+    built from it (the column view grad_input walks), fails with a relative error of order 1 on some
+    layer's ``values`` gradient: gate and up read their gradient through down's grad_input, every layer
+    reads its inputs by column. Errors per tensor (their maximum decides), and over all ``values`` and the
+    embedding. The model is left with the rewritten topology."""
+    eager = eager or (lambda: torch.compiler.set_stance("force_eager"))
+    watched = [layer.values for _, layer in sparse_layers(model)] + [model.get_input_embeddings().weight]
+
+    def grads(context) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        if _graphs(args):
+            torch.compiler.cudagraph_mark_step_begin()
+        with context():
+            model(input_ids=x, labels=x, use_cache=False).loss.backward()
+        # copies: graph outputs are overwritten by the next replay
+        out = [t.grad.to(torch.float32, copy=True).flatten() for t in watched]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    def errors() -> dict:
+        compiled, reference = grads(contextlib.nullcontext), grads(eager)
+        rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+        per_tensor = [rel(a, b) for a, b in zip(compiled, reference)]
+        return {"values_max": max(per_tensor[:-1]), "values": rel(torch.cat(compiled[:-1]), torch.cat(reference[:-1])),
+                "embedding": per_tensor[-1]}
+
+    before = errors()
+    with torch.no_grad():
+        for _, layer in sparse_layers(model):
+            layer.col_indices.copy_((layer.col_indices + 1) % (layer.in_features // layer.block_size))
+            layer.topology_version += 1
+    after = errors()
+    _sync(args)
+    return {"relative_error_before": before, "relative_error_after_rewrite": after,
+            "tolerance": GRAPH_CHECK_TOLERANCE,
+            "passed": max(before["values_max"], after["values_max"]) < GRAPH_CHECK_TOLERANCE}
+
+
+def _release_graphs(args) -> None:
+    """Under reduce-overhead, drop the deleted model's compiled code and CUDA graphs (and with them their
+    memory pool), so the next model's reserved peak is its own."""
+    if _graphs(args):
+        gc.collect()
+        torch._dynamo.reset()
+
+
 def speed(args, x, save) -> tuple[list[dict], list[dict]]:
-    """Dense, then per block size: probe off / on, plain AdamW, scoring only, deciding (see the docstring)."""
+    """Dense, then per block size: probe off / on (unless --speed-only), plain AdamW, scoring only,
+    deciding (see the docstring), and the graph check when compiled."""
     rows, topo = [], []
     model = build(args, None, 16)
     compile_layers(model, args)
@@ -180,22 +311,19 @@ def speed(args, x, save) -> tuple[list[dict], list[dict]]:
     save(rows, topo)
     print(f"dense: {dense['step_ms']:.1f} ms/step, peak {dense['peak_gib']:.2f} GiB", flush=True)
     del model
-    short = max(3, args.steps // 3)
+    _release_graphs(args)
     for block in args.block_sizes:
         model = build(args, args.density, block)
-        eager_off = time_steps(model, adamw(model), args, x, steps=short)
-        _set_probes(model, True)
-        eager_on = time_steps(model, adamw(model), args, x, steps=short)
-        probe_eager = max(0.0, (eager_on["mean_ms"] - eager_off["mean_ms"]) / eager_on["mean_ms"])
-        compile_layers(model, args)
-        probe_compiled = probe_eager
-        if not args.no_compile:  # the probe changes the graph: compiled once without it, once with it
-            _set_probes(model, False)
-            compiled_off = time_steps(model, adamw(model), args, x)
-            _set_probes(model, True)
+        probe = None
+        if args.speed_only:
+            _compile_for_speed_only(model, args, x)
+        else:
+            probe = _probe_runs(model, args, x)
         plain = time_steps(model, adamw(model), args, x)
-        if not args.no_compile:
-            probe_compiled = max(0.0, (plain["step_ms"] - compiled_off["step_ms"]) / plain["step_ms"])
+        probe_compiled = None
+        if probe is not None:
+            off = probe["compiled_off"]
+            probe_compiled = probe["eager"] if off is None else max(0.0, (plain["step_ms"] - off["step_ms"]) / plain["step_ms"])
         opt = TopologyOptimizer(adamw(model), model, TopologyConfig(update_every=10**9, score_every=10))
         scoring = time_steps(model, opt, args, x)
         opt.config.update_every = args.update_every
@@ -204,6 +332,7 @@ def speed(args, x, save) -> tuple[list[dict], list[dict]]:
         with TopologyTimer(opt, args) as timer:
             deciding = time_steps(model, opt, args, x, steps=args.update_every * args.decisions, warmup=0)
         decisions = sorted({d.step for d in opt.history})
+        check = None if args.no_compile else graph_check(model, args, x)
 
         step_s = scoring["step_ms"] / 1e3  # the step the topology work is a fraction of
         level01, level2 = _summary(timer.after_step), _summary(timer.level2)
@@ -229,16 +358,22 @@ def speed(args, x, save) -> tuple[list[dict], list[dict]]:
             "level2_fraction_measured": (deciding["mean_ms"] - scoring["mean_ms"]) / deciding["mean_ms"],
             "overhead_fraction_at_update_every_100": total,  # scoring + Level 2: the quantity of the 2% target
             "target_fraction": TARGET, "meets_target": total < TARGET,
-            "probe_fraction_eager": probe_eager, "eager_step_ms_probe_off_on": [eager_off["step_ms"], eager_on["step_ms"]],
+            # None under --speed-only (the probe runs are skipped)
+            "probe_fraction_eager": None if probe is None else probe["eager"],
+            "eager_step_ms_probe_off_on": None if probe is None else [probe["eager_off"]["step_ms"], probe["eager_on"]["step_ms"]],
             "probe_fraction_compiled": probe_compiled,
-            "overhead_with_probe_at_update_every_100": total + probe_compiled,
+            "overhead_with_probe_at_update_every_100": None if probe_compiled is None else total + probe_compiled,
+            "graph_check": check,
         })
         save(rows, topo)
         print(f"b{block}: plain {plain['step_ms']:.1f} / scoring {scoring['step_ms']:.1f} / deciding "
               f"{deciding['step_ms']:.1f} ms; Level 0+1 {level01['median_ms']:.2f} ms per step, Level 2 "
-              f"{level2['median_ms']:.1f} ms per decision ({len(decisions)} timed); probe {100 * probe_compiled:.2f}%",
-              flush=True)
+              f"{level2['median_ms']:.1f} ms per decision ({len(decisions)} timed)"
+              + ("" if probe_compiled is None else f"; probe {100 * probe_compiled:.2f}%")
+              + ("" if check is None else f"; graph check {'passed' if check['passed'] else 'FAILED'} "
+                 f"{check['relative_error_after_rewrite']}"), flush=True)
         del model, opt, timer  # the timer holds the optimizer (and through it the model): it must go too
+        _release_graphs(args)
     return rows, topo
 
 
@@ -285,7 +420,7 @@ def topology_table(topo: list[dict]) -> str:
         f"{t['level2_ms']['median_ms']:.1f} / {t['level2_ms']['max_ms']:.1f} ({t['level2_ms']['count']})",
         pct(t["level2_fraction_per_decision"]), pct(t["level2_fraction_at_update_every_100"]),
         f"{pct(t['overhead_fraction_at_update_every_100'])} {'<' if t['meets_target'] else '>='} {pct(t['target_fraction'])}",
-        pct(t["probe_fraction_compiled"]),
+        "-" if t["probe_fraction_compiled"] is None else pct(t["probe_fraction_compiled"]),
     ] for t in topo]
     headers = ["block", "step ms (median / mean)", "Level 0+1 ms per step (median / mean)", "scoring",
                "scoring from step times (median / mean)", "Level 2 ms per decision (median / max, n)",
@@ -308,20 +443,27 @@ def main(argv=None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     started = time.time()
     today = datetime.date.today().isoformat()
-    path = Path(args.out) / f"training-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}-{today}.json"
+    variant = "".join(f"-{v}" for v in (args.preset, args.compile_mode) if v not in ("bench", "default"))
+    path = Path(args.out) / f"training{variant}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}-{today}.json"
     record = {
         "device": name, "date": today, "torch": torch.__version__, "triton": triton_version,
-        "backend": backend_name(device), "compiled": not args.no_compile, "config": vars(args),
+        "backend": backend_name(device), "compiled": not args.no_compile,
+        "compile_mode": None if args.no_compile else args.compile_mode, "config": vars(args),
+        "model": f"LlamaForCausalLM, {args.layers} layers, hidden {args.hidden}, MLP {args.mlp}, vocab {args.vocab}, "
+                 f"batch {args.batch} x seq {args.seq}, every MLP sparse at density {args.density}",
         "steps": [], "topology": [], "memory": [],
     }
 
     def save(rows=None, topo=None, mem=None):  # after every part, so a run cut short keeps what it measured
         record.update({k: v for k, v in (("steps", rows), ("topology", topo), ("memory", mem)) if v is not None})
         record["seconds"] = time.time() - started
+        # graphs inductor declined to run as CUDA graphs: under reduce-overhead they must be 0 for the
+        # step times to be CUDA-graph times
+        record["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1))
 
-    mem = memory(args, x[: max(1, args.batch // 4)])
+    mem = [] if args.speed_only else memory(args, x[: max(1, args.batch // 4)])
     save(mem=mem)
     rows, topo = speed(args, x, save)
     for r in rows:

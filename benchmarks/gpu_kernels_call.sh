@@ -8,7 +8,9 @@
 # B = 16..128), ncu (one launch of each kernel at B = 64 and 128 under Nsight Compute, clocks left alone),
 # memory (memory_phases.py: a bench_training step per phase, dense vs sparse, and bench_training's order
 # of parts), check (the GPU correctness check), layer (bench_layer.py, the issue's table), training
-# (bench_training.py). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
+# (bench_training.py), training-seeds (bench_training.py on the seeds' shape, 16 layers / hidden 640 / MLP 2560,
+# B = 64 and 16, every decoder layer compiled with mode="reduce-overhead" (CUDA graphs), dense too; about
+# 2-3 minutes, capped at 240 s). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
 # BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
 set -u
 OUT=${OUT:-/tmp/kernels-out}
@@ -76,6 +78,10 @@ for p in "$@"; do
         layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks 16,32,64,128 --out "$OUT" \
                    --shapes "${SHAPES:-4096x14336,14336x4096,640x2560,2560x640}" ;;
         training) part training 540 python3 benchmarks/bench_training.py --block-sizes 128 64 16 --out "$OUT" ;;
+        training-seeds)  # perf_hints logs why inductor skipped a CUDA graph, if it did (cudagraph_skips in the JSON)
+            TORCH_LOGS=perf_hints part training-seeds 240 python3 benchmarks/bench_training.py --preset seeds \
+                --compile-mode reduce-overhead --speed-only --block-sizes 64 16 --steps 12 --warmup 3 \
+                --update-every 5 --decisions 2 --out "$OUT" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac
 done

@@ -2,21 +2,71 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
+
+from sparsify import sparse_layers
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--layers", "1", "--hidden", "64", "--mlp", "128", "--vocab", "64", "--batch", "1", "--seq", "16", "--device", "cpu",
+        "--no-compile"]
 
 
-def test_bench_training_reports_scoring_and_level2_against_the_two_percent_target(tmp_path, capsys):
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench_training", ROOT / "benchmarks" / "bench_training.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--layers", "1", "--hidden", "64", "--mlp", "128", "--vocab", "64", "--batch", "1", "--seq", "16",
-                "--device", "cpu", "--no-compile", "--block-sizes", "16", "--steps", "3", "--warmup", "1",
+    return bench
+
+
+def test_seeds_preset_sets_the_seeds_shape_and_explicit_flags_override_it():
+    bench = load_bench()
+    args = bench.parse(["--preset", "seeds", "--batch", "4", "--compile-mode", "reduce-overhead"])
+    assert (args.layers, args.hidden, args.mlp, args.seq, args.batch) == (16, 640, 2560, 512, 4)
+    assert args.compile_mode == "reduce-overhead"
+    default = bench.parse([])
+    assert (default.layers, default.hidden, default.mlp, default.compile_mode) == (12, 2048, 8192, "default")
+
+
+def test_graph_check_fails_when_the_compiled_path_keeps_the_topology_it_was_built_with():
+    bench = load_bench()
+    args = bench.parse(TINY)
+    model = bench.build(args, 0.5, 16)
+    bench._set_probes(model, True)
+    x = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    eager = {"on": False}
+
+    @contextlib.contextmanager
+    def eager_context():
+        eager["on"] = True
+        yield
+        eager["on"] = False
+
+    # a stand-in for a graph that recorded the topology: outside eager_context every layer reads a frozen copy
+    for _, layer in sparse_layers(model):
+        def stale_forward(inp, layer=layer, frozen=layer.col_indices.clone(), forward=layer.forward):
+            if eager["on"]:
+                return forward(inp)
+            current = layer.col_indices
+            layer.col_indices = frozen
+            try:
+                return forward(inp)
+            finally:
+                layer.col_indices = current
+        layer.forward = stale_forward
+    check = bench.graph_check(model, args, x, eager=eager_context)
+    assert check["relative_error_before"]["values_max"] < 1e-5  # same topology on both paths: same gradients
+    assert check["relative_error_after_rewrite"]["values_max"] > 0.5 and not check["passed"]
+
+
+def test_bench_training_reports_scoring_and_level2_against_the_two_percent_target(tmp_path, capsys):
+    bench = load_bench()
+    bench.main([*TINY, "--block-sizes", "16", "--steps", "3", "--warmup", "1",
                 "--update-every", "2", "--decisions", "3", "--mem-densities", "0.5", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("training-cpu-*.json")
     (row,) = json.loads(path.read_text())["topology"]
