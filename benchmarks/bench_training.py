@@ -25,9 +25,11 @@ Per block size, every run timed step by step (a device sync after each step; med
 Scoring cost = isolated Level 0 + 1 time / scoring step time (cross-checked by (2) - (1), which is
 within the run-to-run noise); Level 2 cost per decision = isolated Level 2 time / step time, and
 amortized at update_every=100. Total at update_every=100 = scoring + Level 2 / 100, compared with
-issue 4's target of 2%. When compiled, after the deciding run: the gradients of one step through the compiled
-layers (CUDA graphs under reduce-overhead) against the same step eager, before and after a rewrite of every
-``col_indices`` in place (``graph_check`` in the JSON: a graph that kept a stale topology fails it). Writes ``benchmarks/results/training-<device>-<date>.json`` and prints a table.
+issue 4's target of 2%. When compiled, after the deciding run: the gradients of one step through the
+compiled layers (CUDA graphs under reduce-overhead) against the same step eager, before and after a
+rewrite of every ``col_indices`` in place (``graph_check`` in the JSON: a graph that kept a stale topology
+fails it). Writes ``benchmarks/results/training[-<preset>][-<mode>]-<device>-<date>.json`` (preset and
+mode named unless ``bench`` / ``default``) and prints a table.
 """
 
 from __future__ import annotations
@@ -166,8 +168,8 @@ def time_steps(model, opt, args, x, steps: int | None = None, warmup: int | None
         _sync(args)  # per-step host timing after a sync: the Level 2 host work is inside it
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-    # replayed CUDA graphs allocate nothing: their activations sit in the graphs' private pool, which
-    # reserved memory counts and allocated memory does not (peak_gib compares only without graphs)
+    # replayed CUDA graphs do not go through the allocator (their pool is laid out when they are recorded),
+    # so under reduce-overhead peak_gib may miss what a replay uses; reserved memory counts the graphs' pool
     reserved = torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else float("nan")
     ms = statistics.median(times) * 1e3
     return {"step_ms": ms, "mean_ms": statistics.mean(times) * 1e3, "tokens_per_s": x.numel() / (ms / 1e3),
@@ -302,7 +304,8 @@ def _release_graphs(args) -> None:
 
 def speed(args, x, save) -> tuple[list[dict], list[dict]]:
     """Dense, then per block size: probe off / on (unless --speed-only), plain AdamW, scoring only,
-    deciding (see the docstring), and the graph check when compiled."""
+    deciding (see the docstring), and the graph check when compiled. Long because it is the benchmark's
+    script, read top to bottom: every part uses the previous one's model and times."""
     rows, topo = [], []
     model = build(args, None, 16)
     compile_layers(model, args)
