@@ -33,6 +33,43 @@ DESIGNS = [("today", b, 1) for b in (16, 32, 64, 128)] + [
     ("rows", 128, 1), ("rows", 128, 2),
     ("union", 16, 4), ("union", 16, 8), ("union", 32, 2), ("union", 32, 4), ("union", 64, 2),
 ]
+# the Gluon design with its configs: (block size, group size, {"BM", "STAGES", "num_warps"})
+GLUON = [
+    (64, 1, {"STAGES": 4}), (64, 2, {"STAGES": 3}), (64, 2, {"STAGES": 4}), (64, 4, {"STAGES": 3, "num_warps": 8}),
+    (32, 2, {"STAGES": 4}), (32, 4, {"STAGES": 4}), (32, 4, {"STAGES": 6}),
+    (128, 1, {"STAGES": 3}), (128, 2, {"STAGES": 2, "num_warps": 8}),
+    (16, 4, {"STAGES": 6}),
+]
+
+
+def gluon_checks() -> list[dict]:
+    """The Gluon forward against float64 on small awkward cases: a token tail, bias, a last group with
+    fewer rows, a repeated column, columns outside [0, C); outputs poisoned first."""
+    from sparsify.kernels.forward_gluon import forward_gluon
+
+    results = []
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for block, group, m, rows, cols, k, config in [
+        (64, 2, 77, 7, 6, 3, {}), (64, 4, 300, 9, 8, 4, {"num_warps": 8}), (32, 4, 129, 5, 12, 6, {}),
+        (128, 2, 200, 3, 4, 2, {"STAGES": 2, "num_warps": 8}), (16, 4, 64, 6, 10, 5, {}), (64, 1, 1000, 4, 16, 8, {}),
+    ]:
+        x = torch.randn(m, cols * block, device="cuda", generator=gen).to(torch.bfloat16)
+        values = (torch.randn(rows, k, block, block, device="cuda", generator=gen) / (k * block) ** 0.5).to(torch.bfloat16)
+        col = torch.stack([torch.randperm(cols, device="cuda", generator=gen)[:k] for _ in range(rows)]).to(torch.int32)
+        col[0, 1] = col[0, 0]
+        col[-1, 0] = cols
+        col[1, -1] = -1
+        bias = torch.randn(rows * block, device="cuda", generator=gen).to(torch.bfloat16)
+        y = torch.full((m, rows * block), float("nan"), device="cuda", dtype=torch.bfloat16)
+        forward_gluon(x, values, row_groups(col, cols, group), bias, y, config)
+        bad = (col < 0) | (col >= cols)
+        kept = values.double().masked_fill(bad[:, :, None, None], 0)
+        ref = F.linear(x.double(), to_dense(kept, torch.where(bad, 0, col), cols * block), bias.double())
+        error = ((y.double() - ref).norm() / ref.norm()).item()
+        results.append({"B": block, "G": group, "M": m, "R": rows, "C": cols, "K": k, "rel_error": error,
+                        "finite": bool(torch.isfinite(y).all())})
+        print("gluon check", results[-1], flush=True)
+    return results
 
 
 def bench(fn) -> float:
@@ -45,11 +82,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--designs", default=None, help="e.g. rows:64:2,union:16:8 (default: all)")
+    parser.add_argument("--gluon", action="store_true", help="today's forward and the Gluon design only")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    designs = DESIGNS if not args.designs else [
-        (d, int(b), int(g)) for d, b, g in (item.split(":") for item in args.designs.split(","))
+    designs = [(d, b, g, None) for d, b, g in DESIGNS] if not args.designs else [
+        (d, int(b), int(g), None) for d, b, g in (item.split(":") for item in args.designs.split(","))
     ]
+    if args.gluon:
+        designs = [("today", b, 1, None) for b in (16, 32, 64, 128)] + [("gluon", b, g, c) for b, g, c in GLUON]
+    checks = gluon_checks() if args.gluon else []
     dtype, m = torch.bfloat16, args.tokens
     rows_out = []
     for shape in args.shapes.split(","):
@@ -58,7 +99,7 @@ def main() -> None:
         x = torch.randn(m, in_f, device="cuda", dtype=dtype, generator=gen)
         w = torch.randn(out_f, in_f, device="cuda", dtype=dtype, generator=gen) / in_f**0.5
         dense_ms = bench(lambda: F.linear(x, w))
-        for design, block, group in designs:
+        for design, block, group, gluon_config in designs:
             num_cols, block_rows = in_f // block, out_f // block
             k = max(1, round(args.density * num_cols))
             col = torch.stack([torch.randperm(num_cols, device="cuda", generator=gen)[:k] for _ in range(block_rows)])
@@ -67,6 +108,11 @@ def main() -> None:
             y = torch.full((m, out_f), float("nan"), device="cuda", dtype=dtype)
             if design == "today":
                 run = lambda: dispatch.triton_forward(x, values, col, None, out=y)  # noqa: E731
+            elif design == "gluon":
+                from sparsify.kernels.forward_gluon import forward_gluon
+
+                listing = row_groups(col, num_cols, group)
+                run = lambda: forward_gluon(x, values, listing, None, y, gluon_config)  # noqa: E731
             else:
                 listing = row_groups(col, num_cols, group)
                 run = lambda: forward_row_groups(x, values, listing, None, y, design)  # noqa: E731
@@ -90,6 +136,8 @@ def main() -> None:
             best = getattr(forward_row_groups.__globals__["KERNELS"].get(design), "best_config", None)
             if best is not None:
                 row["config"] = str(best)
+            if gluon_config is not None:
+                row["config"] = str(gluon_config)
             rows_out.append(row)
             print(f"{in_f}->{out_f} B={block} {design} G={group}: {ms:.3f} ms, {dense_ms / ms:.2f}x dense, "
                   f"err {error:.1e}{'' if finite else ' NOT FINITE'} {row.get('config', '')}", flush=True)
@@ -97,8 +145,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     result = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "triton": triton.__version__, "dtype": str(dtype), "rows": rows_out}
-    path = out / f"forward-designs-{device.replace(' ', '_')}-{result['date']}.json"
+              "triton": triton.__version__, "dtype": str(dtype), "rows": rows_out, "gluon_checks": checks}
+    path = out / f"forward-designs{'-gluon' if args.gluon else ''}-{device.replace(' ', '_')}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 
