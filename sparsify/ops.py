@@ -250,7 +250,11 @@ def backward_grads(ctx, grad_y, grad_input_fn, grad_values_fn) -> tuple:
     if needs[1]:
         grad_values = _cast(grad_values_fn(grad_2d, x_2d, col_indices, block_size), values.dtype)
     if ctx.has_bias and needs[3]:
-        grad_bias = _cast(grad_2d.sum(0, dtype=_at_least_float32(grad_2d.dtype)), ctx.bias_dtype)
+        # One op, as nn.Linear's bias gradient: torch sums bfloat16 / float16 in float32 and rounds once.
+        if grad_2d.dtype == ctx.bias_dtype:
+            grad_bias = grad_2d.sum(0)
+        else:
+            grad_bias = grad_2d.sum(0, dtype=_at_least_float32(grad_2d.dtype)).to(ctx.bias_dtype)
     if needs[4]:
         # One fused reduction per tensor (no float32 copies of x or grad_out): norms, then squared (once,
         # for both), in the probe's dtype (at least float32): a float64 probe keeps energies beyond
