@@ -4,6 +4,8 @@
 # $OUT/results.tgz, refreshed every minute, so a call cut off still returns what had finished.
 #
 #   run(command="bash experiments/forgetting/gpu_run.sh", carry=["experiments/forgetting/data/prose.json"], timeout_s=600)
+#   PLAN=experiments/forgetting/plans/calibrate_a.txt TOTAL_SECONDS=500 BIG_BLOCK=0 bash experiments/forgetting/gpu_run.sh
+#     (task A's curve at two model sizes and every paired arm once; see that file)
 #
 # Settings are environment variables (defaults in the code below): TOTAL_SECONDS (the whole call, 560),
 # TAR_SECONDS (kept for packing at the end, 40), WORKERS (14 a GPU, at most cores - 2 on several GPUs;
@@ -11,7 +13,10 @@
 # MLP, HEADS, SEQ, BATCH, LAYERS (sparse MLP layers), A_STEPS, B_STEPS, A_EVALS, B_EVALS, B_LRS ("low base high"),
 # SEEDS, BIG_BLOCK, PAIRED (1: the paired design with the replay, LoRA, densified and sparse-EWC baselines;
 # LoRA needs peft: see below),
-# RESULTS (experiments/forgetting/results/gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options).
+# RESULTS (experiments/forgetting/results/gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options),
+# PLAN (a file of lines `name workers options...`: instead of the one grid, one `run` per line, all at once
+# until the same deadline, each into RESULTS/name with its own options after the common ones (the last of a
+# repeated option wins) and its log in $OUT/grid-name.log; plans/calibrate_a.txt is one).
 #
 # Why this configuration fits (estimate for one H100, 16 cores): the last call measured 600 task-A steps
 # of this model (6 layers, hidden 256, MLP 1024, batch 64 x 128 bytes, float32) at 38 s dense and 109-130 s
@@ -92,7 +97,11 @@ try:
     import triton; tv = triton.__version__
 except ImportError:
     tv = 'none'
-print('torch', torch.__version__, 'triton', tv, 'transformers', transformers.__version__)
+try:
+    import peft; pv = peft.__version__
+except ImportError:
+    pv = 'none'
+print('torch', torch.__version__, 'triton', tv, 'transformers', transformers.__version__, 'peft', pv)
 torch.ones(1, device='$DEVICE').sum().item()"
 }
 if ! probe; then
@@ -110,7 +119,7 @@ echo "CUDA MPS: $MPS"
 
 # ---- the lora arm needs peft; the device machine has no network: carry wheels made here with
 #      `pip download peft accelerate --no-deps -d .whl` (carry=[".whl", ...]) and they are installed from there
-if [ "${PAIRED:-0}" = 1 ] && ! python -c "import peft" 2>/dev/null; then
+if { [ "${PAIRED:-0}" = 1 ] || [ -n "${PLAN:-}" ]; } && ! python -c "import peft" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     pip install -q --no-index --no-deps --find-links .whl peft accelerate || echo "peft: installing from .whl failed"
   fi
@@ -141,11 +150,29 @@ echo "grid: $GRID s until the deadline, $WORKERS workers"
 (trap 'kill $! 2>/dev/null; exit 0' TERM; while true; do sleep 60 & wait $!; snapshot loop; done) >/dev/null 2>&1 &
 SNAPSHOTS=$!
 # runs still going at the deadline stop at their next 50-step mark; the hard limit only catches a hang
-timeout --kill-after=10 $((GRID + 25)) python experiments/forgetting/run.py run --workers "$WORKERS" \
-  --deadline-at "$DEADLINE_AT" --no-report "${ARGS[@]}" > "$OUT/grid.log" 2>&1
-echo "grid exit $? after $(($(date +%s) - START)) s of the call"
+grid() {  # $1: workers, $2: results folder, $3: log; the rest: options after the common ones
+  local workers=$1 results=$2 log=$3
+  shift 3
+  timeout --kill-after=10 $((GRID + 25)) python experiments/forgetting/run.py run --workers "$workers" \
+    --deadline-at "$DEADLINE_AT" --no-report "${ARGS[@]}" --out "$results" "$@" > "$log" 2>&1
+  local rc=$?
+  echo "grid $(basename "$results") exit $rc after $(($(date +%s) - START)) s of the call"
+}
+if [ -n "${PLAN:-}" ]; then
+  PIDS=()
+  while read -r NAME PLAN_WORKERS PLAN_ARGS; do
+    case "$NAME" in ''|'#'*) continue ;; esac
+    echo "plan $NAME: $PLAN_WORKERS workers, $PLAN_ARGS"
+    # shellcheck disable=SC2086  # the line's options, split on purpose
+    grid "$PLAN_WORKERS" "$RESULTS/$NAME" "$OUT/grid-$NAME.log" $PLAN_ARGS &
+    PIDS+=($!)
+  done < "$PLAN"
+  for PID in "${PIDS[@]}"; do wait "$PID"; done
+else
+  grid "$WORKERS" "$RESULTS" "$OUT/grid.log"
+fi
 stop_snapshots
 snapshot final
 rm -f "$OUT/.results.tgz.loop"  # a snapshot the loop had not finished
-grep -v Warning "$OUT/grid.log" | tail -8
+for LOG in "$OUT"/grid*.log; do echo "== $LOG"; grep -v Warning "$LOG" | tail -4; done
 ls -la "$OUT"

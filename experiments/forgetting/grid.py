@@ -49,6 +49,11 @@ class Job:
     lam: float | None = None  # EWC lambda; None for an EWC run: the chosen one
     lam_search: bool = False
 
+    def done(self, out: Path) -> bool:
+        """Its files exist: a task-A run's JSON and checkpoint (a results folder restored without the
+        checkpoints reruns task A rather than leave its B runs waiting for it)."""
+        return self.path(out).exists() and (self.kind == "B" or _a_files(out, self.arm, self.seed)[1].exists())
+
     def path(self, out: Path) -> Path:
         if self.kind == "A":
             return out / "a" / f"{self.arm.a_key}__s{self.seed}.json"
@@ -133,7 +138,11 @@ def execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> tupl
 def _execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> float:
     start = time.time()
     if job.kind == "A":
-        summary, ckpt = run_a(job.arm, job.seed, cfg, deadline)
+        try:
+            summary, ckpt = run_a(job.arm, job.seed, cfg, deadline)
+        except DeadlinePassed as cut:  # its curve so far, beside (not among) the finished runs
+            _write(out / "cut" / job.path(out).name, cut.partial)
+            raise
         json_path, pt_path = _a_files(out, job.arm, job.seed)
         pt_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt, f"{pt_path}.tmp")
@@ -218,7 +227,7 @@ def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline:
     """Run every job not done yet; ``workers == 0`` runs them in this process (smoke test, CPU).
     Returns (and keeps ``out/grid.json`` up to date with) what failed, what was skipped for time (never
     started), what was cut at the deadline, and every finished job's seconds."""
-    todo = [j for j in jobs if not j.path(out).exists()]
+    todo = [j for j in jobs if not j.done(out)]
     lam_jobs = [j for j in jobs if j.lam_search]
     failed, skipped, cut = [], [], []
     durations = defaultdict(list)  # (kind, dense or sparse) -> seconds of runs in warm processes

@@ -5,6 +5,7 @@
     bash experiments/forgetting/gpu_run.sh              # the whole GPU grid in one call (see its header)
     python experiments/forgetting/run.py report         # markdown + figures from results/default
     python experiments/forgetting/run.py --smoke        # every arm, tiny, CPU, under a minute
+    python experiments/forgetting/run.py run --paired --a-only --a-steps 4000 --a-evals 20   # task A's curve
 
 Paths are relative to the current directory; the defaults live in experiments/forgetting/ (data/ and
 results/, both git-ignored). Runs write ``OUT/**.json``; a run whose JSON exists is skipped (resumable).
@@ -68,6 +69,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--paired", action="store_true",
                    help="the paired design: per seed one dense and one sparse task-A model (--density, 16x16 blocks), "
                         "every B arm from one of them, baselines included (--densities, --big-block ignored)")
+    p.add_argument("--a-only", action="store_true",
+                   help="task-A runs only (calibrating A's length: use --a-evals for the curve; a run cut at the "
+                        "deadline leaves its curve so far in OUT/cut/)")
     p.add_argument("--late", nargs="*", default=[], help="arms run after all others (when time allows)")
     p.add_argument("--ewc-lambdas", type=float, nargs="+", default=list(ExpConfig.ewc_lambdas))
     p.add_argument("--n-layers", type=int, default=ModelConfig.layers)
@@ -120,6 +124,7 @@ def main(argv=None) -> dict:
     if args.command == "run":
         deadline = args.deadline_at or (time.time() + args.deadline if args.deadline else None)
         jobs = plan(arms, 1 if args.smoke else args.seeds, cfg, sweep=not args.no_sweep, late=tuple(args.late))
+        jobs = [j for j in jobs if j.kind == "A"] if args.a_only else jobs
         outcome = run_grid(jobs, cfg, out, args.workers, deadline)
         print(f"grid: {len(outcome['seconds'])} runs done in {outcome['wall_seconds']:.0f} s;",
               ", ".join(f"{len(outcome[k])} {k}" for k in ("failed", "skipped", "cut")))

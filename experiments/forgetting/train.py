@@ -26,7 +26,11 @@ from forgetting.model import ModelConfig, build_model
 
 
 class DeadlinePassed(RuntimeError):
-    pass
+    """A run stopped at the deadline; ``partial`` holds its curve so far (the loss and the evaluations)."""
+
+    def __init__(self, message: str, partial: dict | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial or {}
 
 
 @dataclass
@@ -140,9 +144,13 @@ def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, 
         if step in eval_at:
             evals.append(timed_eval(step))
         if deadline is not None and step % 50 == 0 and time.time() > deadline:
-            raise DeadlinePassed(f"deadline passed at step {step}")
-    return {"loss": [round(v, 4) for v in torch.stack(losses).tolist()], "evals": evals,
-            "seconds": time.time() - start, "eval_seconds": eval_seconds}
+            raise DeadlinePassed(f"deadline passed at step {step}", _curve(losses, evals, start, eval_seconds))
+    return _curve(losses, evals, start, eval_seconds)
+
+
+def _curve(losses: list[torch.Tensor], evals: list[dict], start: float, eval_seconds: float) -> dict:
+    return {"loss": [round(v, 4) for v in torch.stack(losses).tolist()] if losses else [], "evals": evals,
+            "steps_done": len(losses), "seconds": time.time() - start, "eval_seconds": eval_seconds}
 
 
 def _decisions(opt) -> list[dict]:
@@ -187,8 +195,12 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, d
         acc, byte_acc = answer_scores(model, math_task.test, cfg.device)
         return {"step": step, "acc_test": acc, "byte_test": byte_acc}
 
-    phase = train_phase(model, opt, math_stream, cfg, steps=cfg.a_steps, lr=cfg.a_lr, seed=1000 + seed, cosine=True,
-                        evaluate=evaluate, eval_at=set(_checkpoints(cfg.a_steps, cfg.a_evals)), deadline=deadline)
+    try:
+        phase = train_phase(model, opt, math_stream, cfg, steps=cfg.a_steps, lr=cfg.a_lr, seed=1000 + seed, cosine=True,
+                            evaluate=evaluate, eval_at=set(_checkpoints(cfg.a_steps, cfg.a_evals)), deadline=deadline)
+    except DeadlinePassed as cut:  # the curve so far, for the calibration of task A's length
+        cut.partial = {"key": key, "seed": seed, **_meta(cfg), "phase": cut.partial, "cut": True}
+        raise
     batches = lambda: ((lambda x=x: _loss(model, x)) for x in _windows(math_stream, cfg, seed))  # noqa: E731
     ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     ckpt["fisher"] = {k: v.cpu() for k, v in A.fisher_diagonal(model, batches()).items()}  # EWC, dense or sparse

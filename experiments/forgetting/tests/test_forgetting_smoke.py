@@ -293,3 +293,39 @@ def test_paired_differences_cancel_the_seed_to_seed_spread():
     assert paired.verdict(found) == "held"
     runs.append(_record("arm", 3, 3e-4, 3.5, after=0.0))  # a seed with no dense runs: left out, not paired
     assert len(paired.at_equal_loss(paired.groups(runs), "arm", "dense", 3e-4, 1, "acc_test")) == 3
+
+
+# ---------------------------------------------------------------- calibrating task A's length
+def test_a_task_a_run_cut_at_the_deadline_leaves_its_curve_and_is_not_done(tmp_path):
+    import dataclasses
+    import time
+
+    from forgetting import grid
+    from forgetting.arms import Arm
+    from forgetting.run import SMOKE
+    from forgetting.train import DeadlinePassed, ExpConfig
+
+    prose = tmp_path / "prose.json"
+    prose.write_text(json.dumps({split: ["The quick brown fox jumps over the lazy dog. " * 8] * 20
+                                 for split in ("train", "val", "test")}))
+    cfg = dataclasses.replace(ExpConfig(**SMOKE), a_steps=50, a_evals=5, prose_file=str(prose))
+    job = grid.Job(0, "A", Arm("dense"), 0)
+    with pytest.raises(DeadlinePassed):  # the deadline is checked every 50 steps: the run stops at step 50
+        grid.execute(job, cfg, tmp_path, deadline=time.time() - 1)
+    curve = json.loads((tmp_path / "cut" / "dense__s0.json").read_text())
+    assert curve["cut"] and curve["key"] == "dense" and curve["phase"]["steps_done"] == 50
+    assert [e["step"] for e in curve["phase"]["evals"]] == [0, 10, 20, 30, 40, 50]
+    assert len(curve["phase"]["loss"]) == 50
+    assert not job.done(tmp_path) and not job.path(tmp_path).exists()
+
+
+def test_a_task_a_record_without_its_checkpoint_is_run_again(tmp_path):
+    from forgetting.arms import Arm
+    from forgetting.grid import Job
+
+    job = Job(0, "A", Arm("dense"), 0)
+    job.path(tmp_path).parent.mkdir(parents=True)
+    job.path(tmp_path).write_text("{}")  # a results folder restored from the tarball: JSONs only
+    assert not job.done(tmp_path)
+    job.path(tmp_path).with_suffix(".pt").write_text("")
+    assert job.done(tmp_path)
