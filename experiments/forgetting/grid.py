@@ -50,9 +50,10 @@ class Job:
     lam_search: bool = False
 
     def done(self, out: Path) -> bool:
-        """Its files exist: a task-A run's JSON and checkpoint (a results folder restored without the
-        checkpoints reruns task A rather than leave its B runs waiting for it)."""
-        return self.path(out).exists() and (self.kind == "B" or _a_files(out, self.arm, self.seed)[1].exists())
+        """Its JSON and its task-A checkpoint exist. A results folder restored without the checkpoints
+        (they do not come back from a device call) reruns task A and every B run started from it, so the
+        B runs of a seed still share one task-A model."""
+        return self.path(out).exists() and _a_files(out, self.arm, self.seed)[1].exists()
 
     def path(self, out: Path) -> Path:
         if self.kind == "A":

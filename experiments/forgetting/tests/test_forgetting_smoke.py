@@ -319,13 +319,14 @@ def test_a_task_a_run_cut_at_the_deadline_leaves_its_curve_and_is_not_done(tmp_p
     assert not job.done(tmp_path) and not job.path(tmp_path).exists()
 
 
-def test_a_task_a_record_without_its_checkpoint_is_run_again(tmp_path):
+def test_runs_restored_without_their_task_a_checkpoint_are_run_again(tmp_path):
     from forgetting.arms import Arm
     from forgetting.grid import Job
 
-    job = Job(0, "A", Arm("dense"), 0)
-    job.path(tmp_path).parent.mkdir(parents=True)
-    job.path(tmp_path).write_text("{}")  # a results folder restored from the tarball: JSONs only
-    assert not job.done(tmp_path)
-    job.path(tmp_path).with_suffix(".pt").write_text("")
-    assert job.done(tmp_path)
+    a_job, b_job = Job(0, "A", Arm("dense"), 0), Job(2, "B", Arm("dense"), 0, 3e-4)
+    for job in (a_job, b_job):  # a results folder restored from the tarball: JSONs only
+        job.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        job.path(tmp_path).write_text("{}")
+    assert not a_job.done(tmp_path) and not b_job.done(tmp_path)
+    a_job.path(tmp_path).with_suffix(".pt").write_text("")
+    assert a_job.done(tmp_path) and b_job.done(tmp_path)
