@@ -4,6 +4,7 @@ work is tiny (decode-sized inputs), so what is timed is the Python and launch pa
     PYTHONPATH=. python benchmarks/host_overhead.py [--out DIR]          # CUDA: the table + a JSON file
     PYTHONPATH=. python benchmarks/host_overhead.py --device cpu         # dry run: tiny shapes, the reference
     PYTHONPATH=. python benchmarks/host_overhead.py --profile            # where the host time goes (cProfile)
+    PYTHONPATH=/tmp/before python benchmarks/host_overhead.py --tag before  # an older tree of sparsify/
 
 Per configuration (in->out, B, M tokens, stats probe on / off) the sparse layer's and nn.Linear's
 fwd+bwd calls are timed in alternation (sparse loop, dense loop, ``--repeats`` times, ``--calls`` calls
@@ -138,7 +139,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--calls", type=int, default=None, help="calls per timed loop (200 on CUDA)")
     parser.add_argument("--repeats", type=int, default=7, help="timed loops per layer (median and min)")
-    parser.add_argument("--budget-s", type=float, default=80.0, help="start no configuration after this")
+    parser.add_argument("--budget-s", type=float, default=65.0, help="start no configuration after this")
+    parser.add_argument("--tag", default="", help="suffix of the result file's name (e.g. before / after)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile breakdown instead of timing")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -180,12 +182,13 @@ def main() -> None:
             "each; host = host clock after the last launch, wall = after one synchronize; medians and mins over "
             "the loops; ratio = sparse / dense"
         ),
-        "elapsed_s": round(elapsed, 1), "skipped_over_budget": skipped, "measurements": rows,
+        "tag": args.tag, "elapsed_s": round(elapsed, 1), "skipped_over_budget": skipped, "measurements": rows,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = name.replace(" ", "_").split("_(")[0] if device.type == "cuda" else "cpu-dry-run"
-    path = out / f"host-overhead-{slug}-{datetime.date.today().isoformat()}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    path = out / f"host-overhead-{slug}-{datetime.date.today().isoformat()}{tag}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     columns = ["in", "out", "M", "B", "probe", "sparse_host_us", "sparse_host_min_us", "dense_host_us",
                "host_ratio", "host_ratio_min", "wall_ratio", "sparse_kernels", "dense_kernels"]
