@@ -77,7 +77,8 @@ def count_kernels(fn, device: torch.device, calls: int = 5) -> float | None:
     """GPU kernels launched per call of ``fn`` (torch.profiler), None off CUDA."""
     if device.type != "cuda":
         return None
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
         _sync(device)
