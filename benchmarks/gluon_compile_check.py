@@ -1,0 +1,113 @@
+"""Compile the Gluon forward (sparsify/kernels/forward_gluon.py) for a Hopper GPU on a machine without
+one: Triton's front end, the Gluon layouts and PTX generation run as on the GPU, so mistakes show
+before any device time is spent. With Triton's bundled ptxas it also prints registers and spills.
+
+    python benchmarks/gluon_compile_check.py                    # the default configs, sm_90
+    python benchmarks/gluon_compile_check.py --configs 64:4:4:8  # B:G:STAGES:num_warps,...
+
+Exits 1 if any config fails to compile. The driver is replaced by a stand-in that names the target, so
+run it in its own process (tests/test_gluon_compile.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+DEFAULT = "64:1:4:4,64:4:4:8,32:4:6:8,128:2:3:8,16:4:8:8"
+
+
+class TargetOnly:
+    """What the JIT asks of a driver before launching: the device, the stream and the target."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def compile_config(block: int, group: int, stages: int, warps: int, bias: bool = True):
+    """The kernel compiled for 4096 -> 14336 at density 0.5 and 8192 tokens (shapes on the CPU: nothing runs)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from sparsify.kernels import forward_gluon
+    from sparsify.kernels.row_groups import group_entries
+
+    tokens, in_f, out_f, bm = 8192, 4096, 14336, 128
+    rows, cols = out_f // block, in_f // block
+    k = cols // 2
+    x = torch.empty(tokens, in_f, dtype=torch.bfloat16)
+    values = torch.empty(rows, k, block, block, dtype=torch.bfloat16)
+    y = torch.empty(tokens, out_f, dtype=torch.bfloat16)
+    entries = group_entries(torch.rand(rows, cols).argsort(dim=1)[:, :k].to(torch.int32), cols, group)
+    box = gl.NVMMASharedLayout.get_default_for([bm, block], gl.bfloat16)
+    square = gl.NVMMASharedLayout.get_default_for([block, block], gl.bfloat16)
+    descriptors = (TensorDescriptor.from_tensor(x, [bm, block], box),
+                   TensorDescriptor.from_tensor(values.view(rows * k * block, block), [block, block], square),
+                   TensorDescriptor.from_tensor(y, [bm, block], box))
+    return forward_gluon._forward_gluon_kernel.warmup(
+        *descriptors, *entries, torch.empty(out_f, dtype=torch.bfloat16) if bias else y,
+        tokens, k, rows, entries[3].shape[0],
+        B=block, G=group, BM=bm, STAGES=stages, HAS_BIAS=bias, num_warps=warps, grid=(1,),
+    )
+
+
+def ptxas_report(kernel, capability: int) -> str:
+    ptxas = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    if not ptxas.exists():
+        return "(no bundled ptxas)"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    done = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{capability}a", f.name, "-o", os.devnull],
+                          capture_output=True, text=True)
+    os.unlink(f.name)
+    lines = [line.split(":", 1)[-1].strip() for line in done.stderr.splitlines() if "registers" in line or "spill" in line]
+    return "; ".join(lines) or done.stderr.strip()[-300:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=DEFAULT, help="B:G:STAGES:num_warps,...")
+    parser.add_argument("--capability", type=int, default=90)
+    args = parser.parse_args()
+    driver.set_active(TargetOnly(args.capability))
+    failed = 0
+    for item in args.configs.split(","):
+        block, group, stages, warps = (int(v) for v in item.split(":"))
+        try:
+            kernel = compile_config(block, group, stages, warps)
+        except Exception as error:  # report every config, then fail
+            failed += 1
+            cause = error.__cause__ if error.__cause__ is not None else error
+            print(f"B={block} G={group} STAGES={stages} warps={warps}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
+            continue
+        print(f"B={block} G={group} STAGES={stages} warps={warps}: OK, {kernel.metadata.shared} bytes of shared "
+              f"memory; {ptxas_report(kernel, args.capability)}")
+    print(f"triton {triton.__version__}: {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
