@@ -91,19 +91,44 @@ def _store_row(acc, y_desc, c_smem, bias_ptr, m0, row, R, B: gl.constexpr, HAS_B
 
 
 @gluon.jit
+def _program_tile(M, BM: gl.constexpr, NG):
+    """(first token, row group) of this program in grouped order (as common.grouped_tile): 8 token
+    tiles visit every row group in turn, so an activation panel stays in L2."""
+    pid = gl.program_id(0)
+    per_group = 8 * NG
+    first_m = (pid // per_group) * 8
+    group_size = gl.minimum(gl.cdiv(M, BM) - first_m, 8)
+    return (first_m + (pid % per_group) % group_size) * BM, (pid % per_group) // group_size
+
+
+@gluon.jit
+def _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, row0, R, B: gl.constexpr, G: gl.constexpr,
+                 BM: gl.constexpr, HAS_BIAS: gl.constexpr, layout: gl.constexpr):
+    """Wait for the last MMA, then store the G rows' output tiles (the accumulators come back as tensors)."""
+    c_bufs = gl.allocate_shared_memory(y_desc.dtype, [G, BM, B], y_desc.layout)
+    if G == 1:
+        acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0,))
+    elif G == 2:
+        acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+    else:
+        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
+    _store_row(acc0, y_desc, c_bufs.index(0), bias_ptr, m0, row0, R, B, HAS_BIAS, layout)
+    if G > 1:
+        _store_row(acc1, y_desc, c_bufs.index(1), bias_ptr, m0, row0 + 1, R, B, HAS_BIAS, layout)
+    if G > 2:
+        _store_row(acc2, y_desc, c_bufs.index(2), bias_ptr, m0, row0 + 2, R, B, HAS_BIAS, layout)
+        _store_row(acc3, y_desc, c_bufs.index(3), bias_ptr, m0, row0 + 3, R, B, HAS_BIAS, layout)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
 def _forward_gluon_kernel(
     x_desc, v_desc, y_desc, cols_ptr, row_slots_ptr, distinct_ptr, counts_ptr, bias_ptr,
     M, K, R, NG,
     B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    # grouped program order (as common.grouped_tile): 8 token tiles visit every row group in turn
-    pid = gl.program_id(0)
-    per_group = 8 * NG
-    first_m = (pid // per_group) * 8
-    group_size = gl.minimum(gl.cdiv(M, BM) - first_m, 8)
-    m0 = (first_m + (pid % per_group) % group_size) * BM
-    group = (pid % per_group) // group_size
+    m0, group = _program_tile(M, BM, NG)
     row0 = group * G
     block0 = row0 * K  # entry (g, k) is block (row0 + g) * K + k = block0 + g*K + k of values
     first = group * G * K
@@ -146,24 +171,9 @@ def _forward_gluon_kernel(
         if entry + STAGES - 1 < end:
             _load_entry(x_desc, v_desc, cols_ptr, row_slots_ptr, distinct_ptr, entry + STAGES - 1, first, m0,
                         block0, x_bufs, w_bufs, ready, STAGES, B)
-    # the last MMA done: the accumulators in use come back as plain tensors
-    if G == 1:
-        acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0,))
-    elif G == 2:
-        acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
-    else:
-        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
-
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
-    c_bufs = gl.allocate_shared_memory(y_desc.dtype, [G, BM, B], y_desc.layout)
-    _store_row(acc0, y_desc, c_bufs.index(0), bias_ptr, m0, row0, R, B, HAS_BIAS, layout)
-    if G > 1:
-        _store_row(acc1, y_desc, c_bufs.index(1), bias_ptr, m0, row0 + 1, R, B, HAS_BIAS, layout)
-    if G > 2:
-        _store_row(acc2, y_desc, c_bufs.index(2), bias_ptr, m0, row0 + 2, R, B, HAS_BIAS, layout)
-        _store_row(acc3, y_desc, c_bufs.index(3), bias_ptr, m0, row0 + 3, R, B, HAS_BIAS, layout)
-    tma.store_wait(pendings=0)
+    _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, row0, R, B, G, BM, HAS_BIAS, layout)
 
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
