@@ -139,3 +139,45 @@ def test_under_capture_metadata_is_rebuilt_but_an_earlier_column_check_is_reused
     monkeypatch.setattr(topology_cache, "_capturing", lambda c: False)
     check(col, 8)  # the in-capture check was not remembered either
     assert len(checks) == 3
+
+
+class _Trees:
+    """A stand-in for torch._inductor.cudagraph_trees: one manager in the given state (or none / broken)."""
+
+    def __init__(self, state=None, broken=False):
+        self.state, self.broken = state, broken
+
+    def get_manager(self, index, create_if_none_exists=True):
+        assert create_if_none_exists is False
+        if self.broken:
+            raise AttributeError("internals changed")
+        if self.state is None:
+            return None
+        return type("Manager", (), {"path_state": type("State", (), {"name": self.state})()})()
+
+
+def _cuda_like():
+    return type("Col", (), {"is_cuda": True, "device": torch.device("cuda", 0)})()
+
+
+@pytest.mark.parametrize("trees, warming", [
+    (None, False), (_Trees(None), False), (_Trees("WARMUP"), True), (_Trees("RECORDING"), False),
+    (_Trees("EXECUTION"), False), (_Trees(broken=True), True),
+])
+def test_a_cudagraph_warm_up_is_recognised_and_unknown_internals_count_as_one(monkeypatch, trees, warming):
+    name = "torch._inductor.cudagraph_trees"
+    if trees is None:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, name, trees)
+    assert topology_cache._cudagraph_warmup(_cuda_like()) is warming
+
+
+def test_nothing_is_kept_that_is_built_during_a_cudagraph_warm_up(monkeypatch):
+    """Warm-up allocations live in the graphs' private pool, which the graphs free and poison later."""
+    col = topology()
+    monkeypatch.setattr(topology_cache, "_cudagraph_warmup", lambda c: True)
+    first, second = lookup(col), lookup(col)
+    assert first is not second and torch.equal(first, second)
+    monkeypatch.setattr(topology_cache, "_cudagraph_warmup", lambda c: False)
+    assert lookup(col) is lookup(col)

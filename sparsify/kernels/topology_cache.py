@@ -12,6 +12,9 @@ Assigning a new tensor (``layer.col_indices = t``, ``.data = t``) changes the ob
 Nothing is cached, and the metadata is built as before, where a cached tensor could be wrong later:
 under CUDA graph capture (each replay must rebuild from what ``col_indices`` holds then), for tensors
 without a version counter (inference tensors), and for tensors that are not plain ``torch.Tensor``s.
+Nor is anything kept that is built during a warm-up run of torch.compile's CUDA graphs (mode
+"reduce-overhead"): those runs allocate in the graphs' private memory pool, which the graphs free and
+poison when they move on, so a kept entry could later be read after its memory was reused.
 One exception under capture: a builder registered with ``reuse_under_capture`` (the column check, which
 produces nothing the kernels read) is skipped when the same state was already checked before the
 capture, so a decode graph does not replay three checking launches per layer. A topology written in
@@ -20,6 +23,7 @@ place between replays is then not re-checked; the kernels still read nothing out
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 
@@ -43,6 +47,21 @@ def _capturing(col_indices: torch.Tensor) -> bool:
     return col_indices.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _cudagraph_warmup(col_indices: torch.Tensor) -> bool:
+    """Whether torch.compile's CUDA-graph trees are warming up on this thread and device (their private
+    pool takes the allocations). Asked only when an entry would be kept. Where the trees' internals are
+    not what this expects, the answer is yes: nothing is kept, which is slower but never wrong."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None or not col_indices.is_cuda:
+        return False
+    try:
+        index = col_indices.device.index if col_indices.device.index is not None else torch.cuda.current_device()
+        manager = trees.get_manager(index, create_if_none_exists=False)
+        return manager is not None and manager.path_state.name == "WARMUP"
+    except Exception:  # noqa: BLE001  (a private API: any change of it must fail safe)
+        return True
+
+
 def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[[], object],
            reuse_under_capture: bool = False):
     """``build()``'s result for this topology, reused while ``col_indices`` is unchanged (see the module
@@ -59,7 +78,7 @@ def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[
     if hit is not None and hit[0] == state and (reuse_under_capture or not capturing):
         return hit[1]
     value = build()
-    if capturing:
+    if capturing or _cudagraph_warmup(col_indices):
         return value
     with _lock:
         builds += 1
