@@ -2,6 +2,7 @@
 
     python examples/quickstart.py            # CPU or GPU; about a minute on two CPU cores
     python examples/quickstart.py --steps 200 --density 0.25
+    python examples/quickstart.py --cuda-graphs     # GPU: the decoder layers compiled into CUDA graphs
 
 The model is built from a config (random init, nothing is downloaded) and learns, character by
 character, the Zen of Python, which ships inside every Python as the module ``this``.
@@ -19,7 +20,7 @@ import torch
 from tabulate import tabulate
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sparsify import TopologyConfig, TopologyOptimizer, sparsify, sparsity_table, topology_report
+from sparsify import TopologyConfig, TopologyOptimizer, compile_repeated_layers, sparsify, sparsity_table, topology_report
 
 
 def zen_of_python() -> torch.Tensor:
@@ -43,7 +44,11 @@ def main() -> None:
     parser.add_argument("--layers", default="1..2", help="which decoder layers get sparse MLPs, e.g. '1..2'")
     parser.add_argument("--update-every", type=int, default=20, help="steps between topology decisions (Level 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="compile each decoder layer with mode='reduce-overhead' (CUDA graphs: no host cost per layer call)")
     args = parser.parse_args()
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error(f"--cuda-graphs needs --device cuda, not {args.device}")
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -54,6 +59,8 @@ def main() -> None:
     sparsify(model, layers=args.layers, components=("mlp",), density=args.density, block_size=args.block_size)
     model.to(args.device)
     print(sparsity_table(model))
+    if args.cuda_graphs:
+        print("compiled into CUDA graphs:", ", ".join(compile_repeated_layers(model)))
 
     optimizer = TopologyOptimizer(
         torch.optim.AdamW(model.parameters(), lr=3e-3),
@@ -64,6 +71,8 @@ def main() -> None:
     rows, start = [], time.perf_counter()
     for step in range(1, args.steps + 1):
         ids = next(data).to(args.device)
+        if args.cuda_graphs:  # a new step: the previous step's graph outputs are dead
+            torch.compiler.cudagraph_mark_step_begin()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()

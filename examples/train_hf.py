@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sparsify import TopologyConfig, TopologyOptimizer, sparsify, sparsity_table, topology_report
+from sparsify import TopologyConfig, TopologyOptimizer, compile_repeated_layers, sparsify, sparsity_table, topology_report
 from sparsify.topology import diff, plot_block_mask, plot_swap_rate, snapshot, swap_rates
 
 log = logging.getLogger("train_hf")
@@ -56,7 +56,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--trainer", action="store_true", help="train with transformers.Trainer instead of the plain loop")
-    return p.parse_args(argv)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="compile each decoder layer with mode='reduce-overhead' (CUDA graphs; plain loop, CUDA only)")
+    args = p.parse_args(argv)
+    if args.cuda_graphs and (args.device != "cuda" or args.trainer or args.compile or args.grad_accum != 1):
+        # one micro-batch a step: a replay overwrites the previous replay's outputs, which autograd may
+        # have taken as the parameters' .grad, so gradients must not accumulate over several replays
+        p.error("--cuda-graphs needs --device cuda and the plain loop with one micro-batch a step, without --trainer "
+                f"or --compile (got device {args.device}, trainer {args.trainer}, compile {args.compile}, "
+                f"grad-accum {args.grad_accum})")
+    return args
 
 
 # -- data: characters of the Python standard library's source ------------------------------------
@@ -107,11 +116,15 @@ def build(args) -> tuple[torch.nn.Module, TopologyOptimizer, torch.optim.lr_sche
 
 def train_loop(args, model, opt, scheduler, data) -> list[tuple[int, float]]:
     forward = torch.compile(model) if args.compile else model
+    if args.cuda_graphs:
+        log.info("compiled into CUDA graphs: %s", ", ".join(compile_repeated_layers(model)))
     losses, start = [], time.perf_counter()
     for step in range(1, args.steps + 1):
         total = 0.0
         for _ in range(args.grad_accum):
             ids = next(data).to(args.device)
+            if args.cuda_graphs:  # a new step: the previous step's graph outputs are dead
+                torch.compiler.cudagraph_mark_step_begin()
             loss = forward(input_ids=ids, labels=ids).loss / args.grad_accum
             loss.backward()
             total += loss.item()
