@@ -83,12 +83,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--designs", default=None, help="B:G[:key=value...],... (default: the GLUON table)")
+    parser.add_argument("--profile", action="store_true",
+                        help="for Nsight Compute: no checks, no timing, each design launched twice")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     from sparsify.kernels.forward_gluon import forward_gluon
 
     designs = parse_designs(args.designs) if args.designs else GLUON
-    checks = gluon_checks(forward_gluon)
+    checks = [] if args.profile else gluon_checks(forward_gluon)
     dtype, m = torch.bfloat16, args.tokens
     rows_out = []
     for shape in args.shapes.split(","):
@@ -110,6 +112,12 @@ def main() -> None:
                     entries = group_entries(col, num_cols, group)
                     runs.append(("gluon", group, config,
                                  lambda e=entries, c=config: forward_gluon(x, values, e, None, y, c)))
+            if args.profile:
+                for *_, run in runs:
+                    run()
+                    run()
+                torch.cuda.synchronize()
+                continue
             for design, group, config, run in runs:
                 y.fill_(float("nan"))
                 try:

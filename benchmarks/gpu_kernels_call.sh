@@ -10,7 +10,8 @@
 # of parts), check (the GPU correctness check), layer (bench_layer.py, the issue's table), training
 # (bench_training.py), training-seeds (bench_training.py on the seeds' shape, 16 layers / hidden 640 / MLP 2560,
 # B = 64 and 16, every decoder layer compiled with mode="reduce-overhead" (CUDA graphs), dense too; about
-# 2-3 minutes, capped at 240 s). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
+# 2-3 minutes, capped at 240 s), gluon (forward_designs.py: the Gluon forward checked and timed beside today's),
+# gluon-ncu (one launch of each under Nsight Compute, raw counters as CSV). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
 # BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
 set -u
 OUT=${OUT:-/tmp/kernels-out}
@@ -73,7 +74,8 @@ for p in "$@"; do
                 --labels "$OUT/ncu-labels.json" --out "$OUT/ncu.json" ;;
         memory) part memory 300 python3 benchmarks/memory_phases.py --out "$OUT" --sequence --block-sizes 64 16 ;;
         check)  # the GPU correctness check: under tests/gpu once it moved there, else benchmarks/gpu_check.py
-            if [ -d tests/gpu ]; then part check 330 python3 -m pytest -q -p no:cacheprovider tests/gpu
+            # xdist: compilation and autotuning are CPU-bound; 8 workers on the one GPU took 35 s, serial > 300 s
+            if [ -d tests/gpu ]; then part check 330 python3 -m pytest -q -p no:cacheprovider -n 8 tests/gpu
             else part check 300 python3 benchmarks/gpu_check.py; fi ;;
         layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks 16,32,64,128 --out "$OUT" \
                    --shapes "${SHAPES:-4096x14336,14336x4096,640x2560,2560x640}" ;;
@@ -82,6 +84,15 @@ for p in "$@"; do
             TORCH_LOGS=perf_hints part training-seeds 240 python3 benchmarks/bench_training.py --preset seeds \
                 --compile-mode reduce-overhead --speed-only --block-sizes 64 16 --steps 12 --warmup 3 \
                 --update-every 5 --decisions 2 --out "$OUT" ;;
+        gluon)  # the Gluon forward over row groups: float64 checks, then timed beside today's forward
+            part gluon 300 python3 benchmarks/forward_designs.py --out "$OUT" ;;
+        gluon-ncu)  # one launch each of the Gluon forward (B = 64, G = 4) and today's forward, clocks left alone
+            metrics=$(ncu_metrics)
+            part gluon-ncu 240 ncu --clock-control none --kernel-name "regex:_forward_gluon_kernel|_forward_tma_kernel" \
+                --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+                --section Occupancy ${metrics:+--metrics "$metrics"} -f -o "$OUT/ncu-gluon" \
+                python3 benchmarks/forward_designs.py --profile --designs 64:4 --shapes 4096x14336 --out /tmp/gluon-ncu
+            part gluon-ncu-export 60 bash -c "ncu --import '$OUT/ncu-gluon.ncu-rep' --csv --page raw > '$OUT/ncu-gluon.csv'" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac
 done
