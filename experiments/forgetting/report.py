@@ -139,8 +139,11 @@ def _dense_curve(runs, base_lr, split="acc_val") -> str:
 
 
 def _bench():
-    files = sorted(glob.glob(str(HOME.parents[1] / "benchmarks" / "results" / "training-*.json")))
-    return json.loads(Path(files[-1]).read_text()) if files else None
+    """The newest full bench_training record of the default model (not a --speed-only or other-preset run)."""
+    records = [json.loads(Path(f).read_text())
+               for f in sorted(glob.glob(str(HOME.parents[1] / "benchmarks" / "results" / "training-*.json")))]
+    full = [r for r in records if not r["config"].get("speed_only") and r["config"].get("preset", "default") == "default"]
+    return full[-1] if full else None
 
 
 def opening(report: Path) -> str | None:
@@ -340,6 +343,10 @@ def _grid_lines(out: Path) -> list[str]:
     return ["Grid: " + "; ".join(parts) + ".", ""]
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.2f}%"
+
+
 def _bench_section(bench) -> list[str]:
     if not bench:
         return []
@@ -355,7 +362,7 @@ def _bench_section(bench) -> list[str]:
                         headers=["run", "ms / step", "tokens / s", "peak GiB", "vs dense"], tablefmt="github"), ""]
     if bench["topology"]:
         md += ["Topology optimizer cost, as a fraction of the step (the target: < 2% for scoring + Level 2):", "",
-               tabulate([[f"B={t['block_size']}", f"{100 * t['probe_fraction_eager']:.2f}%", f"{100 * t['scoring_fraction']:.2f}%",
+               tabulate([[f"B={t['block_size']}", _percent(t['probe_fraction_eager']), f"{100 * t['scoring_fraction']:.2f}%",
                           f"{t['decisions_in_window']} / {t['swaps_in_window']}", f"{1e3 * t['level2_seconds_per_decision']:.1f} ms",
                           f"{100 * t['level2_fraction_measured']:.2f}%", f"{100 * t['overhead_fraction_at_update_every_100']:.2f}%"]
                          for t in bench["topology"]],
