@@ -1,9 +1,9 @@
-"""Compile the Gluon forward (sparsify/kernels/forward_gluon.py) for a Hopper GPU on a machine without
-one: Triton's front end, the Gluon layouts and PTX generation run as on the GPU, so mistakes show
+"""Compile the grouped Gluon kernel (sparsify/kernels/grouped_gluon.py: the forward and grad_input) for a
+Hopper GPU on a machine without one: Triton's front end, the Gluon layouts and PTX generation run as on the GPU, so mistakes show
 before any device time is spent. With Triton's bundled ptxas it also prints registers and spills.
 
     python benchmarks/gluon_compile_check.py                    # the default configs, sm_90
-    python benchmarks/gluon_compile_check.py --configs 64:4:4:8  # B:G:STAGES:num_warps,...
+    python benchmarks/gluon_compile_check.py --configs 64:4:4:8  # B:G:STAGES:num_warps,... (both products)
 
 Exits 1 if any config fails to compile. The driver is replaced by a stand-in that names the target, so
 run it in its own process (tests/test_gluon_compile.py does).
@@ -47,30 +47,32 @@ class TargetOnly:
         return torch.device("cpu")
 
 
-def compile_config(block: int, group: int, stages: int, warps: int, bias: bool = True):
-    """The kernel compiled for 4096 -> 14336 at density 0.5 and 8192 tokens (shapes on the CPU: nothing runs)."""
+def compile_config(block: int, group: int, stages: int, warps: int, transpose: bool):
+    """The kernel compiled for 4096 -> 14336 at density 0.5 and 8192 tokens, the forward (``transpose``)
+    or grad_input (shapes on the CPU: nothing runs)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from sparsify.kernels import forward_gluon
-    from sparsify.kernels.row_groups import group_entries
+    from sparsify.kernels import grouped_gluon
+    from sparsify.kernels.row_groups import forward_entries, grad_input_entries
 
     tokens, in_f, out_f, bm = 8192, 4096, 14336, 128
     rows, cols = out_f // block, in_f // block
     k = cols // 2
-    x = torch.empty(tokens, in_f, dtype=torch.bfloat16)
+    col = torch.rand(rows, cols).argsort(dim=1)[:, :k].to(torch.int32)
+    entries = (forward_entries if transpose else grad_input_entries)(col, cols, group)
+    a = torch.empty(tokens, in_f if transpose else out_f, dtype=torch.bfloat16)
+    y = torch.empty(tokens, out_f if transpose else in_f, dtype=torch.bfloat16)
     values = torch.empty(rows, k, block, block, dtype=torch.bfloat16)
-    y = torch.empty(tokens, out_f, dtype=torch.bfloat16)
-    entries = group_entries(torch.rand(rows, cols).argsort(dim=1)[:, :k].to(torch.int32), cols, group)
     box = gl.NVMMASharedLayout.get_default_for([bm, block], gl.bfloat16)
     square = gl.NVMMASharedLayout.get_default_for([block, block], gl.bfloat16)
-    descriptors = (TensorDescriptor.from_tensor(x, [bm, block], box),
+    descriptors = (TensorDescriptor.from_tensor(a, [bm, block], box),
                    TensorDescriptor.from_tensor(values.view(rows * k * block, block), [block, block], square),
                    TensorDescriptor.from_tensor(y, [bm, block], box))
-    return forward_gluon._forward_gluon_kernel.warmup(
-        *descriptors, *entries, torch.empty(out_f, dtype=torch.bfloat16) if bias else y,
-        tokens, k, rows, entries[3].shape[0],
-        B=block, G=group, BM=bm, STAGES=stages, HAS_BIAS=bias, num_warps=warps, grid=(1,),
+    bias = torch.empty(out_f, dtype=torch.bfloat16) if transpose else y
+    return grouped_gluon._grouped_kernel.warmup(
+        *descriptors, *entries[:5], bias, tokens, y.shape[1] // block, entries.bounds.shape[0],
+        B=block, G=group, BM=bm, STAGES=stages, TRANSPOSE=transpose, HAS_BIAS=transpose, num_warps=warps, grid=(1,),
     )
 
 
@@ -96,15 +98,16 @@ def main() -> int:
     failed = 0
     for item in args.configs.split(","):
         block, group, stages, warps = (int(v) for v in item.split(":"))
-        try:
-            kernel = compile_config(block, group, stages, warps)
-        except Exception as error:  # report every config, then fail
-            failed += 1
-            cause = error.__cause__ if error.__cause__ is not None else error
-            print(f"B={block} G={group} STAGES={stages} warps={warps}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
-            continue
-        print(f"B={block} G={group} STAGES={stages} warps={warps}: OK, {kernel.metadata.shared} bytes of shared "
-              f"memory; {ptxas_report(kernel, args.capability)}")
+        for product, transpose in (("forward", True), ("grad_input", False)):
+            name = f"{product} B={block} G={group} STAGES={stages} warps={warps}"
+            try:
+                kernel = compile_config(block, group, stages, warps, transpose)
+            except Exception as error:  # report every config, then fail
+                failed += 1
+                cause = error.__cause__ if error.__cause__ is not None else error
+                print(f"{name}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
+                continue
+            print(f"{name}: OK, {kernel.metadata.shared} bytes of shared memory; {ptxas_report(kernel, args.capability)}")
     print(f"triton {triton.__version__}: {failed} failed")
     return 1 if failed else 0
 

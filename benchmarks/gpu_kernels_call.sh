@@ -10,7 +10,7 @@
 # of parts), check (the GPU correctness check), layer (bench_layer.py, the issue's table), training
 # (bench_training.py), training-seeds (bench_training.py on the seeds' shape, 16 layers / hidden 640 / MLP 2560,
 # B = 64 and 16, every decoder layer compiled with mode="reduce-overhead" (CUDA graphs), dense too; about
-# 2-3 minutes, capped at 240 s), gluon (forward_designs.py: the Gluon forward checked and timed beside today's),
+# 2-3 minutes, capped at 240 s), gluon (grouped_kernels.py: the grouped Gluon forward and grad_input checked and timed beside today's),
 # gluon-ncu (one launch of each under Nsight Compute, raw counters as CSV). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
 # BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
 set -u
@@ -84,14 +84,15 @@ for p in "$@"; do
             TORCH_LOGS=perf_hints part training-seeds 240 python3 benchmarks/bench_training.py --preset seeds \
                 --compile-mode reduce-overhead --speed-only --block-sizes 64 16 --steps 12 --warmup 3 \
                 --update-every 5 --decisions 2 --out "$OUT" ;;
-        gluon)  # the Gluon forward over row groups: float64 checks, then timed beside today's forward
-            part gluon 300 python3 benchmarks/forward_designs.py --out "$OUT" ;;
-        gluon-ncu)  # one launch each of the Gluon forward (B = 64, G = 4) and today's forward, clocks left alone
+        gluon)  # the grouped Gluon kernel (forward, grad_input): float64 checks, then timed beside today's kernels
+            part gluon 300 python3 benchmarks/grouped_kernels.py --out "$OUT" ;;
+        gluon-ncu)  # two launches each of the grouped Gluon kernel (B = 64, G = 4) and today's, clocks left alone
             metrics=$(ncu_metrics)
-            part gluon-ncu 240 ncu --clock-control none --kernel-name "regex:_forward_gluon_kernel|_forward_tma_kernel" \
-                --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+            part gluon-ncu 240 ncu --clock-control none \
+                --kernel-name "regex:_grouped_kernel|_forward_tma_kernel|_grad_input_tma" \
+                --launch-count 8 --section SpeedOfLight --section MemoryWorkloadAnalysis \
                 --section Occupancy ${metrics:+--metrics "$metrics"} -f -o "$OUT/ncu-gluon" \
-                python3 benchmarks/forward_designs.py --profile --designs 64:4 --shapes 4096x14336 --out /tmp/gluon-ncu
+                python3 benchmarks/grouped_kernels.py --profile --designs 64:4 --shapes 4096x14336 --out /tmp/gluon-ncu
             part gluon-ncu-export 60 bash -c "ncu --import '$OUT/ncu-gluon.ncu-rep' --csv --page raw > '$OUT/ncu-gluon.csv'" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac

@@ -1,6 +1,6 @@
-"""The Gluon forward compiles for Hopper (sm_90) with the installed Triton, on a machine without a GPU:
+"""The grouped Gluon kernel (forward and grad_input) compiles for Hopper (sm_90) with the installed Triton, on a machine without a GPU:
 benchmarks/gluon_compile_check.py in its own process (it replaces Triton's driver with a stand-in
-that only names the target). Nothing runs; the GPU checks are tests/gpu/test_gpu_forward_gluon.py."""
+that only names the target). Nothing runs; the GPU checks are tests/gpu/test_gpu_grouped_gluon.py."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gluon_compile_check.py")
 
 
-def test_gluon_forward_compiles_for_hopper_at_every_group_size():
+def test_grouped_gluon_kernel_compiles_for_hopper_at_every_group_size_for_both_products():
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, SCRIPT, "--configs", "64:1:4:4,32:2:6:8,64:4:4:8"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert done.stdout.count(": OK,") == 3, done.stdout
+    assert done.stdout.count(": OK,") == 6, done.stdout

@@ -1,51 +1,72 @@
-"""The row-group entries (sparsify/kernels/row_groups.py) that the Gluon forward walks, against a plain
-Python listing on random topologies with repeated columns, columns outside [0, C) and a last group
-with fewer block-rows."""
+"""The grouped entries (sparsify/kernels/row_groups.py) the Gluon kernels walk, against a plain Python
+listing on random topologies with repeated columns, columns outside [0, C) and a last group with fewer
+output blocks: the forward's (groups of block-rows, by column) and grad_input's (groups of
+block-columns, by block-row)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sparsify.kernels.row_groups import group_entries
+from sparsify.kernels.row_groups import forward_entries, grad_input_entries
 
 
-def listing(col: torch.Tensor, num_cols: int, group: int, n: int) -> list[tuple[int, int, int]]:
-    """Group n's slots as (column, row in group, slot), in the order the kernel walks them."""
+def forward_listing(col, num_cols, group):
+    """Per group of block-rows: (box = column, block = r*K + k, target = row in group), by column, row, slot."""
     rows, k = col.shape
-    return sorted(
-        (int(col[n * group + g, s]), g, s)
-        for g in range(group) for s in range(k)
-        if n * group + g < rows and 0 <= col[n * group + g, s] < num_cols
-    )
+    groups = [[] for _ in range(-(-rows // group))]
+    for r in range(rows):
+        for s in range(k):
+            c = int(col[r, s])
+            if 0 <= c < num_cols:
+                groups[r // group].append((c, r * k + s, r % group))
+    return [sorted(g) for g in groups]
+
+
+def grad_input_listing(col, num_cols, group):
+    """Per group of block-columns: (box = block-row, block = r*K + k, target = column in group), by row, slot."""
+    rows, k = col.shape
+    groups = [[] for _ in range(-(-num_cols // group))]
+    for r in range(rows):
+        for s in range(k):
+            c = int(col[r, s])
+            if 0 <= c < num_cols:
+                groups[c // group].append((r, r * k + s, c % group))
+    return groups
+
+
+def assert_entries(entries, listing):
+    assert entries.bounds.shape == (len(listing), 2)
+    for n, expected in enumerate(listing):
+        first, end = (int(v) for v in entries.bounds[n])
+        assert end - first == len(expected)
+        seen = []
+        for e, (box, block, target) in zip(range(first, end), expected):
+            assert (int(entries.boxes[e]), int(entries.blocks[e]), int(entries.targets[e])) == (box, block, target)
+            if not seen or seen[-1] != box:
+                seen.append(box)
+            assert int(entries.distinct[e]) == len(seen) - 1
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])
-def test_entries_list_every_slot_with_a_column_in_range_once_in_column_order(group):
+@pytest.mark.parametrize("build, listing", [(forward_entries, forward_listing), (grad_input_entries, grad_input_listing)],
+                         ids=["forward", "grad_input"])
+def test_entries_list_every_slot_with_a_column_in_range_once_in_walk_order(group, build, listing):
     gen = torch.Generator().manual_seed(group)
-    for _ in range(60):
+    for _ in range(40):
         rows = int(torch.randint(1, 10, (1,), generator=gen))
-        num_cols = int(torch.randint(1, 8, (1,), generator=gen))
+        num_cols = int(torch.randint(1, 9, (1,), generator=gen))
         k = int(torch.randint(1, num_cols + 3, (1,), generator=gen))
         col = torch.randint(-2, num_cols + 2, (rows, k), generator=gen, dtype=torch.int32)
-        columns, row_slots, distinct, counts = group_entries(col, num_cols, group)
-        num_groups = -(-rows // group)
-        assert columns.shape == row_slots.shape == distinct.shape == (num_groups, group * k)
-        assert counts.shape == (num_groups,) and columns.dtype == torch.int32
-        for n in range(num_groups):
-            expected = listing(col, num_cols, group, n)
-            assert int(counts[n]) == len(expected)
-            seen: list[int] = []
-            for e, (c, g, s) in enumerate(expected):
-                assert (int(columns[n, e]), int(row_slots[n, e])) == (c, g * k + s)
-                if not seen or seen[-1] != c:
-                    seen.append(c)
-                assert int(distinct[n, e]) == len(seen) - 1
+        entries = build(col, num_cols, group)
+        assert entries.group == group and entries.boxes.dtype == torch.int32
+        assert_entries(entries, listing(col, num_cols, group))
 
 
-def test_entries_keep_their_shapes_for_every_topology_of_a_layer():
+@pytest.mark.parametrize("build", [forward_entries, grad_input_entries], ids=["forward", "grad_input"])
+def test_entries_keep_their_shapes_for_every_topology_of_a_layer(build):
     """A CUDA graph or a compiled caller sees the same sizes whatever the topology holds."""
-    first = group_entries(torch.zeros(6, 3, dtype=torch.int32), 5, 4)
-    second = group_entries(torch.tensor([[0, 1, 2], [3, 4, 0], [1, 1, 1], [-1, 9, 2], [4, 3, 2], [0, 2, 4]],
-                                        dtype=torch.int32), 5, 4)
-    assert [t.shape for t in first] == [t.shape for t in second]
+    first = build(torch.zeros(6, 3, dtype=torch.int32), 5, 4)
+    second = build(torch.tensor([[0, 1, 2], [3, 4, 0], [1, 1, 1], [-1, 9, 2], [4, 3, 2], [0, 2, 4]],
+                                dtype=torch.int32), 5, 4)
+    assert [t.shape for t in first[:5]] == [t.shape for t in second[:5]]

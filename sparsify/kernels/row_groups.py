@@ -1,45 +1,85 @@
-"""The topology in groups of G consecutive block-rows, for the forward that shares activation boxes
-between block-rows (``forward_gluon.py``): per group, every slot of its rows as one entry, in
-increasing column order, with a running count of the distinct columns seen so far.
+"""The topology as entries grouped for the Gluon kernels (``grouped_gluon.py``): each program owns G
+output blocks of one product and walks the entries that feed them, ordered so that each operand box
+it reads is loaded once, at the first entry that needs it, and multiplied into every output block of
+the group that uses it.
 
-Why: the gather forward loads one [BM x B] activation box per slot, so each box is fetched from L2
-once for every block-row that uses its column. A program that owns G block-rows and walks its
-entries in column order loads a box once, at the first entry of its column, and multiplies it into
-each row that has it: at density 0.5 and G = 4, 2.1x fewer activation bytes per multiply.
+- Forward (``forward_entries``): a group is G consecutive block-rows; its entries are their slots, by
+  column, so one activation box x[:, c] serves every row of the group that has column c.
+- grad_input (``grad_input_entries``): a group is G consecutive block-columns; its entries are the
+  slots whose column is in the group, by block-row, so one box grad_out[:, r] serves every column of
+  the group that row r feeds.
 
-Each slot is one entry, so a column that appears twice in one row (allowed: the kernels and
-``to_dense`` sum repeated columns) is simply multiplied twice. A slot whose column is outside [0, C)
-is not an entry: it reads nothing and adds nothing. Built on the device with one sort, no host sync,
-the same sizes for every topology (G*K entries a group, the unused ones after ``counts[group]``), so
-a CUDA graph or a compiled caller sees no new shapes.
+Why: the gather kernels load one box per slot, so a box is fetched from L2 once for every output block
+that uses it. At density 0.5 and G = 4 grouping cuts those loads by 2.1x.
+
+Each entry is one slot, so a column repeated in a row (allowed: the kernels and ``to_dense`` sum
+repeated columns) is simply multiplied twice; a slot whose column is outside [0, C) is no entry (it
+reads nothing, adds nothing). Built on the device with sorts, no host sync, the same sizes for every
+topology, so a CUDA graph or a compiled caller sees no new shapes.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-def group_entries(col_indices: torch.Tensor, num_cols: int, group: int) -> tuple[torch.Tensor, ...]:
-    """(columns, row_slots, distinct [NG, G*K] int32, counts [NG] int32) for NG = ceil(R / G) groups of
-    ``group`` block-rows. Group n's entries 0 .. counts[n]-1, in increasing column order (rows, then
-    slots, in increasing order within a column): entry e is slot k of block-row n*G + g, with
-    row_slots = g*K + k, of column columns[n, e]; distinct[n, e] counts the distinct columns of
-    entries 0 .. e, minus one (so an entry starts a new column where it differs from the previous one)."""
+class Entries(NamedTuple):
+    """Group n's entries are positions bounds[n, 0] .. bounds[n, 1] - 1 of the flat arrays: entry e
+    multiplies box ``boxes[e]`` (the operand's block-column: x's for the forward, grad_out's for
+    grad_input) with block ``blocks[e]`` (= r*K + k of values) into the group's output block
+    ``targets[e]`` (0 .. G-1); ``distinct[e]`` counts the distinct boxes of the group's entries up to e,
+    minus one (an entry starts a new box where it differs from the previous one). int32 throughout."""
+
+    boxes: torch.Tensor
+    blocks: torch.Tensor
+    targets: torch.Tensor
+    distinct: torch.Tensor
+    bounds: torch.Tensor  # [NG, 2]
+    group: int
+
+
+def _entries(box: torch.Tensor, block: torch.Tensor, target: torch.Tensor, key: torch.Tensor, group_of: torch.Tensor,
+             num_groups: int, group: int) -> Entries:
+    """Sort the entries by ``key`` (the group first, an entry outside every group last) and number the
+    distinct boxes within each group."""
+    order = torch.sort(key).indices
+    box, block, target, group_of = box[order], block[order], target[order], group_of[order]
+    starts = torch.ones_like(box, dtype=torch.bool)
+    starts[1:] = (box[1:] != box[:-1]) | (group_of[1:] != group_of[:-1])
+    counts = torch.bincount(group_of, minlength=num_groups + 1)[:num_groups]
+    first = torch.cumsum(counts, 0) - counts
+    first_of_group = torch.cat([first, first.new_zeros(1)])[group_of]  # entries outside every group: unused
+    run = torch.cumsum(starts.to(torch.int64), 0)
+    distinct = run - run[first_of_group]  # boxes seen in this group before e, counted from its first entry
+    bounds = torch.stack([first, first + counts], dim=1)
+    return Entries(box.to(torch.int32), block.to(torch.int32), target.to(torch.int32), distinct.to(torch.int32),
+                   bounds.to(torch.int32), group)
+
+
+def forward_entries(col_indices: torch.Tensor, num_cols: int, group: int) -> Entries:
+    """The forward's entries: groups of ``group`` consecutive block-rows, each group's slots by column
+    (then row, then slot)."""
     rows, k = col_indices.shape
+    col = col_indices.reshape(-1).to(torch.int64)
+    slot = torch.arange(rows * k, device=col.device)
+    row = slot // k
+    valid = (col >= 0) & (col < num_cols)
     num_groups = -(-rows // group)
-    width = group * k
-    col = col_indices.to(torch.int64)
-    col = torch.where((col >= 0) & (col < num_cols), col, num_cols)  # not an entry: sorts after every real one
-    if num_groups * group != rows:  # the last group's missing rows have no slots
-        col = torch.cat([col, col.new_full((num_groups * group - rows, k), num_cols)])
-    col = col.view(num_groups, width)  # entry position before sorting = g*K + k
-    position = torch.arange(width, device=col.device)
-    order = torch.sort(col * width + position, dim=1).indices  # by column, then row, then slot
-    columns = torch.gather(col, 1, order)
-    real = columns < num_cols
-    starts = torch.ones_like(real)
-    starts[:, 1:] = columns[:, 1:] != columns[:, :-1]
-    distinct = torch.cumsum(starts.to(torch.int64), dim=1) - 1
-    counts = real.sum(dim=1)
-    return (torch.where(real, columns, 0).to(torch.int32), order.to(torch.int32), distinct.to(torch.int32),
-            counts.to(torch.int32))
+    group_of = torch.where(valid, row // group, num_groups)
+    key = (group_of * (num_cols + 1) + torch.where(valid, col, 0)) * (rows * k) + slot
+    return _entries(torch.where(valid, col, 0), slot, row % group, key, group_of, num_groups, group)
+
+
+def grad_input_entries(col_indices: torch.Tensor, num_cols: int, group: int) -> Entries:
+    """grad_input's entries: groups of ``group`` consecutive block-columns, each group's slots by
+    block-row (then slot)."""
+    rows, k = col_indices.shape
+    col = col_indices.reshape(-1).to(torch.int64)
+    slot = torch.arange(rows * k, device=col.device)
+    valid = (col >= 0) & (col < num_cols)
+    num_groups = -(-num_cols // group)
+    group_of = torch.where(valid, col // group, num_groups)
+    key = group_of * (rows * k) + slot  # slot = r*K + k: by block-row, then slot
+    return _entries(slot // k, slot, torch.where(valid, col % group, 0), key, group_of, num_groups, group)

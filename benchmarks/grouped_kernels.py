@@ -1,11 +1,12 @@
-"""The Gluon forward over groups of block-rows (sparsify/kernels/forward_gluon.py) beside the forward the
-dispatcher runs today, on one GPU at large token counts: first checked against float64 on small
-awkward cases (token tail, bias, a last group with fewer rows, a repeated column, columns outside
-[0, C); outputs poisoned), then both timed against dense F.linear in the same run (do_bench medians),
+"""The grouped Gluon kernel (sparsify/kernels/grouped_gluon.py: the forward over groups of block-rows,
+grad_input over groups of block-columns) beside the kernels the dispatcher runs today, on one GPU at
+large token counts: first checked against float64 on small awkward cases (token tail, bias, a last
+group with fewer blocks, a repeated column, columns outside [0, C); outputs poisoned), then timed
+against dense F.linear (forward) and the dense grad_input GEMM in the same run (do_bench medians),
 each timed output checked against float64 too.
 
-    python benchmarks/forward_designs.py [--shapes 4096x14336,14336x4096] [--tokens 8192] [--out DIR]
-    python benchmarks/forward_designs.py --designs 64:4:STAGES=4:num_warps=8,128:1   # B:G[:config]
+    python benchmarks/grouped_kernels.py [--shapes 4096x14336,14336x4096] [--tokens 8192] [--out DIR]
+    python benchmarks/grouped_kernels.py --designs 64:4:STAGES=4:num_warps=8,128:1   # B:G[:config]
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from triton.testing import do_bench
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from sparsify.block_ell import to_dense  # noqa: E402
 from sparsify.kernels import dispatch  # noqa: E402
-from sparsify.kernels.row_groups import group_entries  # noqa: E402
+from sparsify.kernels.row_groups import forward_entries, grad_input_entries  # noqa: E402
 
-# (block size, group size, config) of the Gluon forward to time; today's forward is timed at each block size
+# (block size, group size, config) of the Gluon kernel to time; today's kernels are timed at each block size
 GLUON = [
     (64, 1, {"num_warps": 4}), (64, 2, {}), (64, 4, {}), (64, 4, {"STAGES": 6}),
     (32, 2, {"STAGES": 6}), (32, 4, {"STAGES": 6}), (128, 1, {"STAGES": 3}), (128, 2, {"STAGES": 3}),
@@ -49,7 +50,14 @@ def relative_error(y: torch.Tensor, x, values, col, in_f, bias=None) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def gluon_checks(forward_gluon) -> list[dict]:
+def grad_input_error(gx: torch.Tensor, g, values, col, in_f) -> float:
+    bad = (col < 0) | (col >= in_f // values.shape[2])
+    kept = values.double().masked_fill(bad[:, :, None, None], 0)
+    ref = g.double() @ to_dense(kept, torch.where(bad, 0, col), in_f)
+    return ((gx.double() - ref).norm() / ref.norm()).item()
+
+
+def gluon_checks(forward_grouped, grad_input_grouped) -> list[dict]:
     results = []
     gen = torch.Generator(device="cuda").manual_seed(1)
     for block, group, m, rows, cols, k, config in CHECKS:
@@ -61,10 +69,14 @@ def gluon_checks(forward_gluon) -> list[dict]:
         col[1 % rows, -1] = -1
         bias = torch.randn(rows * block, device="cuda", generator=gen).to(torch.bfloat16)
         y = torch.full((m, rows * block), float("nan"), device="cuda", dtype=torch.bfloat16)
-        forward_gluon(x, values, group_entries(col, cols, group), bias, y, config)
-        finite = bool(torch.isfinite(y).all())
+        forward_grouped(x, values, forward_entries(col, cols, group), bias, y, config)
+        g = torch.randn(m, rows * block, device="cuda", generator=gen).to(torch.bfloat16)
+        gx = torch.full((m, cols * block), float("nan"), device="cuda", dtype=torch.bfloat16)
+        grad_input_grouped(g, values, grad_input_entries(col, cols, group), gx, config)
         results.append({"B": block, "G": group, "M": m, "R": rows, "C": cols, "K": k, "config": config,
-                        "rel_error": relative_error(y, x, values, col, cols * block, bias), "finite": finite})
+                        "rel_error": relative_error(y, x, values, col, cols * block, bias),
+                        "grad_input_rel_error": grad_input_error(gx, g, values, col, cols * block),
+                        "finite": bool(torch.isfinite(y).all() and torch.isfinite(gx).all())})
         print("check", results[-1], flush=True)
     return results
 
@@ -87,10 +99,10 @@ def main() -> None:
                         help="for Nsight Compute: no checks, no timing, each design launched twice")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    from sparsify.kernels.forward_gluon import forward_gluon
+    from sparsify.kernels.grouped_gluon import forward_grouped, grad_input_grouped
 
     designs = parse_designs(args.designs) if args.designs else GLUON
-    checks = [] if args.profile else gluon_checks(forward_gluon)
+    checks = [] if args.profile else gluon_checks(forward_grouped, grad_input_grouped)
     dtype, m = torch.bfloat16, args.tokens
     rows_out = []
     for shape in args.shapes.split(","):
@@ -98,7 +110,9 @@ def main() -> None:
         gen = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(m, in_f, device="cuda", dtype=dtype, generator=gen)
         w = torch.randn(out_f, in_f, device="cuda", dtype=dtype, generator=gen) / in_f**0.5
+        g = torch.randn(m, out_f, device="cuda", dtype=dtype, generator=gen)
         dense_ms = bench(lambda: F.linear(x, w))
+        dense_gi_ms = bench(lambda: g @ w)
         for block in sorted({d[0] for d in designs}):
             num_cols, block_rows = in_f // block, out_f // block
             k = max(1, round(args.density * num_cols))
@@ -106,42 +120,51 @@ def main() -> None:
             col = col.to(torch.int32)
             values = (torch.randn(block_rows, k, block, block, device="cuda", generator=gen) / (k * block) ** 0.5).to(dtype)
             y = torch.full((m, out_f), float("nan"), device="cuda", dtype=dtype)
-            runs = [("today", 1, {}, lambda: dispatch.triton_forward(x, values, col, None, out=y))]
+            gx = torch.full((m, in_f), float("nan"), device="cuda", dtype=dtype)
+            runs = [("today", "forward", 1, {}, y, lambda: dispatch.triton_forward(x, values, col, None, out=y)),
+                    ("today", "grad_input", 1, {}, gx,
+                     lambda: dispatch.triton_grad_input(g, values, col, in_f, out=gx))]
             for b, group, config in designs:
                 if b == block:
-                    entries = group_entries(col, num_cols, group)
-                    runs.append(("gluon", group, config,
-                                 lambda e=entries, c=config: forward_gluon(x, values, e, None, y, c)))
+                    fe, ge = forward_entries(col, num_cols, group), grad_input_entries(col, num_cols, group)
+                    runs.append(("gluon", "forward", group, config, y,
+                                 lambda e=fe, c=config: forward_grouped(x, values, e, None, y, c)))
+                    runs.append(("gluon", "grad_input", group, config, gx,
+                                 lambda e=ge, c=config: grad_input_grouped(g, values, e, gx, c)))
             if args.profile:
                 for *_, run in runs:
                     run()
                     run()
                 torch.cuda.synchronize()
                 continue
-            for design, group, config, run in runs:
-                y.fill_(float("nan"))
+            for design, product, group, config, target, run in runs:
+                target.fill_(float("nan"))
                 try:
                     run()
                     torch.cuda.synchronize()
                 except Exception as error:  # a config that does not build or launch here is a result too
-                    rows_out.append({"in": in_f, "out": out_f, "B": block, "design": design, "G": group,
-                                     "config": config, "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                    rows_out.append({"in": in_f, "out": out_f, "B": block, "design": design, "product": product,
+                                     "G": group, "config": config, "error": f"{type(error).__name__}: {str(error)[:300]}"})
                     print(rows_out[-1], flush=True)
                     continue
-                finite = bool(torch.isfinite(y).all())
-                error = relative_error(y, x, values, col, in_f)
+                finite = bool(torch.isfinite(target).all())
+                if product == "forward":
+                    error, reference_ms = relative_error(target, x, values, col, in_f), dense_ms
+                else:
+                    error, reference_ms = grad_input_error(target, g, values, col, in_f), dense_gi_ms
                 ms = bench(run)
                 rows_out.append({"in": in_f, "out": out_f, "M": m, "B": block, "density": k / num_cols,
-                                 "design": design, "G": group, "config": config, "ms": ms, "dense_ms": dense_ms,
-                                 "speedup_fwd": dense_ms / ms, "rel_error": error, "finite": finite})
-                print(f"{in_f}->{out_f} B={block} {design} G={group} {config}: {ms:.3f} ms, {dense_ms / ms:.2f}x "
-                      f"dense, err {error:.1e}{'' if finite else ' NOT FINITE'}", flush=True)
+                                 "design": design, "product": product, "G": group, "config": config, "ms": ms,
+                                 "dense_ms": reference_ms, "speedup": reference_ms / ms, "rel_error": error,
+                                 "finite": finite})
+                print(f"{in_f}->{out_f} B={block} {product} {design} G={group} {config}: {ms:.3f} ms, "
+                      f"{reference_ms / ms:.2f}x dense, err {error:.1e}{'' if finite else ' NOT FINITE'}", flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     result = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "triton": triton.__version__, "dtype": str(dtype), "checks": checks, "rows": rows_out}
-    path = out / f"forward-designs-{device.replace(' ', '_')}-{result['date']}.json"
+    path = out / f"grouped-kernels-{device.replace(' ', '_')}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -1,0 +1,228 @@
+"""The forward and grad_input over groups of G output blocks, in Gluon (Hopper): each operand box is
+brought into shared memory once by TMA and multiplied into every output block of the group that uses it.
+
+One kernel, two products (``row_groups.py`` lists each one's entries): the forward's groups are G
+block-rows, its boxes activation boxes x[:, c] and its blocks W[r, k] used transposed; grad_input's
+groups are G block-columns, its boxes grad_out[:, r] and its blocks W[r, k] as they are.
+
+Why Gluon: plain Triton cannot keep a loaded box for later iterations, and its pipeliner does not
+prefetch loads under a data-dependent branch (a static unroll over G rows with branches ran at
+0.4-0.7x of the gather forward on the H200, benchmarks/NOTES.md). Here the pipeline is explicit. The
+program walks its group's entries through a ring of STAGES shared-memory stages: entry e's block
+[B x B] goes to stage e % STAGES, and the entry that starts a new box also brings that box [BM x B]
+into box buffer ``distinct % STAGES``; one mbarrier a stage counts both. One warpgroup MMA an entry,
+issued asynchronously with one left in flight, accumulates into its output block's accumulator (G of
+them). Each output element sums its entries in one fixed order: deterministic, no atomics.
+
+Why the buffers are free when reloaded: the load of entry e + STAGES - 1 is issued after the MMA of
+entry e - 1 completed, into stage (e - 1) % STAGES; the box it may bring replaces the one numbered
+``distinct[e + STAGES - 1] - STAGES``, which is below ``distinct[e]`` (at most STAGES - 1 boxes start
+after entry e), so only entries before e read it.
+
+Only slots whose column is in [0, C) are entries, so nothing outside the operands is read; TMA
+zero-fills the token tail and clips it on the store; an output block without entries is written as
+zeros. Hopper or newer, Triton with ``triton.experimental.gluon`` (3.6 and 3.9 compile it),
+bfloat16 / float16, 16-byte aligned operands, large token counts; not routed by ``dispatch.py`` yet
+(benchmarks/grouped_kernels.py times it).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from sparsify.kernels.common import cdiv
+from sparsify.kernels.row_groups import Entries
+
+# Triton 3.9 calls the TMA copies async_load / async_store; 3.6 has only the long names
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+
+@gluon.jit
+def _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, entry, first, m0,
+                a_bufs, w_bufs, ready, STAGES: gl.constexpr, B: gl.constexpr):
+    """Start entry ``entry``'s TMA loads into stage entry % STAGES: its block, and its box where it
+    starts a new one (``first``: the group's first entry)."""
+    distinct = gl.load(distinct_ptr + entry)
+    starts = (entry == first) | (distinct != gl.load(distinct_ptr + gl.maximum(entry - 1, first)))
+    bar = ready.index(entry % STAGES)
+    # one arrival with the stage's byte count (a compile-time number): one of the two expects is true
+    mbarrier.expect(bar, v_desc.block_type.nbytes, pred=~starts)
+    mbarrier.expect(bar, v_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=starts)
+    _tma_load(a_desc, [m0, gl.load(boxes_ptr + entry) * B], bar, a_bufs.index(distinct % STAGES), pred=starts)
+    _tma_load(v_desc, [gl.load(blocks_ptr + entry) * B, 0], bar, w_bufs.index(entry % STAGES))
+
+
+@gluon.jit
+def _wait_accumulators(outstanding: gl.constexpr, acc0, acc1, acc2, acc3, G: gl.constexpr):
+    """Wait until at most ``outstanding`` MMAs run; the G accumulators in use come back as MMA
+    accumulators (the type the loop carries), the unused ones untouched."""
+    if G == 1:
+        acc0 = warpgroup_mma_init(warpgroup_mma_wait(num_outstanding=outstanding, deps=(acc0,)))
+    elif G == 2:
+        acc0, acc1 = warpgroup_mma_wait(num_outstanding=outstanding, deps=(acc0, acc1))
+        acc0 = warpgroup_mma_init(acc0)
+        acc1 = warpgroup_mma_init(acc1)
+    else:
+        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=outstanding, deps=(acc0, acc1, acc2, acc3))
+        acc0 = warpgroup_mma_init(acc0)
+        acc1 = warpgroup_mma_init(acc1)
+        acc2 = warpgroup_mma_init(acc2)
+        acc3 = warpgroup_mma_init(acc3)
+    return acc0, acc1, acc2, acc3
+
+
+@gluon.jit
+def _store_block(acc, y_desc, c_smem, bias_ptr, m0, block, NUM_OUT, B: gl.constexpr, HAS_BIAS: gl.constexpr,
+                 layout: gl.constexpr):
+    """Output block ``block``'s tile (+ bias) through its own shared-memory buffer and a TMA store
+    (which clips the token tail); nothing where the group runs past the last block. A buffer each,
+    because a TMA store reads shared memory after the issuing thread moves on."""
+    if block < NUM_OUT:
+        if HAS_BIAS:
+            outs = gl.arange(0, B, layout=gl.SliceLayout(0, layout))
+            acc = acc + gl.load(bias_ptr + block * B + outs).to(gl.float32)[None, :]
+        c_smem.store(acc.to(y_desc.dtype))
+        fence_async_shared()
+        _tma_store(y_desc, [m0, block * B], c_smem)
+
+
+@gluon.jit
+def _program_tile(M, BM: gl.constexpr, NG):
+    """(first token, group) of this program in grouped order (as common.grouped_tile): 8 token tiles
+    visit every group in turn, so a panel of the operand stays in L2."""
+    pid = gl.program_id(0)
+    per_group = 8 * NG
+    first_m = (pid // per_group) * 8
+    group_size = gl.minimum(gl.cdiv(M, BM) - first_m, 8)
+    return (first_m + (pid % per_group) % group_size) * BM, (pid % per_group) // group_size
+
+
+@gluon.jit
+def _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, block0, NUM_OUT, B: gl.constexpr, G: gl.constexpr,
+                 BM: gl.constexpr, HAS_BIAS: gl.constexpr, layout: gl.constexpr):
+    """Wait for the last MMA, then store the group's G output tiles (the accumulators come back as tensors)."""
+    c_bufs = gl.allocate_shared_memory(y_desc.dtype, [G, BM, B], y_desc.layout)
+    if G == 1:
+        acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0,))
+    elif G == 2:
+        acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+    else:
+        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
+    _store_block(acc0, y_desc, c_bufs.index(0), bias_ptr, m0, block0, NUM_OUT, B, HAS_BIAS, layout)
+    if G > 1:
+        _store_block(acc1, y_desc, c_bufs.index(1), bias_ptr, m0, block0 + 1, NUM_OUT, B, HAS_BIAS, layout)
+    if G > 2:
+        _store_block(acc2, y_desc, c_bufs.index(2), bias_ptr, m0, block0 + 2, NUM_OUT, B, HAS_BIAS, layout)
+        _store_block(acc3, y_desc, c_bufs.index(3), bias_ptr, m0, block0 + 3, NUM_OUT, B, HAS_BIAS, layout)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _grouped_kernel(
+    a_desc, v_desc, y_desc, boxes_ptr, blocks_ptr, targets_ptr, distinct_ptr, bounds_ptr, bias_ptr,
+    M, NUM_OUT, NG,
+    B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, TRANSPOSE: gl.constexpr,
+    HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """y[:, group's G output blocks] = sum over the group's entries of box @ block (block^T where
+    TRANSPOSE: the forward), one program per (token tile, group)."""
+    m0, group = _program_tile(M, BM, NG)
+    first = gl.load(bounds_ptr + 2 * group)
+    end = gl.load(bounds_ptr + 2 * group + 1)
+
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, B, 16])
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, B], a_desc.layout)
+    w_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, B, B], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    for s in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 entries in flight
+        if first + s < end:
+            _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, first + s, first, m0,
+                        a_bufs, w_bufs, ready, STAGES, B)
+
+    acc0 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    acc1 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    acc2 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    acc3 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    for entry in range(first, end):
+        mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
+        target = gl.load(targets_ptr + entry)
+        a_smem = a_bufs.index(gl.load(distinct_ptr + entry) % STAGES)
+        w_smem = w_bufs.index(entry % STAGES)
+        if TRANSPOSE:
+            w_smem = w_smem.permute((1, 0))
+        if target == 0:
+            acc0 = warpgroup_mma(a_smem, w_smem, acc0, is_async=True)
+        if G > 1:
+            if target == 1:
+                acc1 = warpgroup_mma(a_smem, w_smem, acc1, is_async=True)
+        if G > 2:
+            if target == 2:
+                acc2 = warpgroup_mma(a_smem, w_smem, acc2, is_async=True)
+            if target == 3:
+                acc3 = warpgroup_mma(a_smem, w_smem, acc3, is_async=True)
+        # at most this entry's MMA still runs: the previous entry's stage can be refilled
+        acc0, acc1, acc2, acc3 = _wait_accumulators(1, acc0, acc1, acc2, acc3, G)
+        if entry + STAGES - 1 < end:
+            _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, entry + STAGES - 1, first, m0,
+                        a_bufs, w_bufs, ready, STAGES, B)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+    _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: torch.Tensor, transpose: bool,
+            config: dict | None) -> None:
+    block_rows, k, block, _ = values.shape
+    if entries.group not in (1, 2, 4):
+        raise ValueError(f"the grouped Gluon kernel takes groups of 1, 2 or 4 output blocks, not {entries.group}")
+    config = {"BM": 128, "STAGES": 4, "num_warps": 8, **(config or {})}
+    bm = config["BM"]
+    dtype = _GL_DTYPES[a.dtype]
+    box = gl.NVMMASharedLayout.get_default_for([bm, block], dtype)
+    square = gl.NVMMASharedLayout.get_default_for([block, block], dtype)
+    a_desc = TensorDescriptor.from_tensor(a, [bm, block], box)
+    v_desc = TensorDescriptor.from_tensor(values.view(block_rows * k * block, block), [block, block], square)
+    y_desc = TensorDescriptor.from_tensor(out, [bm, block], box)
+    num_groups = entries.bounds.shape[0]
+    grid = (cdiv(a.shape[0], bm) * num_groups,)
+    _grouped_kernel[grid](
+        a_desc, v_desc, y_desc, entries.boxes, entries.blocks, entries.targets, entries.distinct, entries.bounds,
+        bias if bias is not None else out, a.shape[0], out.shape[1] // block, num_groups,
+        B=block, G=entries.group, BM=bm, STAGES=config["STAGES"], TRANSPOSE=transpose, HAS_BIAS=bias is not None,
+        num_warps=config["num_warps"],
+    )
+
+
+def forward_grouped(x: torch.Tensor, values: torch.Tensor, entries: Entries, bias: torch.Tensor | None,
+                    out: torch.Tensor, config: dict | None = None) -> None:
+    """y [M, out] (x's dtype, bias added) from x [M, in] and values [R, K, B, B] (bfloat16 / float16,
+    16-byte aligned) over ``row_groups.forward_entries`` (G = 1, 2 or 4). ``config``: {"BM", "STAGES",
+    "num_warps"} (default 128, 4, and 8 warps: the accumulators of G = 4 need two warpgroups' registers)."""
+    if entries.bounds.shape[0] != -(-values.shape[0] // entries.group):
+        raise ValueError(f"forward entries for {entries.bounds.shape[0]} groups of {entries.group} block-rows "
+                         f"do not match {values.shape[0]} block-rows")
+    _launch(x, values, entries, bias, out, True, config)
+
+
+def grad_input_grouped(grad_out: torch.Tensor, values: torch.Tensor, entries: Entries, out: torch.Tensor,
+                       config: dict | None = None) -> None:
+    """grad_x [M, in] = grad_out [M, out] W over ``row_groups.grad_input_entries`` (G = 1, 2 or 4), as
+    ``forward_grouped``; a block-column that no slot reads is written as zeros."""
+    num_cols = out.shape[1] // values.shape[2]
+    if entries.bounds.shape[0] != -(-num_cols // entries.group):
+        raise ValueError(f"grad_input entries for {entries.bounds.shape[0]} groups of {entries.group} block-columns "
+                         f"do not match {num_cols} block-columns")
+    _launch(grad_out, values, entries, None, out, False, config)
