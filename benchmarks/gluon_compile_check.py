@@ -3,7 +3,7 @@ Hopper GPU on a machine without one: Triton's front end, the Gluon layouts and P
 before any device time is spent. With Triton's bundled ptxas it also prints registers and spills.
 
     python benchmarks/gluon_compile_check.py                    # the default configs, sm_90
-    python benchmarks/gluon_compile_check.py --configs 64:4:4:8  # B:G:STAGES:num_warps,... (both products)
+    python benchmarks/gluon_compile_check.py --configs 64:4:4:8,64:4:4:8:1  # B:G:STAGES:num_warps[:WS],... (both products)
 
 Exits 1 if any config fails to compile. The driver is replaced by a stand-in that names the target, so
 run it in its own process (tests/test_gluon_compile.py does).
@@ -25,7 +25,7 @@ from triton.runtime.driver import driver
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-DEFAULT = "64:1:4:4,64:4:4:8,32:4:6:8,128:2:3:8,16:4:8:8"
+DEFAULT = "64:1:4:4,64:4:4:8,32:4:6:8,128:2:3:8,16:4:8:8,64:4:4:8:1,64:2:6:8:1"  # B:G:STAGES:warps[:WS]
 
 
 class TargetOnly:
@@ -47,9 +47,9 @@ class TargetOnly:
         return torch.device("cpu")
 
 
-def compile_config(block: int, group: int, stages: int, warps: int, transpose: bool):
+def compile_config(block: int, group: int, stages: int, warps: int, transpose: bool, ws: bool = False):
     """The kernel compiled for 4096 -> 14336 at density 0.5 and 8192 tokens, the forward (``transpose``)
-    or grad_input (shapes on the CPU: nothing runs)."""
+    or grad_input, plain or warp-specialized (``ws``) (shapes on the CPU: nothing runs)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -70,7 +70,7 @@ def compile_config(block: int, group: int, stages: int, warps: int, transpose: b
                    TensorDescriptor.from_tensor(values.view(rows * k * block, block), [block, block], square),
                    TensorDescriptor.from_tensor(y, [bm, block], box))
     bias = torch.empty(out_f, dtype=torch.bfloat16) if transpose else y
-    return grouped_gluon._grouped_kernel.warmup(
+    return grouped_gluon.KERNELS[ws].warmup(
         *descriptors, *entries[:5], bias, tokens, y.shape[1] // block, entries.bounds.shape[0],
         B=block, G=group, BM=bm, STAGES=stages, TRANSPOSE=transpose, HAS_BIAS=transpose, num_warps=warps, grid=(1,),
     )
@@ -91,17 +91,18 @@ def ptxas_report(kernel, capability: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=DEFAULT, help="B:G:STAGES:num_warps,...")
+    parser.add_argument("--configs", default=DEFAULT, help="B:G:STAGES:num_warps[:WS],...")
     parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args()
     driver.set_active(TargetOnly(args.capability))
     failed = 0
     for item in args.configs.split(","):
-        block, group, stages, warps = (int(v) for v in item.split(":"))
+        block, group, stages, warps, *ws = (int(v) for v in item.split(":"))
+        ws = bool(ws and ws[0])
         for product, transpose in (("forward", True), ("grad_input", False)):
-            name = f"{product} B={block} G={group} STAGES={stages} warps={warps}"
+            name = f"{product} B={block} G={group} STAGES={stages} warps={warps}{' WS' if ws else ''}"
             try:
-                kernel = compile_config(block, group, stages, warps, transpose)
+                kernel = compile_config(block, group, stages, warps, transpose, ws)
             except Exception as error:  # report every config, then fail
                 failed += 1
                 cause = error.__cause__ if error.__cause__ is not None else error

@@ -90,9 +90,9 @@ for p in "$@"; do
             metrics=$(ncu_metrics)
             part gluon-ncu 240 ncu --clock-control none \
                 --kernel-name "regex:_grouped_kernel|_forward_tma_kernel|_grad_input_tma" \
-                --launch-count 8 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+                --launch-count 12 --section SpeedOfLight --section MemoryWorkloadAnalysis \
                 --section Occupancy ${metrics:+--metrics "$metrics"} -f -o "$OUT/ncu-gluon" \
-                python3 benchmarks/grouped_kernels.py --profile --designs 64:4 --shapes 4096x14336 --out /tmp/gluon-ncu
+                python3 benchmarks/grouped_kernels.py --profile --designs 64:4,64:4:WS=1 --shapes 4096x14336 --out /tmp/gluon-ncu
             part gluon-ncu-export 60 bash -c "ncu --import '$OUT/ncu-gluon.ncu-rep' --csv --page raw > '$OUT/ncu-gluon.csv'" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac

@@ -79,6 +79,29 @@ def _wait_accumulators(outstanding: gl.constexpr, acc0, acc1, acc2, acc3, G: gl.
 
 
 @gluon.jit
+def _mma_entry(a_bufs, w_bufs, targets_ptr, distinct_ptr, entry, acc0, acc1, acc2, acc3,
+               STAGES: gl.constexpr, G: gl.constexpr, TRANSPOSE: gl.constexpr):
+    """Issue entry ``entry``'s MMA (its stage has landed) into its target's accumulator, then wait until
+    at most that one MMA runs: the previous entry's MMA is done when this returns."""
+    target = gl.load(targets_ptr + entry)
+    a_smem = a_bufs.index(gl.load(distinct_ptr + entry) % STAGES)
+    w_smem = w_bufs.index(entry % STAGES)
+    if TRANSPOSE:
+        w_smem = w_smem.permute((1, 0))
+    if target == 0:
+        acc0 = warpgroup_mma(a_smem, w_smem, acc0, is_async=True)
+    if G > 1:
+        if target == 1:
+            acc1 = warpgroup_mma(a_smem, w_smem, acc1, is_async=True)
+    if G > 2:
+        if target == 2:
+            acc2 = warpgroup_mma(a_smem, w_smem, acc2, is_async=True)
+        if target == 3:
+            acc3 = warpgroup_mma(a_smem, w_smem, acc3, is_async=True)
+    return _wait_accumulators(1, acc0, acc1, acc2, acc3, G)
+
+
+@gluon.jit
 def _store_block(acc, y_desc, c_smem, bias_ptr, m0, block, NUM_OUT, B: gl.constexpr, HAS_BIAS: gl.constexpr,
                  layout: gl.constexpr):
     """Output block ``block``'s tile (+ bias) through its own shared-memory buffer and a TMA store
@@ -144,6 +167,7 @@ def _grouped_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
+    fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     for s in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 entries in flight
         if first + s < end:
             _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, first + s, first, m0,
@@ -155,24 +179,9 @@ def _grouped_kernel(
     acc3 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
     for entry in range(first, end):
         mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
-        target = gl.load(targets_ptr + entry)
-        a_smem = a_bufs.index(gl.load(distinct_ptr + entry) % STAGES)
-        w_smem = w_bufs.index(entry % STAGES)
-        if TRANSPOSE:
-            w_smem = w_smem.permute((1, 0))
-        if target == 0:
-            acc0 = warpgroup_mma(a_smem, w_smem, acc0, is_async=True)
-        if G > 1:
-            if target == 1:
-                acc1 = warpgroup_mma(a_smem, w_smem, acc1, is_async=True)
-        if G > 2:
-            if target == 2:
-                acc2 = warpgroup_mma(a_smem, w_smem, acc2, is_async=True)
-            if target == 3:
-                acc3 = warpgroup_mma(a_smem, w_smem, acc3, is_async=True)
-        # at most this entry's MMA still runs: the previous entry's stage can be refilled
-        acc0, acc1, acc2, acc3 = _wait_accumulators(1, acc0, acc1, acc2, acc3, G)
-        if entry + STAGES - 1 < end:
+        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, targets_ptr, distinct_ptr, entry,
+                                            acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE)
+        if entry + STAGES - 1 < end:  # the previous entry's MMA is done: its stage can be refilled
             _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, entry + STAGES - 1, first, m0,
                         a_bufs, w_bufs, ready, STAGES, B)
     for s in gl.static_range(STAGES):
@@ -180,6 +189,70 @@ def _grouped_kernel(
     _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
 
 
+@gluon.jit
+def _producer(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
+              ready, empty, STAGES: gl.constexpr, B: gl.constexpr):
+    """The load warp: every entry's TMA loads, each into a stage the MMA partition has released."""
+    first = gl.load(bounds_ptr + 2 * group)
+    end = gl.load(bounds_ptr + 2 * group + 1)
+    for entry in range(first, end):
+        use = (entry - first) // STAGES
+        if use > 0:  # the stage's previous entry (entry - STAGES) has finished its MMA
+            mbarrier.wait(empty.index(entry % STAGES), (use - 1) & 1)
+        _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, entry, first, m0,
+                    a_bufs, w_bufs, ready, STAGES, B)
+
+
+@gluon.jit
+def _mma_partition(y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready, empty,
+                   NUM_OUT, B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+                   TRANSPOSE: gl.constexpr, HAS_BIAS: gl.constexpr, layout: gl.constexpr):
+    """The MMA warps: each entry's MMA as its stage lands, releasing the previous entry's stage (its MMA
+    done); then the group's output tiles."""
+    first = gl.load(bounds_ptr + 2 * group)
+    end = gl.load(bounds_ptr + 2 * group + 1)
+    acc0 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    acc1 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    acc2 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    acc3 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    for entry in range(first, end):
+        mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
+        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, targets_ptr, distinct_ptr, entry,
+                                            acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE)
+        if entry > first:
+            mbarrier.arrive(empty.index((entry - 1) % STAGES))
+    _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
+
+
+@gluon.jit
+def _grouped_ws_kernel(
+    a_desc, v_desc, y_desc, boxes_ptr, blocks_ptr, targets_ptr, distinct_ptr, bounds_ptr, bias_ptr,
+    M, NUM_OUT, NG,
+    B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, TRANSPOSE: gl.constexpr,
+    HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """``_grouped_kernel`` with its loads in a warp of their own: the MMA warps never wait on an index
+    load or a TMA issue, and the loads run up to STAGES entries ahead of the MMAs."""
+    m0, group = _program_tile(M, BM, NG)
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, B, 16])
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, B], a_desc.layout)
+    w_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, B, B], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
+    gl.warp_specialize([
+        (_mma_partition, (y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready,
+                          empty, NUM_OUT, B, G, BM, STAGES, TRANSPOSE, HAS_BIAS, layout)),
+        (_producer, (a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
+                     ready, empty, STAGES, B)),
+    ], [1], [48])
+
+
+KERNELS = {False: _grouped_kernel, True: _grouped_ws_kernel}
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -188,7 +261,7 @@ def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: 
     block_rows, k, block, _ = values.shape
     if entries.group not in (1, 2, 4):
         raise ValueError(f"the grouped Gluon kernel takes groups of 1, 2 or 4 output blocks, not {entries.group}")
-    config = {"BM": 128, "STAGES": 4, "num_warps": 8, **(config or {})}
+    config = {"BM": 128, "STAGES": 4, "num_warps": 8, "WS": False, **(config or {})}
     bm = config["BM"]
     dtype = _GL_DTYPES[a.dtype]
     box = gl.NVMMASharedLayout.get_default_for([bm, block], dtype)
@@ -198,7 +271,7 @@ def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: 
     y_desc = TensorDescriptor.from_tensor(out, [bm, block], box)
     num_groups = entries.bounds.shape[0]
     grid = (cdiv(a.shape[0], bm) * num_groups,)
-    _grouped_kernel[grid](
+    KERNELS[bool(config["WS"])][grid](
         a_desc, v_desc, y_desc, entries.boxes, entries.blocks, entries.targets, entries.distinct, entries.bounds,
         bias if bias is not None else out, a.shape[0], out.shape[1] // block, num_groups,
         B=block, G=entries.group, BM=bm, STAGES=config["STAGES"], TRANSPOSE=transpose, HAS_BIAS=bias is not None,
@@ -210,7 +283,8 @@ def forward_grouped(x: torch.Tensor, values: torch.Tensor, entries: Entries, bia
                     out: torch.Tensor, config: dict | None = None) -> None:
     """y [M, out] (x's dtype, bias added) from x [M, in] and values [R, K, B, B] (bfloat16 / float16,
     16-byte aligned) over ``row_groups.forward_entries`` (G = 1, 2 or 4). ``config``: {"BM", "STAGES",
-    "num_warps"} (default 128, 4, and 8 warps: the accumulators of G = 4 need two warpgroups' registers)."""
+    "num_warps", "WS"} (default 128, 4, 8 warps: the accumulators of G = 4 need two warpgroups' registers, and
+    WS False; True: the loads in a warp of their own, ``_grouped_ws_kernel``)."""
     if entries.bounds.shape[0] != -(-values.shape[0] // entries.group):
         raise ValueError(f"forward entries for {entries.bounds.shape[0]} groups of {entries.group} block-rows "
                          f"do not match {values.shape[0]} block-rows")

@@ -29,6 +29,11 @@ CASES = [  # (B, G, tokens, block-rows, block-columns, slots, config)
     (16, 4, 64, 6, 10, 5, {"STAGES": 8}),
     (128, 2, 200, 3, 5, 2, {"STAGES": 3}),
     (64, 2, 130, 4, 8, 8, {"STAGES": 2}),
+    # the warp-specialized kernel (a load warp of its own)
+    (64, 4, 300, 9, 8, 4, {"WS": True}),
+    (64, 2, 77, 7, 6, 3, {"WS": True, "STAGES": 6}),
+    (32, 4, 129, 5, 14, 6, {"WS": True}),
+    (64, 1, 1000, 4, 16, 8, {"WS": True, "num_warps": 4}),
 ]
 
 
@@ -65,7 +70,8 @@ def rel(out, ref):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-G{c[1]}-M{c[2]}-R{c[3]}-C{c[4]}-K{c[5]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-G{c[1]}-M{c[2]}-R{c[3]}-C{c[4]}-K{c[5]}"
+                         + ("-ws" if c[6].get("WS") else ""))
 def test_grouped_forward_matches_float64_and_repeats_bitwise(case, with_bias, dtype):
     pytest.importorskip("triton.experimental.gluon")
     from sparsify.kernels.grouped_gluon import forward_grouped
@@ -79,7 +85,8 @@ def test_grouped_forward_matches_float64_and_repeats_bitwise(case, with_bias, dt
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-G{c[1]}-M{c[2]}-R{c[3]}-C{c[4]}-K{c[5]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-G{c[1]}-M{c[2]}-R{c[3]}-C{c[4]}-K{c[5]}"
+                         + ("-ws" if c[6].get("WS") else ""))
 def test_grouped_grad_input_matches_float64_writes_zeros_for_unread_columns_and_repeats_bitwise(case, dtype):
     pytest.importorskip("triton.experimental.gluon")
     from sparsify.kernels.grouped_gluon import grad_input_grouped
