@@ -22,6 +22,7 @@ op = torch.ops.sparsify.block_ell_linear
         ("SPARSIFY_TMA", "maybe"),
         ("SPARSIFY_LEAN_LAUNCH", "yes please"),
         ("SPARSIFY_CHECK_COLUMNS", "2"),
+        ("SPARSIFY_GROUPED", "auto"),
     ],
 )
 def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, value):
@@ -31,9 +32,9 @@ def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, 
 
 def test_environment_values_map_onto_the_option_fields():
     env = {"SPARSIFY_BACKEND": " Reference ", "SPARSIFY_BLOCK_KERNEL": "tile", "SPARSIFY_TMA": "1",
-           "SPARSIFY_LEAN_LAUNCH": "0", "SPARSIFY_CHECK_COLUMNS": "off"}
+           "SPARSIFY_LEAN_LAUNCH": "0", "SPARSIFY_CHECK_COLUMNS": "off", "SPARSIFY_GROUPED": "WS"}
     assert KernelOptions.from_env(env) == KernelOptions(
-        backend="reference", block_kernel="tile", tma="on", lean_launch=False, check_columns=False
+        backend="reference", block_kernel="tile", tma="on", lean_launch=False, check_columns=False, grouped="ws"
     )
     assert KernelOptions.from_env({}) == KernelOptions()
 
@@ -97,6 +98,16 @@ def test_the_tma_forward_is_never_chosen_off_cuda():
     values = torch.randn(2, 4, 128, 128)
     with kernel_options(tma="on"):
         assert not dispatch.use_tma(x, values, 512)
+
+
+def test_the_grouped_kernels_are_off_by_default_and_never_chosen_off_cuda():
+    x = torch.randn(512, 1024, dtype=torch.bfloat16)
+    values = torch.randn(16, 8, 64, 64, dtype=torch.bfloat16)
+    y = torch.empty(512, 1024, dtype=torch.bfloat16)
+    assert KernelOptions().grouped == "off"
+    for choice in dispatch.GROUPED_CHOICES:
+        with kernel_options(grouped=choice):
+            assert dispatch.use_grouped((x, values, y), 512) is None
 
 
 def test_split_counts_fill_the_device_but_never_exceed_the_work():

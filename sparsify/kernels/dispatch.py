@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import torch
 
 from sparsify.kernels.options import (  # noqa: F401  (re-exported: the public names live here too)
-    BACKENDS, BLOCK_KERNELS, TMA_CHOICES, KernelOptions, interpreting, kernel_options, options, set_kernel_options,
+    BACKENDS, BLOCK_KERNELS, GROUPED_CHOICES, TMA_CHOICES, KernelOptions, interpreting, kernel_options, options,
+    set_kernel_options,
 )
 
 
@@ -123,6 +124,44 @@ def use_tma(a: torch.Tensor, b: torch.Tensor, num_tokens: int, product: str = "f
     return (b.shape[2] if block is None else block) >= (64 if choice == "on" else TMA_MIN_BLOCK[product])
 
 
+# The grouped Gluon kernels (grouped_gluon.py): output blocks a program owns (G), by block size. Off unless
+# kernel option grouped asks for them: built and checked, not yet measured faster (benchmarks/NOTES.md).
+GROUP_SIZE = {16: 4, 32: 4, 64: 4, 128: 2}
+
+
+@functools.cache
+def _grouped_launchers() -> SimpleNamespace | None:
+    """The grouped Gluon launchers and their per-topology entries, or None where this Triton has no Gluon."""
+    try:
+        from sparsify.kernels import grouped_gluon
+    except ImportError:
+        return None
+    from sparsify.kernels.row_groups import forward_entries, grad_input_entries
+    from sparsify.kernels.topology_cache import per_topology
+
+    def entries(kind, build):  # one cache entry per group size
+        return {g: per_topology(f"{kind} G={g}", lambda col, n, g=g: build(col, n, g)) for g in set(GROUP_SIZE.values())}
+
+    return SimpleNamespace(forward=grouped_gluon.forward_grouped, grad_input=grouped_gluon.grad_input_grouped,
+                           forward_entries=entries("forward entries", forward_entries),
+                           grad_input_entries=entries("grad_input entries", grad_input_entries))
+
+
+def use_grouped(tensors: tuple, num_tokens: int) -> str | None:
+    """The variant ("on" or "ws") of the grouped Gluon kernels where kernel option grouped asks for them and
+    they can run on ``tensors`` (operand, values, output: CUDA on Hopper or newer, bfloat16 / float16,
+    16-byte aligned, many tokens, a Triton with Gluon), else None."""
+    choice = options().grouped
+    a = tensors[0]
+    if choice == "off" or a.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
+        return None
+    if a.dtype not in (torch.bfloat16, torch.float16) or _capability_major(_index(a.device)) < 9:
+        return None
+    if any(t.data_ptr() % 16 or (t.shape[-1] * t.element_size()) % 16 for t in tensors):
+        return None
+    return choice if _grouped_launchers() is not None else None
+
+
 def split_slots(num_tiles: int, k: int, device: torch.device) -> int:
     """How many programs share one block-row's slots in the gather forward, so that small inputs still
     fill the GPU (``num_tiles``: token tiles x block-rows)."""
@@ -190,9 +229,10 @@ def _check(col: torch.Tensor, num_cols: int) -> None:
 
 
 def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | None = None, poison: bool = False):
-    """y [M, out] = x [M, in] W^T + bias: the masked-dense tiles (small blocks, many tokens, dense
-    enough), the TMA forward (large blocks, many tokens, Hopper), else the gather kernel, its slots
-    split over several programs where the token tiles alone cannot fill the GPU."""
+    """y [M, out] = x [M, in] W^T + bias: the grouped Gluon kernel where kernel option grouped asks for it,
+    the masked-dense tiles (small blocks, many tokens, dense enough), the TMA forward (large blocks, many
+    tokens, Hopper), else the gather kernel, its slots split over several programs where the token tiles
+    alone cannot fill the GPU."""
     run = _launchers()
     block_rows, k, block, _ = values.shape
     num_tokens, in_features = x.shape
@@ -201,7 +241,12 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     col = _int32(col_indices)
     _check(col, num_cols)
     tile = config.get("tile") if config is not None else None
-    if tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
+    grouped = use_grouped((x, values, y), num_tokens) if config is None else None
+    if grouped is not None:
+        launch = _grouped_launchers()
+        g = GROUP_SIZE[block]
+        launch.forward(x, values, launch.forward_entries[g](col, num_cols), bias, y, {"WS": grouped == "ws"})
+    elif tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
         run.tile_matmul(x, values, run.slot_table(col, num_cols), bias, y, False, tile)
     elif config is None and use_tma(x, values, num_tokens):
         run.forward_tma(x, values, col, bias, y)
@@ -219,8 +264,9 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
 
 
 def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=None, config=None):
-    """grad_x [M, in] = grad_out [M, out] W: the masked-dense tiles on W (as for the forward), else the
-    column walk over the column view of the topology (through tensor descriptors where use_tma says)."""
+    """grad_x [M, in] = grad_out [M, out] W: the grouped Gluon kernel where kernel option grouped asks for it,
+    the masked-dense tiles on W (as for the forward), else the column walk over the column view of the
+    topology (through tensor descriptors where use_tma says)."""
     run = _launchers()
     _, k, block, _ = values.shape
     num_tokens = grad_out.shape[0]
@@ -228,7 +274,13 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
     grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     col = _int32(col_indices)
     tile = config.get("tile") if config is not None else None
-    if tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
+    grouped = use_grouped((grad_out, values, grad_x), num_tokens) if config is None else None
+    if grouped is not None:
+        launch = _grouped_launchers()
+        g = GROUP_SIZE[block]
+        entries = launch.grad_input_entries[g](col, num_cols)
+        launch.grad_input(grad_out, values, entries, grad_x, {"WS": grouped == "ws"})
+    elif tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
         run.tile_matmul(grad_out, values, run.slot_table(col, num_cols), None, grad_x, True, tile)
     else:
         slots_by_col, col_start = run.column_view(col, num_cols)

@@ -17,6 +17,7 @@ What each option decides: ``dispatch.py``.
 | tma           | auto, on, off           | SPARSIFY_TMA (auto/on/off/1/0) | the tensor-descriptor kernels on Hopper: auto where measured faster (dispatch.TMA_MIN_BLOCK), on every one from B = 64 |
 | lean_launch   | True, False             | SPARSIFY_LEAN_LAUNCH (1/0)   | relaunch compiled Triton kernels without the JIT's Python argument binding |
 | check_columns | True, False             | SPARSIFY_CHECK_COLUMNS (1/0) | Triton forward: a device-side assert that every column index is in [0, C) (no host sync) |
+| grouped       | off, on, ws             | SPARSIFY_GROUPED             | the grouped Gluon kernels (forward, grad_input; Hopper, bf16 / fp16, many tokens): off (default, until measured faster), on, ws (their warp-specialized variant) |
 
 Boolean variables also accept true/false and on/off; values are case-insensitive.
 """
@@ -33,6 +34,7 @@ from collections.abc import Iterator, Mapping
 BACKENDS = ("auto", "reference", "triton")
 BLOCK_KERNELS = ("auto", "gather", "tile")
 TMA_CHOICES = ("auto", "on", "off")
+GROUPED_CHOICES = ("off", "on", "ws")
 
 _ENV = {
     "backend": "SPARSIFY_BACKEND",
@@ -40,6 +42,7 @@ _ENV = {
     "tma": "SPARSIFY_TMA",
     "lean_launch": "SPARSIFY_LEAN_LAUNCH",
     "check_columns": "SPARSIFY_CHECK_COLUMNS",
+    "grouped": "SPARSIFY_GROUPED",
 }
 _FLAGS = ("lean_launch", "check_columns")
 _TMA_ENV = {"auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
@@ -53,9 +56,11 @@ class KernelOptions:
     tma: str = "auto"
     lean_launch: bool = True
     check_columns: bool = True
+    grouped: str = "off"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("backend", BACKENDS), ("block_kernel", BLOCK_KERNELS), ("tma", TMA_CHOICES)):
+        for name, allowed in (("backend", BACKENDS), ("block_kernel", BLOCK_KERNELS), ("tma", TMA_CHOICES),
+                              ("grouped", GROUPED_CHOICES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"kernel option {name}={value!r} is not one of {allowed}")
@@ -82,7 +87,8 @@ class KernelOptions:
                     cls(**{name: value})
             except (KeyError, ValueError):
                 allowed = {"backend": BACKENDS, "block_kernel": BLOCK_KERNELS, "tma": tuple(_TMA_ENV),
-                           "lean_launch": tuple(_BOOL_ENV), "check_columns": tuple(_BOOL_ENV)}[name]
+                           "lean_launch": tuple(_BOOL_ENV), "check_columns": tuple(_BOOL_ENV),
+                           "grouped": GROUPED_CHOICES}[name]
                 raise ValueError(
                     f"{variable}={raw!r} is not one of {allowed}; unset it or pick one of those"
                 ) from None

@@ -111,3 +111,22 @@ def test_entries_of_another_layer_are_refused():
         forward_grouped(x, values, forward_entries(col[:2], 4, 2), None, out)
     with pytest.raises(ValueError, match="do not match 4 block-columns"):
         grad_input_grouped(x, values, grad_input_entries(col, 8, 4), out)
+
+
+@pytest.mark.parametrize("choice", ["on", "ws"])
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+def test_the_routed_layer_with_the_grouped_kernels_matches_float64(choice, block):
+    """kernel_options(grouped=...) routes the layer's forward and grad_input through the grouped kernels."""
+    pytest.importorskip("triton.experimental.gluon")
+    from sparsify import BlockSparseLinear, kernel_options
+
+    torch.manual_seed(block)
+    layer = BlockSparseLinear(512, 1024, block_size=block, density=0.5, bias=True, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16)
+    with kernel_options(grouped=choice):
+        y = layer(x)
+        y.backward(grad)
+    dense = layer.to_dense().double()
+    assert rel(y, F.linear(x.double(), dense, layer.bias.double())) < 1.5e-2
+    assert rel(x.grad, grad.double() @ dense) < 1.5e-2
