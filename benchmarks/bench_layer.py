@@ -15,6 +15,7 @@ dense [out, in] tensors. Inputs are random (never zeros); the topology is unifor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -28,6 +29,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import sparsify.ops  # noqa: E402,F401  (registers torch.ops.sparsify.*)
+from sparsify.kernels.dispatch import options as kernel_options_in_force  # noqa: E402
 
 SHAPES = [(640, 2560), (2560, 640), (4096, 14336), (14336, 4096)]
 TOKENS = [16, 8192]
@@ -218,12 +220,15 @@ def save(rows: list, args) -> tuple[pathlib.Path, dict]:
         "dtype": args.dtype,
         "do_bench": {"warmup_ms": WARMUP_MS, "rep_ms": REP_MS, "return_mode": "median"},
         "graph_weight_copies": GRAPH_COPIES,
+        "kernel_options": dataclasses.asdict(kernel_options_in_force()),
         "rows": rows,
         "autotuned": chosen_configs(),
     }
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{device.replace(' ', '_')}-{today}.json"
+    grouped = kernel_options_in_force().grouped
+    suffix = "" if grouped == "off" else f"-grouped-{grouped}"  # never merged into the default routing's file
+    path = out_dir / f"{device.replace(' ', '_')}-{today}{suffix}.json"
     if path.exists():  # keep rows of earlier runs today that this run did not measure again
         ident = lambda r: (r["in"], r["out"], r["M"], r["B"], r["K"])  # noqa: E731
         mine = {ident(r) for r in rows}
@@ -245,8 +250,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--graph-copies", type=int, default=GRAPH_COPIES,
                         help="weight copies rotated in CUDA-graph decode timings (1 = replay one copy, L2-warm)")
+    parser.add_argument("--grouped", choices=("off", "on", "ws"), default="off",
+                        help="kernel option grouped: the grouped Gluon forward and grad_input (Hopper)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
+    sparsify.set_kernel_options(grouped=args.grouped)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     tokens = [int(v) for v in args.tokens.split(",")] if args.tokens else TOKENS
