@@ -148,6 +148,30 @@ def _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, block0, NUM_OUT, 
 
 
 @gluon.jit
+def _bounds(bounds_ptr, group):
+    """The group's entries: [first, end) of the flat entry arrays."""
+    return gl.load(bounds_ptr + 2 * group), gl.load(bounds_ptr + 2 * group + 1)
+
+
+@gluon.jit
+def _zero_accumulators(BM: gl.constexpr, B: gl.constexpr, layout: gl.constexpr):
+    """Four zero accumulators (the loop carries all four; G of them are used, the rest cost nothing)."""
+    zero = gl.zeros((BM, B), gl.float32, layout)
+    return warpgroup_mma_init(zero), warpgroup_mma_init(zero), warpgroup_mma_init(zero), warpgroup_mma_init(zero)
+
+
+@gluon.jit
+def _ring(a_desc, v_desc, BM: gl.constexpr, B: gl.constexpr, STAGES: gl.constexpr):
+    """The ring: STAGES box buffers [BM x B], STAGES block buffers [B x B], a barrier each stage (initialized)."""
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, B], a_desc.layout)
+    w_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, B, B], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    return a_bufs, w_bufs, ready
+
+
+@gluon.jit
 def _grouped_kernel(
     a_desc, v_desc, y_desc, boxes_ptr, blocks_ptr, targets_ptr, distinct_ptr, bounds_ptr, bias_ptr,
     M, NUM_OUT, NG,
@@ -157,26 +181,18 @@ def _grouped_kernel(
     """y[:, group's G output blocks] = sum over the group's entries of box @ block (block^T where
     TRANSPOSE: the forward), one program per (token tile, group)."""
     m0, group = _program_tile(M, BM, NG)
-    first = gl.load(bounds_ptr + 2 * group)
-    end = gl.load(bounds_ptr + 2 * group + 1)
+    first, end = _bounds(bounds_ptr, group)
 
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, B, 16])
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, B], a_desc.layout)
-    w_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, B, B], v_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+    a_bufs, w_bufs, ready = _ring(a_desc, v_desc, BM, B, STAGES)
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     for s in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 entries in flight
         if first + s < end:
             _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, first + s, first, m0,
                         a_bufs, w_bufs, ready, STAGES, B)
 
-    acc0 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
-    acc1 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
-    acc2 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
-    acc3 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
     for entry in range(first, end):
         mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
         acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, targets_ptr, distinct_ptr, entry,
@@ -193,8 +209,7 @@ def _grouped_kernel(
 def _producer(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
               ready, empty, STAGES: gl.constexpr, B: gl.constexpr):
     """The load warp: every entry's TMA loads, each into a stage the MMA partition has released."""
-    first = gl.load(bounds_ptr + 2 * group)
-    end = gl.load(bounds_ptr + 2 * group + 1)
+    first, end = _bounds(bounds_ptr, group)
     for entry in range(first, end):
         use = (entry - first) // STAGES
         if use > 0:  # the stage's previous entry (entry - STAGES) has finished its MMA
@@ -209,12 +224,8 @@ def _mma_partition(y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, grou
                    TRANSPOSE: gl.constexpr, HAS_BIAS: gl.constexpr, layout: gl.constexpr):
     """The MMA warps: each entry's MMA as its stage lands, releasing the previous entry's stage (its MMA
     done); then the group's output tiles."""
-    first = gl.load(bounds_ptr + 2 * group)
-    end = gl.load(bounds_ptr + 2 * group + 1)
-    acc0 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
-    acc1 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
-    acc2 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
-    acc3 = warpgroup_mma_init(gl.zeros((BM, B), gl.float32, layout))
+    first, end = _bounds(bounds_ptr, group)
+    acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
     for entry in range(first, end):
         mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
         acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, targets_ptr, distinct_ptr, entry,
@@ -224,6 +235,7 @@ def _mma_partition(y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, grou
     _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
 
 
+# The same parameters as _grouped_kernel: one launcher calls either (KERNELS).
 @gluon.jit
 def _grouped_ws_kernel(
     a_desc, v_desc, y_desc, boxes_ptr, blocks_ptr, targets_ptr, distinct_ptr, bounds_ptr, bias_ptr,
@@ -236,12 +248,9 @@ def _grouped_ws_kernel(
     m0, group = _program_tile(M, BM, NG)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, B, 16])
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, B], a_desc.layout)
-    w_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, B, B], v_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    a_bufs, w_bufs, ready = _ring(a_desc, v_desc, BM, B, STAGES)
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     gl.warp_specialize([
