@@ -70,3 +70,47 @@ def test_entries_keep_their_shapes_for_every_topology_of_a_layer(build):
     second = build(torch.tensor([[0, 1, 2], [3, 4, 0], [1, 1, 1], [-1, 9, 2], [4, 3, 2], [0, 2, 4]],
                                 dtype=torch.int32), 5, 4)
     assert [t.shape for t in first[:5]] == [t.shape for t in second[:5]]
+
+
+def simulate_ring(entries, first: int, end: int, stages: int, ahead: int) -> None:
+    """The grouped kernels' ring, replayed on the host with their index formulas: entry e's block in stage
+    e % stages, a new box in buffer distinct % stages, loads issued ``ahead`` entries ahead of the MMA
+    issue, at most one earlier MMA still running when a load is issued (warpgroup_mma_wait(1)). Checks
+    that every MMA finds its own box and block, and that no load overwrites a buffer a running MMA reads."""
+    boxes, blocks, distinct = entries.boxes.tolist(), entries.blocks.tolist(), entries.distinct.tolist()
+    box_buf, block_buf = {}, {}
+
+    def load(e):
+        starts = e == first or distinct[e] != distinct[e - 1]
+        if starts:
+            box_buf[distinct[e] % stages] = boxes[e]
+        block_buf[e % stages] = blocks[e]
+        return starts
+
+    for e in range(first, min(first + ahead, end)):
+        load(e)
+    for e in range(first, end):
+        assert box_buf[distinct[e] % stages] == boxes[e] and block_buf[e % stages] == blocks[e], e
+        running = e  # after the wait, only this entry's MMA may still read its buffers
+        nxt = e + ahead
+        if nxt < end:
+            starts_box = nxt == first or distinct[nxt] != distinct[nxt - 1]
+            assert nxt % stages != running % stages, "a block buffer reloaded under a running MMA"
+            if starts_box:
+                assert distinct[nxt] % stages != distinct[running] % stages or distinct[nxt] == distinct[running]
+            load(nxt)
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("build", [forward_entries, grad_input_entries], ids=["forward", "grad_input"])
+def test_the_ring_schedule_gives_every_mma_its_own_buffers_and_never_overwrites_a_running_one(stages, build):
+    gen = torch.Generator().manual_seed(stages)
+    for _ in range(30):
+        rows = int(torch.randint(1, 12, (1,), generator=gen))
+        num_cols = int(torch.randint(1, 12, (1,), generator=gen))
+        k = int(torch.randint(1, num_cols + 2, (1,), generator=gen))
+        col = torch.randint(-1, num_cols + 1, (rows, k), generator=gen, dtype=torch.int32)
+        for group in (1, 2, 4):
+            entries = build(col, num_cols, group)
+            for first, end in entries.bounds.tolist():
+                simulate_ring(entries, first, end, stages, stages - 1)  # the plain kernel: STAGES - 1 ahead
