@@ -14,6 +14,10 @@ launch (``host``: the host's own time per call, no synchronize in the loop) and 
 the repeats, and the ratios sparse / dense of the medians. At M = 16 the kernels take ~10 us each, so
 host = wall there unless the launch queue fills. The acceptance ratio is ``host ratio`` (at most 1.5).
 The whole run stops starting new configurations after ``--budget-s`` seconds (compilation included).
+``--cuda-graphs`` adds the path that makes host time irrelevant: each layer compiled with
+``mode="reduce-overhead"`` (``compile_repeated_layers`` for the sparse one), its fwd+bwd replayed as CUDA
+graphs, timed the same way (``sparse_graphs_us`` / ``dense_graphs_us``, and the sparse graphs against eager
+nn.Linear: ``graphs_vs_dense_eager``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from sparsify import BlockSparseLinear, kernel_options
+from sparsify import BlockSparseLinear, compile_repeated_layers, kernel_options
 
 # (in, out, M): the decode-sized calls the acceptance is about, and one larger M that compiles no
 # autotuned configs (below common.AUTOTUNE_MIN_MACS) so that the run stays short.
@@ -86,6 +90,32 @@ def count_kernels(fn, device: torch.device, calls: int = 5) -> float | None:
     return len(kernels) / calls
 
 
+class _Stack(torch.nn.Module):
+    """One layer in a ModuleList, the shape compile_repeated_layers looks for."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([layer])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def graphed(layer: torch.nn.Module, x, grad):
+    """fwd+bwd of ``layer`` compiled with mode="reduce-overhead" (CUDA graphs), one step a call."""
+    stack = _Stack(layer)
+    if isinstance(layer, BlockSparseLinear):
+        compile_repeated_layers(stack)
+    else:
+        stack.layers[0].compile(mode="reduce-overhead")
+
+    def call():
+        torch.compiler.cudagraph_mark_step_begin()
+        stack(x).backward(grad)
+
+    return call
+
+
 def measure(in_f: int, out_f: int, tokens: int, block: int, probe: bool, dtype, device, args) -> dict:
     sparse = BlockSparseLinear(in_f, out_f, block_size=block, density=0.5, device=device, dtype=dtype)
     dense = torch.nn.Linear(in_f, out_f, device=device, dtype=dtype)
@@ -93,9 +123,19 @@ def measure(in_f: int, out_f: int, tokens: int, block: int, probe: bool, dtype, 
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
     fns = {"sparse": lambda: sparse(x).backward(grad), "dense": lambda: dense(x).backward(grad)}
+    graphs = args.cuda_graphs and device.type == "cuda"
+    if graphs:
+        fns["sparse_graphs"] = graphed(sparse, x, grad)
+        fns["dense_graphs"] = graphed(dense, x, grad)
     times = compare(fns, args.calls, args.repeats, device)
     s, d = times["sparse"], times["dense"]
-    return {
+    extra = {}
+    if graphs:
+        sg, dg = times["sparse_graphs"], times["dense_graphs"]
+        extra = {"sparse_graphs_us": round(sg["wall_median"], 1), "dense_graphs_us": round(dg["wall_median"], 1),
+                 "graphs_ratio": round(sg["wall_median"] / dg["wall_median"], 2),
+                 "graphs_vs_dense_eager": round(sg["wall_median"] / d["wall_median"], 2)}
+    return {**extra,
         "in": in_f, "out": out_f, "M": tokens, "B": block, "density": 0.5, "probe": probe,
         "sparse_host_us": round(s["host_median"], 1), "sparse_host_min_us": round(s["host_min"], 1),
         "dense_host_us": round(d["host_median"], 1), "dense_host_min_us": round(d["host_min"], 1),
@@ -143,6 +183,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=65.0, help="start no configuration after this")
     parser.add_argument("--tag", default="", help="suffix of the result file's name (e.g. before / after)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile breakdown instead of timing")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time both layers compiled with mode='reduce-overhead' (CUDA graphs; M <= 64 only)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -157,6 +199,8 @@ def main() -> None:
     context = kernel_options() if device.type == "cuda" else kernel_options(backend="reference")
     with context:
         for in_f, out_f, tokens in cases:
+            if args.cuda_graphs and tokens > 64:
+                continue  # the graphs answer the decode-sized calls; a compile per configuration costs budget
             for block in (16, 64):
                 for probe in (False, True):
                     config = {"in": in_f, "out": out_f, "M": tokens, "B": block, "probe": probe}
@@ -193,7 +237,9 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     columns = ["in", "out", "M", "B", "probe", "sparse_host_us", "sparse_host_min_us", "dense_host_us",
                "host_ratio", "host_ratio_min", "wall_ratio", "sparse_kernels", "dense_kernels"]
-    print(tabulate([[row[c] for c in columns] for row in rows], headers=columns, tablefmt="github"))
+    if args.cuda_graphs:
+        columns += ["sparse_graphs_us", "dense_graphs_us", "graphs_ratio", "graphs_vs_dense_eager"]
+    print(tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, tablefmt="github"))
     print(f"{elapsed:.1f} s; wrote {path}" + (f"; skipped over budget: {skipped}" if skipped else ""))
 
 
