@@ -117,9 +117,9 @@ def summary(result: dict) -> str:
 
 
 def _is_layer_result(result: dict) -> bool:
-    """bench_layer.py's rows (kernel_profile.py's files have rows too, of another kind)."""
+    """bench_layer.py's rows (kernel_profile.py's and the design studies' files have rows too, of other kinds)."""
     rows = result.get("rows") or []
-    return bool(rows) and "speedup_fwd" in rows[0]
+    return bool(rows) and {"speedup_fwd", "speedup_fwdbwd", "dense_fwd_ms"} <= rows[0].keys()
 
 
 def newest_results() -> list[pathlib.Path]:
