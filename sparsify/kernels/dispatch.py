@@ -85,21 +85,27 @@ def kernels_for(device: torch.device):
 # Which kernel serves large token counts for small blocks: "gather" (boxes per slot) or "tile"
 # (masked-dense tiles; kernel option block_kernel overrides, the benchmarks compare both).
 # Masked-dense tiles do the dense FLOPs whatever the density, so they win where gathering is slower
-# than that: measured on the H100 (4096<->14336, M = 8192, benchmarks/NOTES.md), gathering at B = 16
-# was slower than the tiles from density 0.25 up (3.1 vs ~2.4 ms), at B = 32 faster at 0.25 (1.1 vs
-# ~2.2 ms), even at 0.5 and slower at 0.75. Key: block size -> the lowest density that takes the tiles.
-TILE_MIN_DENSITY = {16: 0.15, 32: 0.5}
+# than that. Measured on the H100 (4096<->14336, M = 8192, benchmarks/NOTES.md): gathering at B = 16 was
+# slower than the tiles from density 0.25 up (3.1 vs ~2.4 ms), at B = 32 faster at 0.25 (1.1 vs ~2.2 ms),
+# even at 0.5 and slower at 0.75. On the H200 (2026-12-01, d = 0.5, M = 8192, the variant columns of
+# results/NVIDIA_H200-2026-12-01-layers.json) the B = 32 forward gathers faster on every shape (4096->14336
+# 1.84 vs 2.27 ms, 14336->4096 2.05 vs 2.27, 640->2560 0.076 vs 0.093, 2560->640 0.070 vs 0.188) while the
+# tiles stay faster for the backward (fwd+bwd minus fwd 3.7 vs 4.8 ms); at B = 16 the tiles win both.
+# Key: product -> block size -> the lowest density that takes the tiles.
+TILE_MIN_DENSITY = {"forward": {16: 0.15, 32: 0.75}, "backward": {16: 0.15, 32: 0.5}}
 TILE_MIN_TOKENS = 256
 
 
-def use_tiles(block: int, density: float, num_tokens: int) -> bool:
-    """Masked-dense tiles (forward, grad_input, grad_values) instead of the gather kernels."""
+def use_tiles(block: int, density: float, num_tokens: int, product: str = "forward") -> bool:
+    """Masked-dense tiles instead of the gather kernels for ``product``: "forward", or "backward"
+    (grad_input and grad_values)."""
     choice = options().block_kernel
     if choice == "tile":
         return True
-    if choice == "gather" or num_tokens < TILE_MIN_TOKENS or block not in TILE_MIN_DENSITY:
+    thresholds = TILE_MIN_DENSITY[product]
+    if choice == "gather" or num_tokens < TILE_MIN_TOKENS or block not in thresholds:
         return False
-    return density >= TILE_MIN_DENSITY[block]
+    return density >= thresholds[block]
 
 
 # The tensor-descriptor kernels from this block size up, per product: measured on the H200 (2026-12-01,
@@ -280,7 +286,7 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
         g = GROUP_SIZE[block]
         entries = launch.grad_input_entries[g](col, num_cols)
         launch.grad_input(grad_out, values, entries, grad_x, {"WS": grouped == "ws"})
-    elif tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
+    elif tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens, "backward")):
         run.tile_matmul(grad_out, values, run.slot_table(col, num_cols), None, grad_x, True, tile)
     else:
         slots_by_col, col_start = run.column_view(col, num_cols)
@@ -291,7 +297,7 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
 
 
 def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, config=None, poison: bool = False):
-    """dL/dvalues [R, K, B, B]: the tile kernel where the forward takes tiles, else the gather kernel (the
+    """dL/dvalues [R, K, B, B]: the tile kernel where the backward takes tiles, else the gather kernel (the
     TMA kernel where use_tma says and no split is needed); the tokens split into fixed ranges where the
     programs alone cannot fill the GPU. The tile kernel
     writes only the slots in the slot table, so the column check runs there too."""
@@ -303,7 +309,7 @@ def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, c
     num_cols = in_features // block
     dv = torch.empty(block_rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     tile = config.get("tile") if config is not None else None
-    tiled = tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens))
+    tiled = tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens, "backward"))
     if config is not None and "SPLIT" in config:
         split = config["SPLIT"]
     elif tiled:
