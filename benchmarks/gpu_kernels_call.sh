@@ -11,7 +11,7 @@
 # (bench_training.py), training-seeds (bench_training.py on the seeds' shape, 16 layers / hidden 640 / MLP 2560,
 # B = 64 and 16, every decoder layer compiled with mode="reduce-overhead" (CUDA graphs), dense too; about
 # 2-3 minutes, capped at 240 s), gluon (grouped_kernels.py: the grouped Gluon forward and grad_input checked and timed beside today's),
-# gluon-ncu (one launch of each under Nsight Compute, raw counters as CSV), layer-grouped (bench_layer.py with
+# gluon-ncu (two launches of each grouped design under Nsight Compute, with warp stall reasons; raw counters as CSV), layer-grouped (bench_layer.py with
 # GROUPED=on|ws routing the grouped kernels), host (host_overhead.py --cuda-graphs). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
 # BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
 set -u
@@ -92,12 +92,12 @@ for p in "$@"; do
                 --update-every 5 --decisions 2 --out "$OUT" ;;
         gluon)  # the grouped Gluon kernel (forward, grad_input): float64 checks, then timed beside today's kernels
             part gluon 300 python3 benchmarks/grouped_kernels.py --out "$OUT" ;;
-        gluon-ncu)  # two launches each of the grouped Gluon kernel (B = 64, G = 4) and today's, clocks left alone
+        gluon-ncu)  # two launches each of the grouped Gluon kernel at B = 64, G = 4, plain and warp-specialized; clocks left alone
             metrics=$(ncu_metrics)
-            part gluon-ncu 240 ncu --clock-control none \
-                --kernel-name "regex:_grouped_kernel|_forward_tma_kernel|_grad_input_tma" \
-                --launch-count 12 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-                --section Occupancy ${metrics:+--metrics "$metrics"} -f -o "$OUT/ncu-gluon" \
+            # only the grouped kernels: today's autotuning launches would use up the launch count
+            part gluon-ncu 240 ncu --clock-control none --kernel-name "regex:grouped" \
+                --launch-count 8 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+                --section Occupancy --section WarpStateStats ${metrics:+--metrics "$metrics"} -f -o "$OUT/ncu-gluon" \
                 python3 benchmarks/grouped_kernels.py --profile --designs 64:4,64:4:WS=1 --shapes 4096x14336 --out /tmp/gluon-ncu
             part gluon-ncu-export 60 bash -c "ncu --import '$OUT/ncu-gluon.ncu-rep' --csv --page raw > '$OUT/ncu-gluon.csv'" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;

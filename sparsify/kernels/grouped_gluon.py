@@ -45,18 +45,35 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 
 
 @gluon.jit
-def _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, entry, first, m0,
-                a_bufs, w_bufs, ready, STAGES: gl.constexpr, B: gl.constexpr):
+def _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, entry, first, end):
+    """Entry ``entry``'s box, block, box number and whether it starts a new box (zeros past the group's
+    end: such an entry is never issued). Loaded an iteration before their use, so the latency of these
+    global loads hides behind the running MMA: with G = 4 one program fills an SM, and nothing else does."""
+    live = entry < end
+    distinct = gl.load(distinct_ptr + entry, mask=live, other=0)
+    previous = gl.load(distinct_ptr + gl.maximum(entry - 1, first), mask=live, other=0)
+    starts = (entry == first) | (distinct != previous)
+    return gl.load(boxes_ptr + entry, mask=live, other=0), gl.load(blocks_ptr + entry, mask=live, other=0), distinct, starts
+
+
+@gluon.jit
+def _issue_loads(a_desc, v_desc, box, block, distinct, starts, entry, m0, a_bufs, w_bufs, ready,
+                 STAGES: gl.constexpr, B: gl.constexpr):
     """Start entry ``entry``'s TMA loads into stage entry % STAGES: its block, and its box where it
-    starts a new one (``first``: the group's first entry)."""
-    distinct = gl.load(distinct_ptr + entry)
-    starts = (entry == first) | (distinct != gl.load(distinct_ptr + gl.maximum(entry - 1, first)))
+    starts a new one."""
     bar = ready.index(entry % STAGES)
     # one arrival with the stage's byte count (a compile-time number): one of the two expects is true
     mbarrier.expect(bar, v_desc.block_type.nbytes, pred=~starts)
     mbarrier.expect(bar, v_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=starts)
-    _tma_load(a_desc, [m0, gl.load(boxes_ptr + entry) * B], bar, a_bufs.index(distinct % STAGES), pred=starts)
-    _tma_load(v_desc, [gl.load(blocks_ptr + entry) * B, 0], bar, w_bufs.index(entry % STAGES))
+    _tma_load(a_desc, [m0, box * B], bar, a_bufs.index(distinct % STAGES), pred=starts)
+    _tma_load(v_desc, [block * B, 0], bar, w_bufs.index(entry % STAGES))
+
+
+@gluon.jit
+def _mma_indices(targets_ptr, distinct_ptr, entry, end):
+    """Entry ``entry``'s output block and box number (zeros past the end), loaded an iteration ahead."""
+    live = entry < end
+    return gl.load(targets_ptr + entry, mask=live, other=0), gl.load(distinct_ptr + entry, mask=live, other=0)
 
 
 @gluon.jit
@@ -79,12 +96,11 @@ def _wait_accumulators(outstanding: gl.constexpr, acc0, acc1, acc2, acc3, G: gl.
 
 
 @gluon.jit
-def _mma_entry(a_bufs, w_bufs, targets_ptr, distinct_ptr, entry, acc0, acc1, acc2, acc3,
+def _mma_entry(a_bufs, w_bufs, target, distinct, entry, acc0, acc1, acc2, acc3,
                STAGES: gl.constexpr, G: gl.constexpr, TRANSPOSE: gl.constexpr):
-    """Issue entry ``entry``'s MMA (its stage has landed) into its target's accumulator, then wait until
+    """Issue entry ``entry``'s MMA (its stage has landed) into accumulator ``target``, then wait until
     at most that one MMA runs: the previous entry's MMA is done when this returns."""
-    target = gl.load(targets_ptr + entry)
-    a_smem = a_bufs.index(gl.load(distinct_ptr + entry) % STAGES)
+    a_smem = a_bufs.index(distinct % STAGES)
     w_smem = w_bufs.index(entry % STAGES)
     if TRANSPOSE:
         w_smem = w_smem.permute((1, 0))
@@ -189,17 +205,25 @@ def _grouped_kernel(
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     for s in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 entries in flight
         if first + s < end:
-            _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, first + s, first, m0,
-                        a_bufs, w_bufs, ready, STAGES, B)
+            box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first + s, first, end)
+            _issue_loads(a_desc, v_desc, box, block, distinct, starts, first + s, m0, a_bufs, w_bufs, ready, STAGES, B)
 
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
+    # the indices of the entry the loop body loads (STAGES - 1 ahead) and of the one it multiplies
+    box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first + STAGES - 1, first, end)
+    target, mma_distinct = _mma_indices(targets_ptr, distinct_ptr, first, end)
     for entry in range(first, end):
+        next_box, next_block, next_distinct, next_starts = _load_indices(
+            boxes_ptr, blocks_ptr, distinct_ptr, entry + STAGES, first, end)
+        next_target, next_mma_distinct = _mma_indices(targets_ptr, distinct_ptr, entry + 1, end)
         mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
-        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, targets_ptr, distinct_ptr, entry,
+        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, target, mma_distinct, entry,
                                             acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE)
         if entry + STAGES - 1 < end:  # the previous entry's MMA is done: its stage can be refilled
-            _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, entry + STAGES - 1, first, m0,
-                        a_bufs, w_bufs, ready, STAGES, B)
+            _issue_loads(a_desc, v_desc, box, block, distinct, starts, entry + STAGES - 1, m0,
+                         a_bufs, w_bufs, ready, STAGES, B)
+        box, block, distinct, starts = next_box, next_block, next_distinct, next_starts
+        target, mma_distinct = next_target, next_mma_distinct
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
     _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
@@ -210,12 +234,15 @@ def _producer(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, bounds_ptr, g
               ready, empty, STAGES: gl.constexpr, B: gl.constexpr):
     """The load warp: every entry's TMA loads, each into a stage the MMA partition has released."""
     first, end = _bounds(bounds_ptr, group)
+    box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first, first, end)
     for entry in range(first, end):
+        next_box, next_block, next_distinct, next_starts = _load_indices(
+            boxes_ptr, blocks_ptr, distinct_ptr, entry + 1, first, end)
         use = (entry - first) // STAGES
         if use > 0:  # the stage's previous entry (entry - STAGES) has finished its MMA
             mbarrier.wait(empty.index(entry % STAGES), (use - 1) & 1)
-        _load_entry(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, entry, first, m0,
-                    a_bufs, w_bufs, ready, STAGES, B)
+        _issue_loads(a_desc, v_desc, box, block, distinct, starts, entry, m0, a_bufs, w_bufs, ready, STAGES, B)
+        box, block, distinct, starts = next_box, next_block, next_distinct, next_starts
 
 
 @gluon.jit
@@ -226,12 +253,15 @@ def _mma_partition(y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, grou
     done); then the group's output tiles."""
     first, end = _bounds(bounds_ptr, group)
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
+    target, distinct = _mma_indices(targets_ptr, distinct_ptr, first, end)
     for entry in range(first, end):
+        next_target, next_distinct = _mma_indices(targets_ptr, distinct_ptr, entry + 1, end)
         mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
-        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, targets_ptr, distinct_ptr, entry,
+        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, target, distinct, entry,
                                             acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE)
         if entry > first:
             mbarrier.arrive(empty.index((entry - 1) % STAGES))
+        target, distinct = next_target, next_distinct
     _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
 
 
@@ -265,13 +295,33 @@ KERNELS = {False: _grouped_kernel, True: _grouped_ws_kernel}
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
+# Hopper's shared memory for one program (227 KiB), less a margin for the barriers
+_SHARED_BYTES = 232448 - 1024
+
+
+def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, most: int = 4) -> int:
+    """The most ring stages (up to ``most``) that fit beside the G output buffers. The plain kernel's
+    output buffers reuse the ring's memory (the compiler overlaps allocations whose lives do not
+    overlap: B = 128, G = 2 took 256 KiB + 32 bytes at 4 stages); the warp-specialized one's
+    partitions live at once, so there the two add (B = 128, G = 2, 4 stages: 320 KiB)."""
+    stage = (bm * block + block * block) * itemsize
+    outputs = group * bm * block * itemsize
+    for stages in range(most, 1, -1):
+        need = stages * stage + outputs if ws else max(stages * stage, outputs)
+        if need <= _SHARED_BYTES:
+            return stages
+    raise ValueError(f"the grouped Gluon kernel does not fit shared memory at B = {block}, G = {group}, BM = {bm}")
+
+
 def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: torch.Tensor, transpose: bool,
             config: dict | None) -> None:
     block_rows, k, block, _ = values.shape
     if entries.group not in (1, 2, 4):
         raise ValueError(f"the grouped Gluon kernel takes groups of 1, 2 or 4 output blocks, not {entries.group}")
-    config = {"BM": 128, "STAGES": 4, "num_warps": 8, "WS": False, **(config or {})}
+    config = {"BM": 128, "num_warps": 8, "WS": False, **(config or {})}
     bm = config["BM"]
+    if "STAGES" not in config:
+        config["STAGES"] = _stages_that_fit(block, entries.group, bm, bool(config["WS"]), a.element_size())
     dtype = _GL_DTYPES[a.dtype]
     box = gl.NVMMASharedLayout.get_default_for([bm, block], dtype)
     square = gl.NVMMASharedLayout.get_default_for([block, block], dtype)
@@ -292,7 +342,7 @@ def forward_grouped(x: torch.Tensor, values: torch.Tensor, entries: Entries, bia
                     out: torch.Tensor, config: dict | None = None) -> None:
     """y [M, out] (x's dtype, bias added) from x [M, in] and values [R, K, B, B] (bfloat16 / float16,
     16-byte aligned) over ``row_groups.forward_entries`` (G = 1, 2 or 4). ``config``: {"BM", "STAGES",
-    "num_warps", "WS"} (default 128, 4, 8 warps: the accumulators of G = 4 need two warpgroups' registers, and
+    "num_warps", "WS"} (default 128, the most stages up to 4 that fit shared memory, 8 warps: the accumulators of G = 4 need two warpgroups' registers, and
     WS False; True: the loads in a warp of their own, ``_grouped_ws_kernel``)."""
     if entries.bounds.shape[0] != -(-values.shape[0] // entries.group):
         raise ValueError(f"forward entries for {entries.bounds.shape[0]} groups of {entries.group} block-rows "
