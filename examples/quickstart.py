@@ -2,7 +2,7 @@
 
     python examples/quickstart.py            # CPU or GPU; about a minute on two CPU cores
     python examples/quickstart.py --steps 200 --density 0.25
-    python examples/quickstart.py --cuda-graphs     # GPU: the decoder layers compiled into CUDA graphs
+    python examples/quickstart.py --no-cuda-graphs  # GPU: eager (by default the decoder layers run as CUDA graphs)
 
 The model is built from a config (random init, nothing is downloaded) and learns, character by
 character, the Zen of Python, which ships inside every Python as the module ``this``.
@@ -44,11 +44,14 @@ def main() -> None:
     parser.add_argument("--layers", default="1..2", help="which decoder layers get sparse MLPs, e.g. '1..2'")
     parser.add_argument("--update-every", type=int, default=20, help="steps between topology decisions (Level 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="compile each decoder layer with mode='reduce-overhead' (CUDA graphs: no host cost per layer call)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile each decoder layer with mode='reduce-overhead' (CUDA graphs: no host cost per "
+                             "layer call); default: on with --device cuda")
     args = parser.parse_args()
     if args.cuda_graphs and args.device != "cuda":
         parser.error(f"--cuda-graphs needs --device cuda, not {args.device}")
+    if args.cuda_graphs is None:  # eager small layers are host-bound on a GPU (README, "Host time")
+        args.cuda_graphs = args.device == "cuda"
 
     torch.manual_seed(0)
     config = LlamaConfig(

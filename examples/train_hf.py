@@ -56,9 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--trainer", action="store_true", help="train with transformers.Trainer instead of the plain loop")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="compile each decoder layer with mode='reduce-overhead' (CUDA graphs; plain loop, CUDA only)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile each decoder layer with mode='reduce-overhead' (CUDA graphs; plain loop, CUDA only); "
+                        "default: on where it applies (CUDA, no --trainer or --compile, one micro-batch a step)")
     args = p.parse_args(argv)
+    if args.cuda_graphs is None:  # eager small layers are host-bound on a GPU (README, "Host time")
+        args.cuda_graphs = args.device == "cuda" and not (args.trainer or args.compile or args.grad_accum != 1)
     if args.cuda_graphs and (args.device != "cuda" or args.trainer or args.compile or args.grad_accum != 1):
         # one micro-batch a step: a replay overwrites the previous replay's outputs, which autograd may
         # have taken as the parameters' .grad, so gradients must not accumulate over several replays
