@@ -3,7 +3,7 @@ Hopper GPU on a machine without one: Triton's front end, the Gluon layouts and P
 before any device time is spent. With Triton's bundled ptxas it also prints registers and spills.
 
     python benchmarks/gluon_compile_check.py                    # the default configs, sm_90
-    python benchmarks/gluon_compile_check.py --configs 64:4:4:8,64:4:4:8:1  # B:G:STAGES:num_warps[:WS],... (both products)
+    python benchmarks/gluon_compile_check.py --configs 64:4:4:8,64:4:6:8:1:2  # B:G:STAGES:num_warps[:WS[:IN_FLIGHT]],... (both products)
 
 Exits 1 if any config fails to compile. The driver is replaced by a stand-in that names the target, so
 run it in its own process (tests/test_gluon_compile.py does).
@@ -25,7 +25,7 @@ from triton.runtime.driver import driver
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-DEFAULT = "64:1:4:4,64:4:4:8,32:4:6:8,128:2:3:8,16:4:8:8,64:4:4:8:1,64:2:6:8:1"  # B:G:STAGES:warps[:WS]
+DEFAULT = "64:1:4:4,64:4:6:8:0:2,32:4:6:8:0:3,128:2:3:8:0:2,16:4:8:8:0:3,64:4:6:8:1:2,64:2:6:8:1:1"  # B:G:STAGES:warps[:WS[:IN_FLIGHT]]
 
 
 class TargetOnly:
@@ -47,7 +47,8 @@ class TargetOnly:
         return torch.device("cpu")
 
 
-def compile_config(block: int, group: int, stages: int, warps: int, transpose: bool, ws: bool = False):
+def compile_config(block: int, group: int, stages: int, warps: int, transpose: bool, ws: bool = False,
+                   in_flight: int = 1):
     """The kernel compiled for 4096 -> 14336 at density 0.5 and 8192 tokens, the forward (``transpose``)
     or grad_input, plain or warp-specialized (``ws``) (shapes on the CPU: nothing runs)."""
     from triton.experimental.gluon import language as gl
@@ -72,7 +73,8 @@ def compile_config(block: int, group: int, stages: int, warps: int, transpose: b
     bias = torch.empty(out_f, dtype=torch.bfloat16) if transpose else y
     return grouped_gluon.KERNELS[ws].warmup(
         *descriptors, *entries[:5], bias, tokens, y.shape[1] // block, entries.bounds.shape[0],
-        B=block, G=group, BM=bm, STAGES=stages, TRANSPOSE=transpose, HAS_BIAS=transpose, num_warps=warps, grid=(1,),
+        B=block, G=group, BM=bm, STAGES=stages, TRANSPOSE=transpose, HAS_BIAS=transpose, IN_FLIGHT=in_flight,
+        num_warps=warps, grid=(1,),
     )
 
 
@@ -85,24 +87,24 @@ def ptxas_report(kernel, capability: int) -> str:
     done = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{capability}a", f.name, "-o", os.devnull],
                           capture_output=True, text=True)
     os.unlink(f.name)
-    lines = [line.split(":", 1)[-1].strip() for line in done.stderr.splitlines() if "registers" in line or "spill" in line]
+    lines = [line.split(":", 1)[-1].strip() for line in done.stderr.splitlines() if "registers" in line or "spill" in line or "wgmma" in line]
     return "; ".join(lines) or done.stderr.strip()[-300:]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=DEFAULT, help="B:G:STAGES:num_warps[:WS],...")
+    parser.add_argument("--configs", default=DEFAULT, help="B:G:STAGES:num_warps[:WS[:IN_FLIGHT]],...")
     parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args()
     driver.set_active(TargetOnly(args.capability))
     failed = 0
     for item in args.configs.split(","):
-        block, group, stages, warps, *ws = (int(v) for v in item.split(":"))
-        ws = bool(ws and ws[0])
+        block, group, stages, warps, *rest = (int(v) for v in item.split(":"))
+        ws, in_flight = bool(rest and rest[0]), (rest[1] if len(rest) > 1 else 1)
         for product, transpose in (("forward", True), ("grad_input", False)):
-            name = f"{product} B={block} G={group} STAGES={stages} warps={warps}{' WS' if ws else ''}"
+            name = f"{product} B={block} G={group} STAGES={stages} warps={warps}{' WS' if ws else ''} in flight {in_flight}"
             try:
-                kernel = compile_config(block, group, stages, warps, transpose, ws)
+                kernel = compile_config(block, group, stages, warps, transpose, ws, in_flight)
             except Exception as error:  # report every config, then fail
                 failed += 1
                 cause = error.__cause__ if error.__cause__ is not None else error

@@ -72,39 +72,42 @@ def test_entries_keep_their_shapes_for_every_topology_of_a_layer(build):
     assert [t.shape for t in first[:5]] == [t.shape for t in second[:5]]
 
 
-def simulate_ring(entries, first: int, end: int, stages: int, ahead: int) -> None:
+def simulate_ring(entries, first: int, end: int, stages: int, in_flight: int) -> None:
     """The grouped kernels' ring, replayed on the host with their index formulas: entry e's block in stage
-    e % stages, a new box in buffer distinct % stages, loads issued ``ahead`` entries ahead of the MMA
-    issue, at most one earlier MMA still running when a load is issued (warpgroup_mma_wait(1)). Checks
-    that every MMA finds its own box and block, and that no load overwrites a buffer a running MMA reads."""
+    e % stages, a new box in buffer distinct % stages, loads issued stages - in_flight entries ahead of
+    the MMA issue, with the ``in_flight`` latest MMAs possibly still running when a load is issued
+    (warpgroup_mma_wait(in_flight)). Checks that every MMA finds its own box and block, and that no load
+    overwrites a buffer a running MMA reads."""
     boxes, blocks, distinct = entries.boxes.tolist(), entries.blocks.tolist(), entries.distinct.tolist()
     box_buf, block_buf = {}, {}
+    ahead = stages - in_flight
+
+    def starts(e):
+        return e == first or distinct[e] != distinct[e - 1]
 
     def load(e):
-        starts = e == first or distinct[e] != distinct[e - 1]
-        if starts:
+        if starts(e):
             box_buf[distinct[e] % stages] = boxes[e]
         block_buf[e % stages] = blocks[e]
-        return starts
 
     for e in range(first, min(first + ahead, end)):
         load(e)
     for e in range(first, end):
         assert box_buf[distinct[e] % stages] == boxes[e] and block_buf[e % stages] == blocks[e], e
-        running = e  # after the wait, only this entry's MMA may still read its buffers
+        running = range(max(first, e - in_flight + 1), e + 1)  # after the wait, these MMAs may still run
         nxt = e + ahead
         if nxt < end:
-            starts_box = nxt == first or distinct[nxt] != distinct[nxt - 1]
-            assert nxt % stages != running % stages, "a block buffer reloaded under a running MMA"
-            if starts_box:
-                assert distinct[nxt] % stages != distinct[running] % stages or distinct[nxt] == distinct[running]
+            for r in running:
+                assert nxt % stages != r % stages, "a block buffer reloaded under a running MMA"
+                if starts(nxt):
+                    assert distinct[nxt] % stages != distinct[r] % stages, "a box reloaded under a running MMA"
             load(nxt)
 
 
-@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("stages,in_flight", [(2, 1), (3, 1), (4, 1), (6, 1), (3, 2), (4, 2), (6, 2), (6, 3), (8, 5)])
 @pytest.mark.parametrize("build", [forward_entries, grad_input_entries], ids=["forward", "grad_input"])
-def test_the_ring_schedule_gives_every_mma_its_own_buffers_and_never_overwrites_a_running_one(stages, build):
-    gen = torch.Generator().manual_seed(stages)
+def test_the_ring_schedule_gives_every_mma_its_own_buffers_and_never_overwrites_a_running_one(stages, in_flight, build):
+    gen = torch.Generator().manual_seed(stages * 10 + in_flight)
     for _ in range(30):
         rows = int(torch.randint(1, 12, (1,), generator=gen))
         num_cols = int(torch.randint(1, 12, (1,), generator=gen))
@@ -113,4 +116,4 @@ def test_the_ring_schedule_gives_every_mma_its_own_buffers_and_never_overwrites_
         for group in (1, 2, 4):
             entries = build(col, num_cols, group)
             for first, end in entries.bounds.tolist():
-                simulate_ring(entries, first, end, stages, stages - 1)  # the plain kernel: STAGES - 1 ahead
+                simulate_ring(entries, first, end, stages, in_flight)

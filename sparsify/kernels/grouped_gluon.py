@@ -11,13 +11,16 @@ prefetch loads under a data-dependent branch (a static unroll over G rows with b
 program walks its group's entries through a ring of STAGES shared-memory stages: entry e's block
 [B x B] goes to stage e % STAGES, and the entry that starts a new box also brings that box [BM x B]
 into box buffer ``distinct % STAGES``; one mbarrier a stage counts both. One warpgroup MMA an entry,
-issued asynchronously with one left in flight, accumulates into its output block's accumulator (G of
-them). Each output element sums its entries in one fixed order: deterministic, no atomics.
+issued asynchronously with IN_FLIGHT of them left running (F below), accumulates into its output
+block's accumulator (G of them). Each output element sums its entries in one fixed order:
+deterministic, no atomics. The entry indices are loaded an iteration before their use: at G = 4 one
+program fills an SM, so nothing else hides the latency of those global loads.
 
-Why the buffers are free when reloaded: the load of entry e + STAGES - 1 is issued after the MMA of
-entry e - 1 completed, into stage (e - 1) % STAGES; the box it may bring replaces the one numbered
-``distinct[e + STAGES - 1] - STAGES``, which is below ``distinct[e]`` (at most STAGES - 1 boxes start
-after entry e), so only entries before e read it.
+Why the buffers are free when reloaded: the load of entry n = e + STAGES - F is issued once the MMA of
+entry e - F completed (and every earlier one), into stage n % STAGES = (e - F) % STAGES; the box it may
+bring replaces the one numbered ``distinct[n] - STAGES``, which is below ``distinct[e - F + 1]`` (at
+most STAGES - 1 boxes start after entry e - F + 1 up to n), so only finished entries read it.
+tests/test_row_groups.py replays this on the host.
 
 Only slots whose column is in [0, C) are entries, so nothing outside the operands is read; TMA
 zero-fills the token tail and clips it on the store; an output block without entries is written as
@@ -97,9 +100,9 @@ def _wait_accumulators(outstanding: gl.constexpr, acc0, acc1, acc2, acc3, G: gl.
 
 @gluon.jit
 def _mma_entry(a_bufs, w_bufs, target, distinct, entry, acc0, acc1, acc2, acc3,
-               STAGES: gl.constexpr, G: gl.constexpr, TRANSPOSE: gl.constexpr):
+               STAGES: gl.constexpr, G: gl.constexpr, TRANSPOSE: gl.constexpr, IN_FLIGHT: gl.constexpr):
     """Issue entry ``entry``'s MMA (its stage has landed) into accumulator ``target``, then wait until
-    at most that one MMA runs: the previous entry's MMA is done when this returns."""
+    at most IN_FLIGHT MMAs run: entry - IN_FLIGHT's MMA (and every earlier one) is done when this returns."""
     a_smem = a_bufs.index(distinct % STAGES)
     w_smem = w_bufs.index(entry % STAGES)
     if TRANSPOSE:
@@ -114,7 +117,7 @@ def _mma_entry(a_bufs, w_bufs, target, distinct, entry, acc0, acc1, acc2, acc3,
             acc2 = warpgroup_mma(a_smem, w_smem, acc2, is_async=True)
         if target == 3:
             acc3 = warpgroup_mma(a_smem, w_smem, acc3, is_async=True)
-    return _wait_accumulators(1, acc0, acc1, acc2, acc3, G)
+    return _wait_accumulators(IN_FLIGHT, acc0, acc1, acc2, acc3, G)
 
 
 @gluon.jit
@@ -192,7 +195,7 @@ def _grouped_kernel(
     a_desc, v_desc, y_desc, boxes_ptr, blocks_ptr, targets_ptr, distinct_ptr, bounds_ptr, bias_ptr,
     M, NUM_OUT, NG,
     B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, TRANSPOSE: gl.constexpr,
-    HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+    HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr,
 ):
     """y[:, group's G output blocks] = sum over the group's entries of box @ block (block^T where
     TRANSPOSE: the forward), one program per (token tile, group)."""
@@ -203,24 +206,26 @@ def _grouped_kernel(
                                                      instr_shape=[16, B, 16])
     a_bufs, w_bufs, ready = _ring(a_desc, v_desc, BM, B, STAGES)
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
-    for s in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 entries in flight
+    gl.static_assert(STAGES > IN_FLIGHT)  # at least one stage loads ahead
+    AHEAD: gl.constexpr = STAGES - IN_FLIGHT  # loads in flight ahead of the next MMA
+    for s in gl.static_range(AHEAD):  # prologue: the first AHEAD entries in flight
         if first + s < end:
             box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first + s, first, end)
             _issue_loads(a_desc, v_desc, box, block, distinct, starts, first + s, m0, a_bufs, w_bufs, ready, STAGES, B)
 
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
-    # the indices of the entry the loop body loads (STAGES - 1 ahead) and of the one it multiplies
-    box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first + STAGES - 1, first, end)
+    # the indices of the entry the loop body loads (AHEAD ahead) and of the one it multiplies
+    box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first + AHEAD, first, end)
     target, mma_distinct = _mma_indices(targets_ptr, distinct_ptr, first, end)
     for entry in range(first, end):
         next_box, next_block, next_distinct, next_starts = _load_indices(
-            boxes_ptr, blocks_ptr, distinct_ptr, entry + STAGES, first, end)
+            boxes_ptr, blocks_ptr, distinct_ptr, entry + AHEAD + 1, first, end)
         next_target, next_mma_distinct = _mma_indices(targets_ptr, distinct_ptr, entry + 1, end)
         mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
         acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, target, mma_distinct, entry,
-                                            acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE)
-        if entry + STAGES - 1 < end:  # the previous entry's MMA is done: its stage can be refilled
-            _issue_loads(a_desc, v_desc, box, block, distinct, starts, entry + STAGES - 1, m0,
+                                            acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE, IN_FLIGHT)
+        if entry + AHEAD < end:  # entry - IN_FLIGHT's MMA is done: its stage can be refilled
+            _issue_loads(a_desc, v_desc, box, block, distinct, starts, entry + AHEAD, m0,
                          a_bufs, w_bufs, ready, STAGES, B)
         box, block, distinct, starts = next_box, next_block, next_distinct, next_starts
         target, mma_distinct = next_target, next_mma_distinct
@@ -248,9 +253,9 @@ def _producer(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, bounds_ptr, g
 @gluon.jit
 def _mma_partition(y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready, empty,
                    NUM_OUT, B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
-                   TRANSPOSE: gl.constexpr, HAS_BIAS: gl.constexpr, layout: gl.constexpr):
-    """The MMA warps: each entry's MMA as its stage lands, releasing the previous entry's stage (its MMA
-    done); then the group's output tiles."""
+                   TRANSPOSE: gl.constexpr, HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, layout: gl.constexpr):
+    """The MMA warps: each entry's MMA as its stage lands, releasing the stage of entry - IN_FLIGHT (its
+    MMA done); then the group's output tiles."""
     first, end = _bounds(bounds_ptr, group)
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
     target, distinct = _mma_indices(targets_ptr, distinct_ptr, first, end)
@@ -258,9 +263,9 @@ def _mma_partition(y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, grou
         next_target, next_distinct = _mma_indices(targets_ptr, distinct_ptr, entry + 1, end)
         mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
         acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, target, distinct, entry,
-                                            acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE)
-        if entry > first:
-            mbarrier.arrive(empty.index((entry - 1) % STAGES))
+                                            acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE, IN_FLIGHT)
+        if entry - IN_FLIGHT >= first:
+            mbarrier.arrive(empty.index((entry - IN_FLIGHT) % STAGES))
         target, distinct = next_target, next_distinct
     _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
 
@@ -271,7 +276,7 @@ def _grouped_ws_kernel(
     a_desc, v_desc, y_desc, boxes_ptr, blocks_ptr, targets_ptr, distinct_ptr, bounds_ptr, bias_ptr,
     M, NUM_OUT, NG,
     B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, TRANSPOSE: gl.constexpr,
-    HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+    HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr,
 ):
     """``_grouped_kernel`` with its loads in a warp of their own: the MMA warps never wait on an index
     load or a TMA issue, and the loads run up to STAGES entries ahead of the MMAs."""
@@ -285,7 +290,7 @@ def _grouped_ws_kernel(
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     gl.warp_specialize([
         (_mma_partition, (y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready,
-                          empty, NUM_OUT, B, G, BM, STAGES, TRANSPOSE, HAS_BIAS, layout)),
+                          empty, NUM_OUT, B, G, BM, STAGES, TRANSPOSE, HAS_BIAS, IN_FLIGHT, layout)),
         (_producer, (a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
                      ready, empty, STAGES, B)),
     ], [1], [48])
@@ -299,7 +304,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _SHARED_BYTES = 232448 - 1024
 
 
-def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, most: int = 4) -> int:
+def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, most: int = 6) -> int:
     """The most ring stages (up to ``most``) that fit beside the G output buffers. The plain kernel's
     output buffers reuse the ring's memory (the compiler overlaps allocations whose lives do not
     overlap: B = 128, G = 2 took 256 KiB + 32 bytes at 4 stages); the warp-specialized one's
@@ -322,6 +327,10 @@ def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: 
     bm = config["BM"]
     if "STAGES" not in config:
         config["STAGES"] = _stages_that_fit(block, entries.group, bm, bool(config["WS"]), a.element_size())
+    config.setdefault("IN_FLIGHT", min(2, config["STAGES"] - 1))
+    if not 1 <= config["IN_FLIGHT"] < config["STAGES"]:
+        raise ValueError(f"the grouped Gluon kernel needs 1 <= IN_FLIGHT < STAGES (a stage loading ahead), "
+                         f"got IN_FLIGHT {config['IN_FLIGHT']} with STAGES {config['STAGES']}")
     dtype = _GL_DTYPES[a.dtype]
     box = gl.NVMMASharedLayout.get_default_for([bm, block], dtype)
     square = gl.NVMMASharedLayout.get_default_for([block, block], dtype)
@@ -334,7 +343,7 @@ def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: 
         a_desc, v_desc, y_desc, entries.boxes, entries.blocks, entries.targets, entries.distinct, entries.bounds,
         bias if bias is not None else out, a.shape[0], out.shape[1] // block, num_groups,
         B=block, G=entries.group, BM=bm, STAGES=config["STAGES"], TRANSPOSE=transpose, HAS_BIAS=bias is not None,
-        num_warps=config["num_warps"],
+        IN_FLIGHT=config["IN_FLIGHT"], num_warps=config["num_warps"],
     )
 
 
@@ -342,7 +351,8 @@ def forward_grouped(x: torch.Tensor, values: torch.Tensor, entries: Entries, bia
                     out: torch.Tensor, config: dict | None = None) -> None:
     """y [M, out] (x's dtype, bias added) from x [M, in] and values [R, K, B, B] (bfloat16 / float16,
     16-byte aligned) over ``row_groups.forward_entries`` (G = 1, 2 or 4). ``config``: {"BM", "STAGES",
-    "num_warps", "WS"} (default 128, the most stages up to 4 that fit shared memory, 8 warps: the accumulators of G = 4 need two warpgroups' registers, and
+    "IN_FLIGHT", "num_warps", "WS"} (default 128, the most stages up to 6 that fit shared memory, MMAs left
+    running after each issue min(2, STAGES - 1), 8 warps: the accumulators of G = 4 need two warpgroups' registers, and
     WS False; True: the loads in a warp of their own, ``_grouped_ws_kernel``)."""
     if entries.bounds.shape[0] != -(-values.shape[0] // entries.group):
         raise ValueError(f"forward entries for {entries.bounds.shape[0]} groups of {entries.group} block-rows "

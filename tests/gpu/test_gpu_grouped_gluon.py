@@ -34,6 +34,11 @@ CASES = [  # (B, G, tokens, block-rows, block-columns, slots, config)
     (64, 2, 77, 7, 6, 3, {"WS": True, "STAGES": 6}),
     (32, 4, 129, 5, 14, 6, {"WS": True}),
     (64, 1, 1000, 4, 16, 8, {"WS": True, "num_warps": 4}),
+    # MMAs left running after each issue (the default is 2)
+    (64, 4, 300, 9, 8, 4, {"IN_FLIGHT": 1}),
+    (32, 4, 129, 5, 14, 6, {"STAGES": 8, "IN_FLIGHT": 5}),
+    (16, 4, 64, 6, 10, 5, {"STAGES": 8, "IN_FLIGHT": 3}),
+    (64, 4, 513, 8, 12, 6, {"WS": True, "IN_FLIGHT": 3}),
 ]
 
 
