@@ -11,7 +11,7 @@
 # (bench_training.py), training-seeds (bench_training.py on the seeds' shape, 16 layers / hidden 640 / MLP 2560,
 # B = 64 and 16, every decoder layer compiled with mode="reduce-overhead" (CUDA graphs), dense too; about
 # 2-3 minutes, capped at 240 s), gluon (grouped_kernels.py: the grouped Gluon forward and grad_input checked and timed beside today's),
-# gluon-ncu (two launches of each grouped design under Nsight Compute, with warp stall reasons; raw counters as CSV), layer-grouped (bench_layer.py with
+# gluon-ncu (two launches of each grouped design under Nsight Compute, with warp stall reasons; raw counters as CSV), gluon-sass (the grouped kernel's stalls per SASS instruction), layer-grouped (bench_layer.py with
 # GROUPED=on|ws routing the grouped kernels), host (host_overhead.py --cuda-graphs). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
 # BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
 set -u
@@ -100,6 +100,12 @@ for p in "$@"; do
                 --section Occupancy --section WarpStateStats ${metrics:+--metrics "$metrics"} -f -o "$OUT/ncu-gluon" \
                 python3 benchmarks/grouped_kernels.py --profile --designs 64:4,64:4:WS=1 --shapes 4096x14336 --out /tmp/gluon-ncu
             part gluon-ncu-export 60 bash -c "ncu --import '$OUT/ncu-gluon.ncu-rep' --csv --page raw > '$OUT/ncu-gluon.csv'" ;;
+        gluon-sass)  # where the grouped kernel's warps stall, per SASS instruction (B = 64, G = 4, one forward launch)
+            part gluon-sass 150 ncu --clock-control none --kernel-name "regex:grouped" --launch-count 1 \
+                --section SourceCounters --section WarpStateStats -f -o "$OUT/ncu-sass" \
+                python3 benchmarks/grouped_kernels.py --profile --designs "${SASS_DESIGN:-64:4}" --shapes 4096x14336 --out /tmp/gluon-sass
+            part gluon-sass-export 60 bash -c "ncu --import '$OUT/ncu-sass.ncu-rep' --page source --csv --print-source sass > '$OUT/ncu-sass.csv' \
+                || ncu --import '$OUT/ncu-sass.ncu-rep' --page source --csv > '$OUT/ncu-sass.csv'" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac
 done

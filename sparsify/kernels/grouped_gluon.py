@@ -304,7 +304,7 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _SHARED_BYTES = 232448 - 1024
 
 
-def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, most: int = 6) -> int:
+def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, most: int) -> int:
     """The most ring stages (up to ``most``) that fit beside the G output buffers. The plain kernel's
     output buffers reuse the ring's memory (the compiler overlaps allocations whose lives do not
     overlap: B = 128, G = 2 took 256 KiB + 32 bytes at 4 stages); the warp-specialized one's
@@ -325,9 +325,10 @@ def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: 
         raise ValueError(f"the grouped Gluon kernel takes groups of 1, 2 or 4 output blocks, not {entries.group}")
     config = {"BM": 128, "num_warps": 8, "WS": False, **(config or {})}
     bm = config["BM"]
-    if "STAGES" not in config:
-        config["STAGES"] = _stages_that_fit(block, entries.group, bm, bool(config["WS"]), a.element_size())
-    config.setdefault("IN_FLIGHT", min(2, config["STAGES"] - 1))
+    ws = bool(config["WS"])
+    if "STAGES" not in config:  # measured on the H200 (benchmarks/NOTES.md, "Gluon v2")
+        config["STAGES"] = _stages_that_fit(block, entries.group, bm, ws, a.element_size(), most=6 if ws else 4)
+    config.setdefault("IN_FLIGHT", min(2, config["STAGES"] - 1) if ws else 1)
     if not 1 <= config["IN_FLIGHT"] < config["STAGES"]:
         raise ValueError(f"the grouped Gluon kernel needs 1 <= IN_FLIGHT < STAGES (a stage loading ahead), "
                          f"got IN_FLIGHT {config['IN_FLIGHT']} with STAGES {config['STAGES']}")
@@ -351,8 +352,10 @@ def forward_grouped(x: torch.Tensor, values: torch.Tensor, entries: Entries, bia
                     out: torch.Tensor, config: dict | None = None) -> None:
     """y [M, out] (x's dtype, bias added) from x [M, in] and values [R, K, B, B] (bfloat16 / float16,
     16-byte aligned) over ``row_groups.forward_entries`` (G = 1, 2 or 4). ``config``: {"BM", "STAGES",
-    "IN_FLIGHT", "num_warps", "WS"} (default 128, the most stages up to 6 that fit shared memory, MMAs left
-    running after each issue min(2, STAGES - 1), 8 warps: the accumulators of G = 4 need two warpgroups' registers, and
+    "IN_FLIGHT", "num_warps", "WS"} (defaults, the fastest measured: BM 128; plain: the most stages up to 4
+    that fit shared memory and one MMA left running after each issue (at G = 4, 6 stages ran 8% slower
+    and 8 as fast as 4, likely the loop's index arithmetic: % 6 divides where % 4 and % 8 mask; two or
+    three left running changed nothing); warp-specialized: up to 6 stages, two left running; 8 warps: the accumulators of G = 4 need two warpgroups' registers, and
     WS False; True: the loads in a warp of their own, ``_grouped_ws_kernel``)."""
     if entries.bounds.shape[0] != -(-values.shape[0] // entries.group):
         raise ValueError(f"forward entries for {entries.bounds.shape[0]} groups of {entries.group} block-rows "
