@@ -1,12 +1,15 @@
 """Compile the grouped Gluon kernel (sparsify/kernels/grouped_gluon.py: the forward and grad_input) for a
-Hopper GPU on a machine without one: Triton's front end, the Gluon layouts and PTX generation run as on the GPU, so mistakes show
-before any device time is spent. With Triton's bundled ptxas it also prints registers and spills.
+Hopper GPU on a machine without one: Triton's front end, the Gluon layouts and PTX generation run as on the
+GPU, so mistakes show before any device time is spent. With Triton's bundled ptxas and nvdisasm it also
+prints registers, spills and the size of the entry loop in SASS (instructions, of them HGMMA): on the H200
+the loop was issue-bound (benchmarks/NOTES.md), so fewer instructions an entry is the thing to win.
 
-    python benchmarks/gluon_compile_check.py                    # the default configs, sm_90
-    python benchmarks/gluon_compile_check.py --configs 64:4:4:8,64:4:6:8:1:2  # B:G:STAGES:num_warps[:WS[:IN_FLIGHT]],... (both products)
+    python benchmarks/gluon_compile_check.py                        # the default designs, sm_90
+    python benchmarks/gluon_compile_check.py --designs 64:4,64:2:BM=256,64:4:WS=1:IN_FLIGHT=2   # B:G[:key=value...]
 
-Exits 1 if any config fails to compile. The driver is replaced by a stand-in that names the target, so
-run it in its own process (tests/test_gluon_compile.py does).
+A design leaves out what ``grouped_gluon.launch_config`` fills in, so this compiles what the launcher
+would run. Exits 1 if any design fails to compile. The driver is replaced by a stand-in that names the
+target, so run it in its own process (tests/test_gluon_compile.py does).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,8 +28,11 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from grouped_kernels import parse_designs  # noqa: E402
 
-DEFAULT = "64:1:4:4,64:4:6:8:0:2,32:4:6:8:0:3,128:2:3:8:0:2,16:4:8:8:0:3,64:4:6:8:1:2,64:2:6:8:1:1"  # B:G:STAGES:warps[:WS[:IN_FLIGHT]]
+DEFAULT = ("64:1:num_warps=4,64:4,64:4:STAGES=8:IN_FLIGHT=4,32:4:STAGES=8:IN_FLIGHT=3,128:2,16:4:STAGES=8,"
+           "64:4:WS=1,64:2:WS=1:IN_FLIGHT=1,64:2:BM=256,64:1:BM=256,32:4:BM=256")
 
 
 class TargetOnly:
@@ -47,17 +54,17 @@ class TargetOnly:
         return torch.device("cpu")
 
 
-def compile_config(block: int, group: int, stages: int, warps: int, transpose: bool, ws: bool = False,
-                   in_flight: int = 1):
+def compile_config(block: int, group: int, config: dict, transpose: bool):
     """The kernel compiled for 4096 -> 14336 at density 0.5 and 8192 tokens, the forward (``transpose``)
-    or grad_input, plain or warp-specialized (``ws``) (shapes on the CPU: nothing runs)."""
+    or grad_input, with ``config`` completed as the launcher does (shapes on the CPU: nothing runs)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from sparsify.kernels import grouped_gluon
     from sparsify.kernels.row_groups import forward_entries, grad_input_entries
 
-    tokens, in_f, out_f, bm = 8192, 4096, 14336, 128
+    config = grouped_gluon.launch_config(block, group, 2, config)
+    tokens, in_f, out_f, bm = 8192, 4096, 14336, config["BM"]
     rows, cols = out_f // block, in_f // block
     k = cols // 2
     col = torch.rand(rows, cols).argsort(dim=1)[:, :k].to(torch.int32)
@@ -71,46 +78,77 @@ def compile_config(block: int, group: int, stages: int, warps: int, transpose: b
                    TensorDescriptor.from_tensor(values.view(rows * k * block, block), [block, block], square),
                    TensorDescriptor.from_tensor(y, [bm, block], box))
     bias = torch.empty(out_f, dtype=torch.bfloat16) if transpose else y
-    return grouped_gluon.KERNELS[ws].warmup(
-        *descriptors, *entries[:5], bias, tokens, y.shape[1] // block, entries.bounds.shape[0],
-        B=block, G=group, BM=bm, STAGES=stages, TRANSPOSE=transpose, HAS_BIAS=transpose, IN_FLIGHT=in_flight,
-        num_warps=warps, grid=(1,),
+    kernel = grouped_gluon.KERNELS[bool(config["WS"])].warmup(
+        *descriptors, entries.loads, entries.blocks, entries.mmas, entries.bounds, bias, tokens,
+        y.shape[1] // block, entries.bounds.shape[0], B=block, G=group, BM=bm, STAGES=config["STAGES"],
+        TRANSPOSE=transpose, HAS_BIAS=transpose, IN_FLIGHT=config["IN_FLIGHT"], num_warps=config["num_warps"],
+        grid=(1,),
     )
+    return kernel, config
+
+
+def entry_loop(sass: str) -> tuple[int, int]:
+    """(instructions, HGMMA among them) of the innermost loop holding the MMAs, counted in the SASS text
+    (NOPs left out): the static size of one entry's work, every target's branch included."""
+    insts, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        inst = re.search(r"/\*([0-9a-f]{4,})\*/\s*(.*?);", line)
+        if inst:
+            insts.append((int(inst.group(1), 16), inst.group(2).strip()))
+            labels.update({name: insts[-1][0] for name in pending})
+            pending = []
+    loops = []
+    for address, text in insts:
+        jump = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        if jump and labels.get(jump.group(1), address + 1) < address:  # a backward branch closes a loop
+            body = [t for a, t in insts if labels[jump.group(1)] <= a <= address and not t.startswith("NOP")]
+            if any("HGMMA" in t for t in body):
+                loops.append(body)
+    body = min(loops, key=len)
+    return len(body), sum("HGMMA" in t for t in body)
 
 
 def ptxas_report(kernel, capability: int) -> str:
-    ptxas = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
-    if not ptxas.exists():
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin"
+    if not (bin_dir / "ptxas").exists():
         return "(no bundled ptxas)"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
-    done = subprocess.run([str(ptxas), "-v", "--gpu-name", f"sm_{capability}a", f.name, "-o", os.devnull],
-                          capture_output=True, text=True)
-    os.unlink(f.name)
-    lines = [line.split(":", 1)[-1].strip() for line in done.stderr.splitlines() if "registers" in line or "spill" in line or "wgmma" in line]
-    return "; ".join(lines) or done.stderr.strip()[-300:]
+    with tempfile.TemporaryDirectory() as folder:
+        ptx, cubin = os.path.join(folder, "k.ptx"), os.path.join(folder, "k.cubin")
+        pathlib.Path(ptx).write_text(kernel.asm["ptx"])
+        done = subprocess.run([str(bin_dir / "ptxas"), "-v", "--gpu-name", f"sm_{capability}a", ptx, "-o", cubin],
+                              capture_output=True, text=True)
+        lines = [line.split(":", 1)[-1].strip() for line in done.stderr.splitlines()
+                 if "registers" in line or "spill" in line or "wgmma" in line]
+        if done.returncode or not (bin_dir / "nvdisasm").exists():
+            return "; ".join(lines) or done.stderr.strip()[-300:]
+        sass = subprocess.run([str(bin_dir / "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
+    count, hgmma = entry_loop(sass)
+    return "; ".join(lines + [f"entry loop {count} instructions, {hgmma} HGMMA"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=DEFAULT, help="B:G:STAGES:num_warps[:WS[:IN_FLIGHT]],...")
+    parser.add_argument("--designs", default=DEFAULT, help="B:G[:key=value...],...")
     parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args()
     driver.set_active(TargetOnly(args.capability))
     failed = 0
-    for item in args.configs.split(","):
-        block, group, stages, warps, *rest = (int(v) for v in item.split(":"))
-        ws, in_flight = bool(rest and rest[0]), (rest[1] if len(rest) > 1 else 1)
+    for block, group, config in parse_designs(args.designs):
         for product, transpose in (("forward", True), ("grad_input", False)):
-            name = f"{product} B={block} G={group} STAGES={stages} warps={warps}{' WS' if ws else ''} in flight {in_flight}"
+            name = f"{product} B={block} G={group} {config}"
             try:
-                kernel = compile_config(block, group, stages, warps, transpose, ws, in_flight)
-            except Exception as error:  # report every config, then fail
+                kernel, resolved = compile_config(block, group, config, transpose)
+            except Exception as error:  # report every design, then fail
                 failed += 1
                 cause = error.__cause__ if error.__cause__ is not None else error
                 print(f"{name}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
                 continue
-            print(f"{name}: OK, {kernel.metadata.shared} bytes of shared memory; {ptxas_report(kernel, args.capability)}")
+            print(f"{name} -> {resolved}: OK, {kernel.metadata.shared} bytes of shared memory; "
+                  f"{ptxas_report(kernel, args.capability)}", flush=True)
     print(f"triton {triton.__version__}: {failed} failed")
     return 1 if failed else 0
 

@@ -43,9 +43,12 @@ def assert_entries(entries, listing):
         seen = []
         for e, (box, block, target) in zip(range(first, end), expected):
             assert (int(entries.boxes[e]), int(entries.blocks[e]), int(entries.targets[e])) == (box, block, target)
-            if not seen or seen[-1] != box:
+            starts = not seen or seen[-1] != box
+            if starts:
                 seen.append(box)
             assert int(entries.distinct[e]) == len(seen) - 1
+            # the kernels' packed words
+            assert (int(entries.loads[e]), int(entries.mmas[e])) == (box * 2 + starts, target * 2 + starts)
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])
@@ -69,39 +72,46 @@ def test_entries_keep_their_shapes_for_every_topology_of_a_layer(build):
     first = build(torch.zeros(6, 3, dtype=torch.int32), 5, 4)
     second = build(torch.tensor([[0, 1, 2], [3, 4, 0], [1, 1, 1], [-1, 9, 2], [4, 3, 2], [0, 2, 4]],
                                 dtype=torch.int32), 5, 4)
-    assert [t.shape for t in first[:5]] == [t.shape for t in second[:5]]
+    assert [t.shape for t in first[:7]] == [t.shape for t in second[:7]]
 
 
 def simulate_ring(entries, first: int, end: int, stages: int, in_flight: int) -> None:
-    """The grouped kernels' ring, replayed on the host with their index formulas: entry e's block in stage
-    e % stages, a new box in buffer distinct % stages, loads issued stages - in_flight entries ahead of
-    the MMA issue, with the ``in_flight`` latest MMAs possibly still running when a load is issued
+    """The plain grouped kernel's ring, replayed on the host as the kernel counts it: loads walk the
+    entries in order, stage + 1 per entry and box buffer + 1 per entry whose load word says it starts a
+    new box (both mod stages), issued stages - in_flight entries ahead of the MMAs, which count the same
+    from their own words; the ``in_flight`` latest MMAs may still run when a load is issued
     (warpgroup_mma_wait(in_flight)). Checks that every MMA finds its own box and block, and that no load
     overwrites a buffer a running MMA reads."""
-    boxes, blocks, distinct = entries.boxes.tolist(), entries.blocks.tolist(), entries.distinct.tolist()
-    box_buf, block_buf = {}, {}
+    boxes, blocks = entries.boxes.tolist(), entries.blocks.tolist()
+    loads, mmas = entries.loads.tolist(), entries.mmas.tolist()
+    box_buf, block_buf, reads = {}, {}, {}  # buffer -> what it holds; entry -> (box buffer, stage) its MMA reads
     ahead = stages - in_flight
-
-    def starts(e):
-        return e == first or distinct[e] != distinct[e - 1]
+    load_stage, load_slot = 0, -1
 
     def load(e):
-        if starts(e):
-            box_buf[distinct[e] % stages] = boxes[e]
-        block_buf[e % stages] = blocks[e]
+        nonlocal load_stage, load_slot
+        load_slot = (load_slot + (loads[e] & 1)) % stages
+        for r in running:
+            assert load_stage != reads[r][1], "a block buffer reloaded under a running MMA"
+            assert not loads[e] & 1 or load_slot != reads[r][0], "a box reloaded under a running MMA"
+        if loads[e] & 1:
+            box_buf[load_slot] = loads[e] >> 1
+        block_buf[load_stage] = blocks[e]
+        load_stage = (load_stage + 1) % stages
 
+    running = []
     for e in range(first, min(first + ahead, end)):
         load(e)
+    mma_stage, mma_slot = 0, -1
     for e in range(first, end):
-        assert box_buf[distinct[e] % stages] == boxes[e] and block_buf[e % stages] == blocks[e], e
-        running = range(max(first, e - in_flight + 1), e + 1)  # after the wait, these MMAs may still run
-        nxt = e + ahead
-        if nxt < end:
-            for r in running:
-                assert nxt % stages != r % stages, "a block buffer reloaded under a running MMA"
-                if starts(nxt):
-                    assert distinct[nxt] % stages != distinct[r] % stages, "a box reloaded under a running MMA"
-            load(nxt)
+        mma_slot = (mma_slot + (mmas[e] & 1)) % stages
+        assert box_buf[mma_slot] == boxes[e] and block_buf[mma_stage] == blocks[e], e
+        assert mmas[e] >> 1 == int(entries.targets[e])
+        reads[e] = (mma_slot, mma_stage)
+        mma_stage = (mma_stage + 1) % stages
+        running = list(range(max(first, e - in_flight + 1), e + 1))  # after the wait, these MMAs may still run
+        if e + ahead < end:
+            load(e + ahead)
 
 
 @pytest.mark.parametrize("stages,in_flight", [(2, 1), (3, 1), (4, 1), (6, 1), (3, 2), (4, 2), (6, 2), (6, 3), (8, 5)])

@@ -6,27 +6,24 @@ block-rows, its boxes activation boxes x[:, c] and its blocks W[r, k] used trans
 groups are G block-columns, its boxes grad_out[:, r] and its blocks W[r, k] as they are.
 
 Why Gluon: plain Triton cannot keep a loaded box for later iterations, and its pipeliner does not
-prefetch loads under a data-dependent branch (a static unroll over G rows with branches ran at
-0.4-0.7x of the gather forward on the H200, benchmarks/NOTES.md). Here the pipeline is explicit. The
-program walks its group's entries through a ring of STAGES shared-memory stages: entry e's block
-[B x B] goes to stage e % STAGES, and the entry that starts a new box also brings that box [BM x B]
-into box buffer ``distinct % STAGES``; one mbarrier a stage counts both. One warpgroup MMA an entry,
-issued asynchronously with IN_FLIGHT of them left running (F below), accumulates into its output
-block's accumulator (G of them). Each output element sums its entries in one fixed order:
-deterministic, no atomics. The entry indices are loaded an iteration before their use: at G = 4 one
-program fills an SM, so nothing else hides the latency of those global loads.
+prefetch loads under a data-dependent branch (benchmarks/NOTES.md). Here the pipeline is explicit: the
+program walks its group's entries through a ring of STAGES shared-memory stages, entry e's block
+[B x B] in stage (e - first) % STAGES and each new box [BM x B] in box buffer ``distinct % STAGES``,
+one mbarrier a stage counting both (positions counted, not divided: the loop is issue-bound on the
+H200). One warpgroup MMA an entry, issued asynchronously with IN_FLIGHT (F) left running, goes into its
+output block's accumulator (G of them): each output element sums its entries in one fixed order,
+deterministic, no atomics. Entry words are loaded an iteration before their use.
 
 Why the buffers are free when reloaded: the load of entry n = e + STAGES - F is issued once the MMA of
-entry e - F completed (and every earlier one), into stage n % STAGES = (e - F) % STAGES; the box it may
-bring replaces the one numbered ``distinct[n] - STAGES``, which is below ``distinct[e - F + 1]`` (at
-most STAGES - 1 boxes start after entry e - F + 1 up to n), so only finished entries read it.
-tests/test_row_groups.py replays this on the host.
+entry e - F completed (and every earlier one), into the stage entry e - F used; the box it may bring
+replaces box number ``distinct[n] - STAGES``, below ``distinct[e - F + 1]`` (at most STAGES - 1 boxes
+start after entry e - F + 1 up to n), so only finished entries read it (tests/test_row_groups.py
+replays the ring on the host).
 
 Only slots whose column is in [0, C) are entries, so nothing outside the operands is read; TMA
 zero-fills the token tail and clips it on the store; an output block without entries is written as
-zeros. Hopper or newer, Triton with ``triton.experimental.gluon`` (3.6 and 3.9 compile it),
-bfloat16 / float16, 16-byte aligned operands, large token counts; not routed by ``dispatch.py`` yet
-(benchmarks/grouped_kernels.py times it).
+zeros. Hopper, Triton with ``triton.experimental.gluon`` (3.6 and 3.9 compile it), bfloat16 / float16,
+16-byte aligned operands; routed only where ``kernel_options(grouped=...)`` asks (not yet faster).
 """
 
 from __future__ import annotations
@@ -48,35 +45,42 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 
 
 @gluon.jit
-def _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, entry, first, end):
-    """Entry ``entry``'s box, block, box number and whether it starts a new box (zeros past the group's
-    end: such an entry is never issued). Loaded an iteration before their use, so the latency of these
-    global loads hides behind the running MMA: with G = 4 one program fills an SM, and nothing else does."""
-    live = entry < end
-    distinct = gl.load(distinct_ptr + entry, mask=live, other=0)
-    previous = gl.load(distinct_ptr + gl.maximum(entry - 1, first), mask=live, other=0)
-    starts = (entry == first) | (distinct != previous)
-    return gl.load(boxes_ptr + entry, mask=live, other=0), gl.load(blocks_ptr + entry, mask=live, other=0), distinct, starts
+def _step(position, by, STAGES: gl.constexpr):
+    """A ring position moved on by ``by`` (0 or 1), and 1 where it wrapped (the barrier phase flips).
+    Counted, because an entry number % STAGES costs a division a loop where STAGES is no power of two
+    (6 stages ran 6-8% slower than 4 or 8 on the H200)."""
+    position = position + by
+    wrapped = (position == STAGES).to(gl.int32)
+    return position - STAGES * wrapped, wrapped
 
 
 @gluon.jit
-def _issue_loads(a_desc, v_desc, box, block, distinct, starts, entry, m0, a_bufs, w_bufs, ready,
+def _load_word(loads_ptr, blocks_ptr, entry, end):
+    """Entry ``entry``'s load word (box * 2 + 1 where it starts a new box) and block (zeros past the
+    group's end: such an entry is never issued). Loaded an iteration before their use, so the latency of
+    these global loads hides behind the running MMA: with G = 4 one program fills an SM."""
+    live = entry < end
+    return gl.load(loads_ptr + entry, mask=live, other=0), gl.load(blocks_ptr + entry, mask=live, other=0)
+
+
+@gluon.jit
+def _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, ready,
                  STAGES: gl.constexpr, B: gl.constexpr):
-    """Start entry ``entry``'s TMA loads into stage entry % STAGES: its block, and its box where it
-    starts a new one."""
-    bar = ready.index(entry % STAGES)
+    """Start an entry's TMA loads into ring stage ``stage``: its block, and its box where it starts a new
+    one (into box buffer ``slot``, the number of boxes so far % STAGES, counted by the caller)."""
+    starts = (word & 1) != 0
+    bar = ready.index(stage)
     # one arrival with the stage's byte count (a compile-time number): one of the two expects is true
     mbarrier.expect(bar, v_desc.block_type.nbytes, pred=~starts)
     mbarrier.expect(bar, v_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=starts)
-    _tma_load(a_desc, [m0, box * B], bar, a_bufs.index(distinct % STAGES), pred=starts)
-    _tma_load(v_desc, [block * B, 0], bar, w_bufs.index(entry % STAGES))
+    _tma_load(a_desc, [m0, (word >> 1) * B], bar, a_bufs.index(slot), pred=starts)
+    _tma_load(v_desc, [block * B, 0], bar, w_bufs.index(stage))
 
 
 @gluon.jit
-def _mma_indices(targets_ptr, distinct_ptr, entry, end):
-    """Entry ``entry``'s output block and box number (zeros past the end), loaded an iteration ahead."""
-    live = entry < end
-    return gl.load(targets_ptr + entry, mask=live, other=0), gl.load(distinct_ptr + entry, mask=live, other=0)
+def _mma_word(mmas_ptr, entry, end):
+    """Entry ``entry``'s MMA word (target * 2 + 1 where it starts a new box; zero past the end)."""
+    return gl.load(mmas_ptr + entry, mask=entry < end, other=0)
 
 
 @gluon.jit
@@ -99,12 +103,13 @@ def _wait_accumulators(outstanding: gl.constexpr, acc0, acc1, acc2, acc3, G: gl.
 
 
 @gluon.jit
-def _mma_entry(a_bufs, w_bufs, target, distinct, entry, acc0, acc1, acc2, acc3,
-               STAGES: gl.constexpr, G: gl.constexpr, TRANSPOSE: gl.constexpr, IN_FLIGHT: gl.constexpr):
-    """Issue entry ``entry``'s MMA (its stage has landed) into accumulator ``target``, then wait until
-    at most IN_FLIGHT MMAs run: entry - IN_FLIGHT's MMA (and every earlier one) is done when this returns."""
-    a_smem = a_bufs.index(distinct % STAGES)
-    w_smem = w_bufs.index(entry % STAGES)
+def _mma_entry(a_bufs, w_bufs, target, slot, stage, acc0, acc1, acc2, acc3,
+               G: gl.constexpr, TRANSPOSE: gl.constexpr, IN_FLIGHT: gl.constexpr):
+    """Issue an entry's MMA (box buffer ``slot``, block in ring stage ``stage``, landed) into accumulator
+    ``target``, then wait until at most IN_FLIGHT MMAs run: the MMA IN_FLIGHT entries back (and every
+    earlier one) is done when this returns."""
+    a_smem = a_bufs.index(slot)
+    w_smem = w_bufs.index(stage)
     if TRANSPOSE:
         w_smem = w_smem.permute((1, 0))
     if target == 0:
@@ -192,7 +197,7 @@ def _ring(a_desc, v_desc, BM: gl.constexpr, B: gl.constexpr, STAGES: gl.constexp
 
 @gluon.jit
 def _grouped_kernel(
-    a_desc, v_desc, y_desc, boxes_ptr, blocks_ptr, targets_ptr, distinct_ptr, bounds_ptr, bias_ptr,
+    a_desc, v_desc, y_desc, loads_ptr, blocks_ptr, mmas_ptr, bounds_ptr, bias_ptr,
     M, NUM_OUT, NG,
     B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, TRANSPOSE: gl.constexpr,
     HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr,
@@ -208,72 +213,88 @@ def _grouped_kernel(
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     gl.static_assert(STAGES > IN_FLIGHT)  # at least one stage loads ahead
     AHEAD: gl.constexpr = STAGES - IN_FLIGHT  # loads in flight ahead of the next MMA
+    zero = first - first  # the ring positions are loop-carried int32 tensors
+    load_stage, load_slot = zero, zero - 1  # where the next load goes; the last box's buffer
     for s in gl.static_range(AHEAD):  # prologue: the first AHEAD entries in flight
         if first + s < end:
-            box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first + s, first, end)
-            _issue_loads(a_desc, v_desc, box, block, distinct, starts, first + s, m0, a_bufs, w_bufs, ready, STAGES, B)
+            word, block = _load_word(loads_ptr, blocks_ptr, first + s, end)
+            load_slot, _ = _step(load_slot, word & 1, STAGES)
+            _issue_loads(a_desc, v_desc, word, block, load_stage, load_slot, m0, a_bufs, w_bufs, ready, STAGES, B)
+            load_stage, _ = _step(load_stage, 1, STAGES)
 
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
-    # the indices of the entry the loop body loads (AHEAD ahead) and of the one it multiplies
-    box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first + AHEAD, first, end)
-    target, mma_distinct = _mma_indices(targets_ptr, distinct_ptr, first, end)
+    mma_stage, mma_phase, mma_slot = zero, zero, zero - 1
+    # the words of the entry the loop body loads (AHEAD ahead) and of the one it multiplies
+    word, block = _load_word(loads_ptr, blocks_ptr, first + AHEAD, end)
+    mma = _mma_word(mmas_ptr, first, end)
     for entry in range(first, end):
-        next_box, next_block, next_distinct, next_starts = _load_indices(
-            boxes_ptr, blocks_ptr, distinct_ptr, entry + AHEAD + 1, first, end)
-        next_target, next_mma_distinct = _mma_indices(targets_ptr, distinct_ptr, entry + 1, end)
-        mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
-        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, target, mma_distinct, entry,
-                                            acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE, IN_FLIGHT)
-        if entry + AHEAD < end:  # entry - IN_FLIGHT's MMA is done: its stage can be refilled
-            _issue_loads(a_desc, v_desc, box, block, distinct, starts, entry + AHEAD, m0,
-                         a_bufs, w_bufs, ready, STAGES, B)
-        box, block, distinct, starts = next_box, next_block, next_distinct, next_starts
-        target, mma_distinct = next_target, next_mma_distinct
+        next_word, next_block = _load_word(loads_ptr, blocks_ptr, entry + AHEAD + 1, end)
+        next_mma = _mma_word(mmas_ptr, entry + 1, end)
+        mma_slot, _ = _step(mma_slot, mma & 1, STAGES)
+        mbarrier.wait(ready.index(mma_stage), mma_phase)
+        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, mma >> 1, mma_slot, mma_stage,
+                                            acc0, acc1, acc2, acc3, G, TRANSPOSE, IN_FLIGHT)
+        mma_stage, wrapped = _step(mma_stage, 1, STAGES)
+        mma_phase = mma_phase ^ wrapped
+        if entry + AHEAD < end:  # the MMA IN_FLIGHT entries back is done: its stage can be refilled
+            load_slot, _ = _step(load_slot, word & 1, STAGES)
+            _issue_loads(a_desc, v_desc, word, block, load_stage, load_slot, m0, a_bufs, w_bufs, ready, STAGES, B)
+            load_stage, _ = _step(load_stage, 1, STAGES)
+        word, block, mma = next_word, next_block, next_mma
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
     _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
 
 
 @gluon.jit
-def _producer(a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
+def _producer(a_desc, v_desc, loads_ptr, blocks_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
               ready, empty, STAGES: gl.constexpr, B: gl.constexpr):
     """The load warp: every entry's TMA loads, each into a stage the MMA partition has released."""
     first, end = _bounds(bounds_ptr, group)
-    box, block, distinct, starts = _load_indices(boxes_ptr, blocks_ptr, distinct_ptr, first, first, end)
+    stage, phase = first - first, first - first  # loop-carried int32 tensors
+    slot = stage - 1
+    word, block = _load_word(loads_ptr, blocks_ptr, first, end)
     for entry in range(first, end):
-        next_box, next_block, next_distinct, next_starts = _load_indices(
-            boxes_ptr, blocks_ptr, distinct_ptr, entry + 1, first, end)
-        use = (entry - first) // STAGES
-        if use > 0:  # the stage's previous entry (entry - STAGES) has finished its MMA
-            mbarrier.wait(empty.index(entry % STAGES), (use - 1) & 1)
-        _issue_loads(a_desc, v_desc, box, block, distinct, starts, entry, m0, a_bufs, w_bufs, ready, STAGES, B)
-        box, block, distinct, starts = next_box, next_block, next_distinct, next_starts
+        next_word, next_block = _load_word(loads_ptr, blocks_ptr, entry + 1, end)
+        if entry - first >= STAGES:  # the stage's previous entry (entry - STAGES) has finished its MMA
+            mbarrier.wait(empty.index(stage), phase ^ 1)
+        slot, _ = _step(slot, word & 1, STAGES)
+        _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, ready, STAGES, B)
+        stage, wrapped = _step(stage, 1, STAGES)
+        phase = phase ^ wrapped
+        word, block = next_word, next_block
 
 
 @gluon.jit
-def _mma_partition(y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready, empty,
+def _mma_partition(y_desc, bias_ptr, mmas_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready, empty,
                    NUM_OUT, B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
                    TRANSPOSE: gl.constexpr, HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, layout: gl.constexpr):
-    """The MMA warps: each entry's MMA as its stage lands, releasing the stage of entry - IN_FLIGHT (its
-    MMA done); then the group's output tiles."""
+    """The MMA warps: each entry's MMA as its stage lands, releasing the stage of the entry IN_FLIGHT
+    back (its MMA done); then the group's output tiles."""
     first, end = _bounds(bounds_ptr, group)
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
-    target, distinct = _mma_indices(targets_ptr, distinct_ptr, first, end)
+    stage, phase, released = first - first, first - first, first - first  # loop-carried int32 tensors
+    slot = stage - 1
+    mma = _mma_word(mmas_ptr, first, end)
     for entry in range(first, end):
-        next_target, next_distinct = _mma_indices(targets_ptr, distinct_ptr, entry + 1, end)
-        mbarrier.wait(ready.index(entry % STAGES), ((entry - first) // STAGES) & 1)
-        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, target, distinct, entry,
-                                            acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE, IN_FLIGHT)
+        next_mma = _mma_word(mmas_ptr, entry + 1, end)
+        slot, _ = _step(slot, mma & 1, STAGES)
+        mbarrier.wait(ready.index(stage), phase)
+        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, mma >> 1, slot, stage,
+                                            acc0, acc1, acc2, acc3, G, TRANSPOSE, IN_FLIGHT)
+        stage, wrapped = _step(stage, 1, STAGES)
+        phase = phase ^ wrapped
         if entry - IN_FLIGHT >= first:
-            mbarrier.arrive(empty.index((entry - IN_FLIGHT) % STAGES))
-        target, distinct = next_target, next_distinct
+            mbarrier.arrive(empty.index(released))
+            released, _ = _step(released, 1, STAGES)
+        mma = next_mma
     _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
 
 
 # The same parameters as _grouped_kernel: one launcher calls either (KERNELS).
 @gluon.jit
 def _grouped_ws_kernel(
-    a_desc, v_desc, y_desc, boxes_ptr, blocks_ptr, targets_ptr, distinct_ptr, bounds_ptr, bias_ptr,
+    a_desc, v_desc, y_desc, loads_ptr, blocks_ptr, mmas_ptr, bounds_ptr, bias_ptr,
     M, NUM_OUT, NG,
     B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, TRANSPOSE: gl.constexpr,
     HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr,
@@ -289,9 +310,9 @@ def _grouped_ws_kernel(
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     gl.warp_specialize([
-        (_mma_partition, (y_desc, bias_ptr, targets_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready,
+        (_mma_partition, (y_desc, bias_ptr, mmas_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready,
                           empty, NUM_OUT, B, G, BM, STAGES, TRANSPOSE, HAS_BIAS, IN_FLIGHT, layout)),
-        (_producer, (a_desc, v_desc, boxes_ptr, blocks_ptr, distinct_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
+        (_producer, (a_desc, v_desc, loads_ptr, blocks_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
                      ready, empty, STAGES, B)),
     ], [1], [48])
 
@@ -305,10 +326,9 @@ _SHARED_BYTES = 232448 - 1024
 
 
 def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, most: int) -> int:
-    """The most ring stages (up to ``most``) that fit beside the G output buffers. The plain kernel's
-    output buffers reuse the ring's memory (the compiler overlaps allocations whose lives do not
-    overlap: B = 128, G = 2 took 256 KiB + 32 bytes at 4 stages); the warp-specialized one's
-    partitions live at once, so there the two add (B = 128, G = 2, 4 stages: 320 KiB)."""
+    """The most ring stages (up to ``most``) that fit beside the G output buffers: the plain kernel's
+    reuse the ring's memory (B = 128, G = 2, 4 stages took 256 KiB + 32 bytes), the warp-specialized
+    one's partitions live at once, so there the two add (B = 128, G = 2, 4 stages: 320 KiB)."""
     stage = (bm * block + block * block) * itemsize
     outputs = group * bm * block * itemsize
     for stages in range(most, 1, -1):
@@ -318,20 +338,29 @@ def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, m
     raise ValueError(f"the grouped Gluon kernel does not fit shared memory at B = {block}, G = {group}, BM = {bm}")
 
 
-def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: torch.Tensor, transpose: bool,
-            config: dict | None) -> None:
-    block_rows, k, block, _ = values.shape
-    if entries.group not in (1, 2, 4):
-        raise ValueError(f"the grouped Gluon kernel takes groups of 1, 2 or 4 output blocks, not {entries.group}")
+def launch_config(block: int, group: int, itemsize: int, config: dict | None = None) -> dict:
+    """``config`` completed with the defaults, the fastest measured on the H200 (benchmarks/NOTES.md,
+    "Gluon v2"): BM 128 and 8 warps (the accumulators of G = 4 need two warpgroups' registers); plain:
+    the most stages up to 4 that fit shared memory and one MMA left running after each issue (two or
+    three running changed nothing); warp-specialized (WS): up to 6 stages, two running."""
+    if group not in (1, 2, 4):
+        raise ValueError(f"the grouped Gluon kernel takes groups of 1, 2 or 4 output blocks, not {group}")
     config = {"BM": 128, "num_warps": 8, "WS": False, **(config or {})}
-    bm = config["BM"]
     ws = bool(config["WS"])
-    if "STAGES" not in config:  # measured on the H200 (benchmarks/NOTES.md, "Gluon v2")
-        config["STAGES"] = _stages_that_fit(block, entries.group, bm, ws, a.element_size(), most=6 if ws else 4)
+    if "STAGES" not in config:
+        config["STAGES"] = _stages_that_fit(block, group, config["BM"], ws, itemsize, most=6 if ws else 4)
     config.setdefault("IN_FLIGHT", min(2, config["STAGES"] - 1) if ws else 1)
     if not 1 <= config["IN_FLIGHT"] < config["STAGES"]:
         raise ValueError(f"the grouped Gluon kernel needs 1 <= IN_FLIGHT < STAGES (a stage loading ahead), "
                          f"got IN_FLIGHT {config['IN_FLIGHT']} with STAGES {config['STAGES']}")
+    return config
+
+
+def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: torch.Tensor, transpose: bool,
+            config: dict | None) -> None:
+    block_rows, k, block, _ = values.shape
+    config = launch_config(block, entries.group, a.element_size(), config)
+    bm = config["BM"]
     dtype = _GL_DTYPES[a.dtype]
     box = gl.NVMMASharedLayout.get_default_for([bm, block], dtype)
     square = gl.NVMMASharedLayout.get_default_for([block, block], dtype)
@@ -341,7 +370,7 @@ def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: 
     num_groups = entries.bounds.shape[0]
     grid = (cdiv(a.shape[0], bm) * num_groups,)
     KERNELS[bool(config["WS"])][grid](
-        a_desc, v_desc, y_desc, entries.boxes, entries.blocks, entries.targets, entries.distinct, entries.bounds,
+        a_desc, v_desc, y_desc, entries.loads, entries.blocks, entries.mmas, entries.bounds,
         bias if bias is not None else out, a.shape[0], out.shape[1] // block, num_groups,
         B=block, G=entries.group, BM=bm, STAGES=config["STAGES"], TRANSPOSE=transpose, HAS_BIAS=bias is not None,
         IN_FLIGHT=config["IN_FLIGHT"], num_warps=config["num_warps"],
@@ -352,11 +381,8 @@ def forward_grouped(x: torch.Tensor, values: torch.Tensor, entries: Entries, bia
                     out: torch.Tensor, config: dict | None = None) -> None:
     """y [M, out] (x's dtype, bias added) from x [M, in] and values [R, K, B, B] (bfloat16 / float16,
     16-byte aligned) over ``row_groups.forward_entries`` (G = 1, 2 or 4). ``config``: {"BM", "STAGES",
-    "IN_FLIGHT", "num_warps", "WS"} (defaults, the fastest measured: BM 128; plain: the most stages up to 4
-    that fit shared memory and one MMA left running after each issue (at G = 4, 6 stages ran 8% slower
-    and 8 as fast as 4, likely the loop's index arithmetic: % 6 divides where % 4 and % 8 mask; two or
-    three left running changed nothing); warp-specialized: up to 6 stages, two left running; 8 warps: the accumulators of G = 4 need two warpgroups' registers, and
-    WS False; True: the loads in a warp of their own, ``_grouped_ws_kernel``)."""
+    "IN_FLIGHT", "num_warps", "WS"} (True: the loads in a warp of their own, ``_grouped_ws_kernel``);
+    what it leaves out, ``launch_config`` fills in."""
     if entries.bounds.shape[0] != -(-values.shape[0] // entries.group):
         raise ValueError(f"forward entries for {entries.bounds.shape[0]} groups of {entries.group} block-rows "
                          f"do not match {values.shape[0]} block-rows")

@@ -30,12 +30,16 @@ class Entries(NamedTuple):
     multiplies box ``boxes[e]`` (the operand's block-column: x's for the forward, grad_out's for
     grad_input) with block ``blocks[e]`` (= r*K + k of values) into the group's output block
     ``targets[e]`` (0 .. G-1); ``distinct[e]`` counts the distinct boxes of the group's entries up to e,
-    minus one (an entry starts a new box where it differs from the previous one). int32 throughout."""
+    minus one (an entry starts a new box where it differs from the previous one). The kernels read two
+    packed words instead, one load each where the loop needs them: ``loads[e]`` = box * 2 + starts and
+    ``mmas[e]`` = target * 2 + starts, starts = 1 where entry e starts a new box. int32 throughout."""
 
     boxes: torch.Tensor
     blocks: torch.Tensor
     targets: torch.Tensor
     distinct: torch.Tensor
+    loads: torch.Tensor
+    mmas: torch.Tensor
     bounds: torch.Tensor  # [NG, 2]
     group: int
 
@@ -54,8 +58,9 @@ def _entries(box: torch.Tensor, block: torch.Tensor, target: torch.Tensor, key: 
     run = torch.cumsum(starts.to(torch.int64), 0)
     distinct = run - run[first_of_group]  # boxes seen in this group before e, counted from its first entry
     bounds = torch.stack([first, first + counts], dim=1)
+    flag = starts.to(torch.int64)
     return Entries(box.to(torch.int32), block.to(torch.int32), target.to(torch.int32), distinct.to(torch.int32),
-                   bounds.to(torch.int32), group)
+                   (box * 2 + flag).to(torch.int32), (target * 2 + flag).to(torch.int32), bounds.to(torch.int32), group)
 
 
 def forward_entries(col_indices: torch.Tensor, num_cols: int, group: int) -> Entries:

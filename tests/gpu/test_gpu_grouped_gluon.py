@@ -39,7 +39,18 @@ CASES = [  # (B, G, tokens, block-rows, block-columns, slots, config)
     (32, 4, 129, 5, 14, 6, {"STAGES": 8, "IN_FLIGHT": 5}),
     (16, 4, 64, 6, 10, 5, {"STAGES": 8, "IN_FLIGHT": 3}),
     (64, 4, 513, 8, 12, 6, {"WS": True, "IN_FLIGHT": 3}),
+    # 256-token tiles (two 64-row MMAs a warpgroup)
+    (64, 2, 300, 7, 6, 3, {"BM": 256}),
+    (64, 1, 1000, 4, 16, 8, {"BM": 256}),
+    (64, 2, 513, 5, 8, 4, {"BM": 256, "WS": True}),
+    (32, 4, 77, 9, 12, 6, {"BM": 256}),
+    (16, 4, 600, 6, 10, 5, {"BM": 256, "STAGES": 8}),
 ]
+
+
+def case_id(case) -> str:
+    block, group, m, rows, cols, k, config = case
+    return "-".join([f"B{block}-G{group}-M{m}-R{rows}-C{cols}-K{k}"] + [f"{key}{value}" for key, value in config.items()])
 
 
 def operands(case, dtype):
@@ -75,8 +86,7 @@ def rel(out, ref):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-G{c[1]}-M{c[2]}-R{c[3]}-C{c[4]}-K{c[5]}"
-                         + ("-ws" if c[6].get("WS") else ""))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_grouped_forward_matches_float64_and_repeats_bitwise(case, with_bias, dtype):
     pytest.importorskip("triton.experimental.gluon")
     from sparsify.kernels.grouped_gluon import forward_grouped
@@ -90,8 +100,7 @@ def test_grouped_forward_matches_float64_and_repeats_bitwise(case, with_bias, dt
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-G{c[1]}-M{c[2]}-R{c[3]}-C{c[4]}-K{c[5]}"
-                         + ("-ws" if c[6].get("WS") else ""))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_grouped_grad_input_matches_float64_writes_zeros_for_unread_columns_and_repeats_bitwise(case, dtype):
     pytest.importorskip("triton.experimental.gluon")
     from sparsify.kernels.grouped_gluon import grad_input_grouped
