@@ -92,13 +92,13 @@ for p in "$@"; do
                 --update-every 5 --decisions 2 --out "$OUT" ;;
         gluon)  # the grouped Gluon kernel (forward, grad_input): float64 checks, then timed beside today's kernels
             part gluon 300 python3 benchmarks/grouped_kernels.py --out "$OUT" ;;
-        gluon-ncu)  # two launches each of the grouped Gluon kernel at B = 64, G = 4, plain and warp-specialized; clocks left alone
+        gluon-ncu)  # two launches each of the grouped designs NCU_DESIGNS (B:G[:key=value]; default B = 64, G = 2, BM = 256, plain and warp-specialized); clocks left alone
             metrics=$(ncu_metrics)
             # only the grouped kernels: today's autotuning launches would use up the launch count
             part gluon-ncu 240 ncu --clock-control none --kernel-name "regex:grouped" \
                 --launch-count 8 --section SpeedOfLight --section MemoryWorkloadAnalysis \
                 --section Occupancy --section WarpStateStats ${metrics:+--metrics "$metrics"} -f -o "$OUT/ncu-gluon" \
-                python3 benchmarks/grouped_kernels.py --profile --designs 64:4,64:4:WS=1 --shapes 4096x14336 --out /tmp/gluon-ncu
+                python3 benchmarks/grouped_kernels.py --profile --designs "${NCU_DESIGNS:-64:2:BM=256,64:2:BM=256:WS=1}" --shapes 4096x14336 --out /tmp/gluon-ncu
             part gluon-ncu-export 60 bash -c "ncu --import '$OUT/ncu-gluon.ncu-rep' --csv --page raw > '$OUT/ncu-gluon.csv'" ;;
         gluon-sass)  # where the grouped kernel's warps stall, per SASS instruction (B = 64, G = 4, one forward launch)
             part gluon-sass 150 ncu --clock-control none --kernel-name "regex:grouped" --launch-count 1 \
