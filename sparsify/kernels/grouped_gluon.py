@@ -55,12 +55,10 @@ def _step(position, by, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _load_word(loads_ptr, blocks_ptr, entry, end):
-    """Entry ``entry``'s load word (box * 2 + 1 where it starts a new box) and block (zeros past the
-    group's end: such an entry is never issued). Loaded an iteration before their use, so the latency of
-    these global loads hides behind the running MMA: with G = 4 one program fills an SM."""
-    live = entry < end
-    return gl.load(loads_ptr + entry, mask=live, other=0), gl.load(blocks_ptr + entry, mask=live, other=0)
+def _word(ptr, entry, end):
+    """ptr[entry], zero past the group's end (such an entry is never issued). Loaded an iteration before
+    its use, so the global load's latency hides behind the running MMA: at G = 4 one program fills an SM."""
+    return gl.load(ptr + entry, mask=entry < end, other=0)
 
 
 @gluon.jit
@@ -75,12 +73,6 @@ def _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, r
     mbarrier.expect(bar, v_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=starts)
     _tma_load(a_desc, [m0, (word >> 1) * B], bar, a_bufs.index(slot), pred=starts)
     _tma_load(v_desc, [block * B, 0], bar, w_bufs.index(stage))
-
-
-@gluon.jit
-def _mma_word(mmas_ptr, entry, end):
-    """Entry ``entry``'s MMA word (target * 2 + 1 where it starts a new box; zero past the end)."""
-    return gl.load(mmas_ptr + entry, mask=entry < end, other=0)
 
 
 @gluon.jit
@@ -123,6 +115,19 @@ def _mma_entry(a_bufs, w_bufs, target, slot, stage, acc0, acc1, acc2, acc3,
         if target == 3:
             acc3 = warpgroup_mma(a_smem, w_smem, acc3, is_async=True)
     return _wait_accumulators(IN_FLIGHT, acc0, acc1, acc2, acc3, G)
+
+
+@gluon.jit
+def _consume(a_bufs, w_bufs, ready, mma, slot, stage, phase, acc0, acc1, acc2, acc3,
+             STAGES: gl.constexpr, G: gl.constexpr, TRANSPOSE: gl.constexpr, IN_FLIGHT: gl.constexpr):
+    """One entry of the MMA side, from its word: its box buffer counted on, its stage waited for, its
+    MMA issued; the ring position, phase and accumulators come back for the next entry."""
+    slot, _ = _step(slot, mma & 1, STAGES)
+    mbarrier.wait(ready.index(stage), phase)
+    acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, mma >> 1, slot, stage, acc0, acc1, acc2, acc3,
+                                        G, TRANSPOSE, IN_FLIGHT)
+    stage, wrapped = _step(stage, 1, STAGES)
+    return slot, stage, phase ^ wrapped, acc0, acc1, acc2, acc3
 
 
 @gluon.jit
@@ -217,7 +222,7 @@ def _grouped_kernel(
     load_stage, load_slot = zero, zero - 1  # where the next load goes; the last box's buffer
     for s in gl.static_range(AHEAD):  # prologue: the first AHEAD entries in flight
         if first + s < end:
-            word, block = _load_word(loads_ptr, blocks_ptr, first + s, end)
+            word, block = _word(loads_ptr, first + s, end), _word(blocks_ptr, first + s, end)
             load_slot, _ = _step(load_slot, word & 1, STAGES)
             _issue_loads(a_desc, v_desc, word, block, load_stage, load_slot, m0, a_bufs, w_bufs, ready, STAGES, B)
             load_stage, _ = _step(load_stage, 1, STAGES)
@@ -225,17 +230,14 @@ def _grouped_kernel(
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
     mma_stage, mma_phase, mma_slot = zero, zero, zero - 1
     # the words of the entry the loop body loads (AHEAD ahead) and of the one it multiplies
-    word, block = _load_word(loads_ptr, blocks_ptr, first + AHEAD, end)
-    mma = _mma_word(mmas_ptr, first, end)
+    word, block = _word(loads_ptr, first + AHEAD, end), _word(blocks_ptr, first + AHEAD, end)
+    mma = _word(mmas_ptr, first, end)
     for entry in range(first, end):
-        next_word, next_block = _load_word(loads_ptr, blocks_ptr, entry + AHEAD + 1, end)
-        next_mma = _mma_word(mmas_ptr, entry + 1, end)
-        mma_slot, _ = _step(mma_slot, mma & 1, STAGES)
-        mbarrier.wait(ready.index(mma_stage), mma_phase)
-        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, mma >> 1, mma_slot, mma_stage,
-                                            acc0, acc1, acc2, acc3, G, TRANSPOSE, IN_FLIGHT)
-        mma_stage, wrapped = _step(mma_stage, 1, STAGES)
-        mma_phase = mma_phase ^ wrapped
+        next_word, next_block = _word(loads_ptr, entry + AHEAD + 1, end), _word(blocks_ptr, entry + AHEAD + 1, end)
+        next_mma = _word(mmas_ptr, entry + 1, end)
+        mma_slot, mma_stage, mma_phase, acc0, acc1, acc2, acc3 = _consume(
+            a_bufs, w_bufs, ready, mma, mma_slot, mma_stage, mma_phase, acc0, acc1, acc2, acc3,
+            STAGES, G, TRANSPOSE, IN_FLIGHT)
         if entry + AHEAD < end:  # the MMA IN_FLIGHT entries back is done: its stage can be refilled
             load_slot, _ = _step(load_slot, word & 1, STAGES)
             _issue_loads(a_desc, v_desc, word, block, load_stage, load_slot, m0, a_bufs, w_bufs, ready, STAGES, B)
@@ -253,9 +255,9 @@ def _producer(a_desc, v_desc, loads_ptr, blocks_ptr, bounds_ptr, group, m0, a_bu
     first, end = _bounds(bounds_ptr, group)
     stage, phase = first - first, first - first  # loop-carried int32 tensors
     slot = stage - 1
-    word, block = _load_word(loads_ptr, blocks_ptr, first, end)
+    word, block = _word(loads_ptr, first, end), _word(blocks_ptr, first, end)
     for entry in range(first, end):
-        next_word, next_block = _load_word(loads_ptr, blocks_ptr, entry + 1, end)
+        next_word, next_block = _word(loads_ptr, entry + 1, end), _word(blocks_ptr, entry + 1, end)
         if entry - first >= STAGES:  # the stage's previous entry (entry - STAGES) has finished its MMA
             mbarrier.wait(empty.index(stage), phase ^ 1)
         slot, _ = _step(slot, word & 1, STAGES)
@@ -275,15 +277,11 @@ def _mma_partition(y_desc, bias_ptr, mmas_ptr, bounds_ptr, group, m0, a_bufs, w_
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
     stage, phase, released = first - first, first - first, first - first  # loop-carried int32 tensors
     slot = stage - 1
-    mma = _mma_word(mmas_ptr, first, end)
+    mma = _word(mmas_ptr, first, end)
     for entry in range(first, end):
-        next_mma = _mma_word(mmas_ptr, entry + 1, end)
-        slot, _ = _step(slot, mma & 1, STAGES)
-        mbarrier.wait(ready.index(stage), phase)
-        acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, mma >> 1, slot, stage,
-                                            acc0, acc1, acc2, acc3, G, TRANSPOSE, IN_FLIGHT)
-        stage, wrapped = _step(stage, 1, STAGES)
-        phase = phase ^ wrapped
+        next_mma = _word(mmas_ptr, entry + 1, end)
+        slot, stage, phase, acc0, acc1, acc2, acc3 = _consume(
+            a_bufs, w_bufs, ready, mma, slot, stage, phase, acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE, IN_FLIGHT)
         if entry - IN_FLIGHT >= first:
             mbarrier.arrive(empty.index(released))
             released, _ = _step(released, 1, STAGES)
