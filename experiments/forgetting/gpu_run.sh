@@ -2,6 +2,13 @@
 # The forgetting grid in one device call of at most 600 s: CUDA MPS where available, the Triton-vs-reference
 # check, then the grid until its deadline. Every run's JSON (not the task-A checkpoints) comes back as
 # $OUT/results.tgz, refreshed every minute, so a call cut off still returns what had finished.
+# The runs are written on the machine's disk outside the repository, in WORK_DIR/RESULTS: a warm machine
+# (the next call within 30 s) still has them there with the .pt files that never come back (task-A
+# checkpoints, which the task-B runs start from; the training state of task-A runs cut at the deadline,
+# which the next call resumes bit-identically). Before the grid, the runs of RESULTS in the tree and of
+# the RESTORE tarballs (earlier calls' results.tgz, committed under experiments/forgetting/runs/) are
+# added there, never over newer files; a cold machine then reruns only what needs a lost .pt file.
+# See README.md, "Running the paired grid", for the sequence of calls.
 #
 #   run(command="bash experiments/forgetting/gpu_run.sh", carry=["experiments/forgetting/data/prose.json"], timeout_s=600)
 #   PLAN=experiments/forgetting/plans/calibrate_a.txt TOTAL_SECONDS=500 BIG_BLOCK=0 bash experiments/forgetting/gpu_run.sh
@@ -13,7 +20,9 @@
 # MLP, HEADS, SEQ, BATCH, LAYERS (sparse MLP layers), A_STEPS, B_STEPS, A_EVALS, B_EVALS, B_LRS ("low base high"),
 # SEEDS, BIG_BLOCK, PAIRED (1: the paired design with the replay, LoRA, densified and sparse-EWC baselines;
 # LoRA needs peft: see below),
-# RESULTS (experiments/forgetting/results/gpu), DEVICE (cuda; cpu for a dry run), EXTRA (more `run` options),
+# RESULTS (experiments/forgetting/results/gpu, relative to the repository: the tarball's paths),
+# WORK_DIR (/tmp/forgetting-work), RESTORE (tarballs, space-separated), DEVICE (cuda; cpu for a dry run),
+# EXTRA (more `run` options),
 # PLAN (a file of lines `name workers options...`: instead of the one grid, one `run` per line, all at once
 # until the same deadline, each into RESULTS/name with its own options after the common ones (the last of a
 # repeated option wins) and its log in $OUT/grid-name.log; plans/calibrate_a.txt is one).
@@ -55,9 +64,11 @@ GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 DEFAULT_WORKERS=$((GPUS > 1 ? 14 * GPUS : 14)); CORES=$(nproc)
 [ "$DEFAULT_WORKERS" -gt $((CORES - 2)) ] && [ "$GPUS" -gt 1 ] && DEFAULT_WORKERS=$((CORES - 2))
 TOTAL=${TOTAL_SECONDS:-560} TAR=${TAR_SECONDS:-40} WORKERS=${WORKERS:-$DEFAULT_WORKERS} DEVICE=${DEVICE:-cuda}
-RESULTS=${RESULTS:-experiments/forgetting/results/gpu}
+RESULTS=${RESULTS:-experiments/forgetting/results/gpu} WORK=${WORK_DIR:-/tmp/forgetting-work}
+REL=${RESULTS#/} STAMP=$(date -u -d "@$START" +%Y%m%dT%H%M%SZ)
+RUNS="$WORK/$REL"  # the grid's folder on this machine's disk
 PROSE=experiments/forgetting/data/prose.json
-ARGS=(--device "$DEVICE" --out "$RESULTS" --n-layers "${N_LAYERS:-6}" --hidden "${HIDDEN:-256}" --mlp "${MLP:-1024}"
+ARGS=(--device "$DEVICE" --out "$RUNS" --n-layers "${N_LAYERS:-6}" --hidden "${HIDDEN:-256}" --mlp "${MLP:-1024}"
       --heads "${HEADS:-4}" --seq "${SEQ:-128}" --batch "${BATCH:-64}" --layers "${LAYERS:-1..4}"
       --a-steps "${A_STEPS:-1000}" --b-steps "${B_STEPS:-300}" --a-evals "${A_EVALS:-5}" --b-evals "${B_EVALS:-30}"
       --seeds "${SEEDS:-3}" --big-block "${BIG_BLOCK:-64}")
@@ -134,17 +145,23 @@ if ! timeout 180 python experiments/forgetting/run.py check "${ARGS[@]}" 2>&1 | 
   echo "check $CHECK"
 fi
 
+# ---- the runs so far: this machine's from an earlier call, the tree's, the RESTORE tarballs' (none overwritten)
+mkdir -p "$RUNS" "$RESULTS"
+tar -C "$RESULTS" -cf - . | tar -C "$RUNS" -xf - --skip-old-files
+for T in ${RESTORE:-}; do tar -C "$WORK" -xzf "$T" --skip-old-files || echo "RESTORE $T: not restored"; done
+echo "runs in $RUNS: $(find "$RUNS" -name '*.json' -path '*/runs/*' | wc -l) task-B and $(find "$RUNS" -name '*.json' -path '*/a/*' | wc -l) task-A JSONs, $(find "$RUNS" -name '*.pt' -path '*/a/*' | wc -l) task-A checkpoints, $(find "$RUNS" -name '*.pt' -path '*/cut/*' | wc -l) cut task-A runs to resume"
+
 # ---- the grid until the deadline, then packing
 snapshot() {  # $1: a name for the partial file; completed runs only (JSONs are written to *.tmp, then renamed)
-  tar czf "$OUT/.results.tgz.$1" --exclude='*.pt' --exclude='*.tmp' "$RESULTS" 2>/dev/null
+  tar czf "$OUT/.results.tgz.$1" --exclude='*.pt' --exclude='*.tmp' -C "$WORK" "$REL" 2>/dev/null
   [ $? -le 1 ] && mv -f "$OUT/.results.tgz.$1" "$OUT/results.tgz"  # tar's 1: a file changed while read
 }
 DEADLINE_AT=$((START + TOTAL - TAR))
 GRID=$((DEADLINE_AT - $(date +%s)))
-mkdir -p "$RESULTS"
 printf '{"started": "%s", "device": "%s", "workers": %s, "mps": "%s", "check": "%s", "total_seconds": %s, "grid_seconds": %s, "args": "%s"}\n' \
   "$(date -u -d "@$START" +%Y-%m-%dT%H:%M:%SZ)" "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" \
-  "$WORKERS" "$MPS" "$CHECK" "$TOTAL" "$GRID" "${ARGS[*]}" > "$RESULTS/run_info.json"
+  "$WORKERS" "$MPS" "$CHECK" "$TOTAL" "$GRID" "${ARGS[*]}" > "$RUNS/run_info.json"
+mkdir -p "$RUNS/calls" && cp "$RUNS/run_info.json" "$RUNS/calls/run_info-$STAMP.json"  # every call's, kept
 echo "grid: $GRID s until the deadline, $WORKERS workers"
 # every minute; on TERM the loop ends its sleep (or, after a tar in progress, skips its rename) and exits
 (trap 'kill $! 2>/dev/null; exit 0' TERM; while true; do sleep 60 & wait $!; snapshot loop; done) >/dev/null 2>&1 &
@@ -156,6 +173,7 @@ grid() {  # $1: workers, $2: results folder, $3: log; the rest: options after th
   timeout --kill-after=10 $((GRID + 25)) python experiments/forgetting/run.py run --workers "$workers" \
     --deadline-at "$DEADLINE_AT" --no-report "${ARGS[@]}" --out "$results" "$@" > "$log" 2>&1
   local rc=$?
+  cp "$results/grid.json" "$RUNS/calls/grid-$(basename "$results")-$STAMP.json" 2>/dev/null
   echo "grid $(basename "$results") exit $rc after $(($(date +%s) - START)) s of the call"
 }
 if [ -n "${PLAN:-}" ]; then
@@ -164,12 +182,12 @@ if [ -n "${PLAN:-}" ]; then
     case "$NAME" in ''|'#'*) continue ;; esac
     echo "plan $NAME: $PLAN_WORKERS workers, $PLAN_ARGS"
     # shellcheck disable=SC2086  # the line's options, split on purpose
-    grid "$PLAN_WORKERS" "$RESULTS/$NAME" "$OUT/grid-$NAME.log" $PLAN_ARGS &
+    grid "$PLAN_WORKERS" "$RUNS/$NAME" "$OUT/grid-$NAME.log" $PLAN_ARGS &
     PIDS+=($!)
   done < "$PLAN"
   for PID in "${PIDS[@]}"; do wait "$PID"; done
 else
-  grid "$WORKERS" "$RESULTS" "$OUT/grid.log"
+  grid "$WORKERS" "$RUNS" "$OUT/grid.log"
 fi
 stop_snapshots
 snapshot final

@@ -1,8 +1,10 @@
 """The grid: which runs, in what order, on how many worker processes, resumable and deadline-aware.
 
 Every run writes one JSON under ``out`` (task-A runs also a ``.pt`` checkpoint); a run whose JSON
-exists is skipped, so the grid resumes where it stopped. Jobs are started by priority, so that a grid
-cut off by its deadline still has the complete base table:
+exists is skipped, so the grid resumes where it stopped. A task-A run cut at the deadline leaves its
+training state in ``out/cut/`` and the next grid goes on from it, bit-identically (``.pt`` files do not
+come back from a device call: gpu_run.sh keeps them on the machine's disk). Jobs are started by
+priority, so that a grid cut off by its deadline still has the complete base table:
 
     0  task-A runs, those that most task-B runs wait on first (dense, then the density of the variants)
     1  EWC's lambda search (seed 0, validation split): EWC's other runs wait on its choice
@@ -12,8 +14,13 @@ cut off by its deadline still has the complete base table:
 
 A worker takes the first job whose inputs exist. A job is not started unless it can finish before the
 deadline: 1.1 x the longest past run like it (task A or B, dense or sparse; before any finished, the
-nearest kind's, scaled by steps) must fit. The first wave starts on no estimate. A run still going at
-the deadline stops at its next 50-step mark ("cut"), so the workers are free by the deadline.
+nearest kind's, scaled by steps; a resumed task-A run by the steps it has left) must fit. The first
+wave starts on no estimate. A run still going at the deadline stops at its next 50-step mark ("cut"),
+so the workers are free by the deadline.
+
+A seed's task-B runs share its task-A models, so a task-A checkpoint that is gone (a results folder
+restored from a device call's tarball) means: task A and every task-B run from it again, unless every
+run of that (task-A model, seed) already has its JSON (then nothing needs the checkpoint any more).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from sparsify.kernels.dispatch import backend_for
 
 from forgetting.arms import Arm
 from forgetting.evaluate import EVAL_BATCH
-from forgetting.train import DeadlinePassed, ExpConfig, run_a, run_b, tasks
+from forgetting.train import DeadlinePassed, ExpConfig, resume_key, run_a, run_b, tasks
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,8 @@ class Job:
     def done(self, out: Path) -> bool:
         """Its JSON and its task-A checkpoint exist. A results folder restored without the checkpoints
         (they do not come back from a device call) reruns task A and every B run started from it, so the
-        B runs of a seed still share one task-A model."""
+        B runs of a seed still share one task-A model (``run_grid`` skips a seed's task-A model whose
+        runs are all done)."""
         return self.path(out).exists() and _a_files(out, self.arm, self.seed)[1].exists()
 
     def path(self, out: Path) -> Path:
@@ -114,6 +122,19 @@ def _a_files(out: Path, arm: Arm, seed: int) -> tuple[Path, Path]:
     return Path(f"{base}.json"), Path(f"{base}.pt")
 
 
+def _resume_files(out: Path, job: Job) -> tuple[Path, Path]:
+    """A cut task-A run's curve so far (it comes back from a device call) and its training state (it
+    does not: a dense 6 x 256 model's is 76 MB)."""
+    base = out / "cut" / job.path(out).stem
+    return Path(f"{base}.json"), Path(f"{base}.pt")
+
+
+def _save(payload, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, f"{path}.tmp")
+    Path(f"{path}.tmp").replace(path)
+
+
 def _write(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
@@ -136,19 +157,33 @@ def execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> tupl
     return seconds, warm
 
 
+def _resume_state(job: Job, cfg: ExpConfig, path: Path) -> dict | None:
+    """The saved state of this cut task-A run, if there is one saved under this run's settings."""
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved.get("config") != resume_key(cfg) or (saved.get("key"), saved.get("seed")) != (job.arm.a_key, job.seed):
+        tqdm.write(f"{path}: saved under other settings; task A {job.path(Path('.')).name} starts over")
+        return None
+    return saved
+
+
 def _execute(job: Job, cfg: ExpConfig, out: Path, deadline: float | None) -> float:
     start = time.time()
     if job.kind == "A":
+        curve_path, resume_path = _resume_files(out, job)
         try:
-            summary, ckpt = run_a(job.arm, job.seed, cfg, deadline)
-        except DeadlinePassed as cut:  # its curve so far, beside (not among) the finished runs
-            _write(out / "cut" / job.path(out).name, cut.partial)
+            summary, ckpt = run_a(job.arm, job.seed, cfg, deadline, resume=_resume_state(job, cfg, resume_path))
+        except DeadlinePassed as cut:  # its curve so far beside (not among) the finished runs, and its state
+            _save(cut.state, resume_path)
+            _write(curve_path, cut.partial)
+            cut.state = None  # saved; not pickled back to the grid's process
             raise
         json_path, pt_path = _a_files(out, job.arm, job.seed)
-        pt_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ckpt, f"{pt_path}.tmp")
-        Path(f"{pt_path}.tmp").replace(pt_path)
+        _save(ckpt, pt_path)
         _write(json_path, summary)
+        curve_path.unlink(missing_ok=True)
+        resume_path.unlink(missing_ok=True)
     else:
         json_path, pt_path = _a_files(out, job.arm, job.seed)
         a_summary = json.loads(json_path.read_text())
@@ -224,11 +259,20 @@ def choose_lambda(out: Path, cfg: ExpConfig, tolerance: float = 0.05) -> dict | 
     return choice
 
 
+def complete_units(jobs: list[Job], out: Path) -> set[tuple[str, int]]:
+    """The (task-A key, seed) pairs every one of whose runs in ``jobs`` has its JSON."""
+    units = defaultdict(list)
+    for job in jobs:
+        units[(job.arm.a_key, job.seed)].append(job)
+    return {unit for unit, members in units.items() if all(j.path(out).exists() for j in members)}
+
+
 def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline: float | None) -> dict:
     """Run every job not done yet; ``workers == 0`` runs them in this process (smoke test, CPU).
     Returns (and keeps ``out/grid.json`` up to date with) what failed, what was skipped for time (never
     started), what was cut at the deadline, and every finished job's seconds."""
-    todo = [j for j in jobs if not j.done(out)]
+    complete = complete_units(jobs, out)
+    todo = [j for j in jobs if not j.done(out) and (j.arm.a_key, j.seed) not in complete]
     lam_jobs = [j for j in jobs if j.lam_search]
     failed, skipped, cut = [], [], []
     durations = defaultdict(list)  # (kind, dense or sparse) -> seconds of runs in warm processes
@@ -257,12 +301,13 @@ def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline:
         (every worker is warm after the first wave)."""
         other = "B" if job.kind == "A" else "A"
         steps = {"A": cfg.a_steps, "B": cfg.b_steps}
+        left = _steps_left(job, cfg, out) if job.kind == "A" else cfg.b_steps
         for kind in (job.kind, other):
             for families in ((_family(job),), ("dense", "sparse")):
                 past = [v for f in families for v in durations[(kind, f)]]
                 past = past or [v for f in families for v in first_runs[(kind, f)]]
                 if past:
-                    return max(past) * steps[job.kind] / max(1, steps[kind])
+                    return max(past) * left / max(1, steps[kind])
         return None
 
     def fits(job: Job) -> bool:
@@ -291,10 +336,10 @@ def run_grid(jobs: list[Job], cfg: ExpConfig, out: Path, workers: int, deadline:
             for job in list(todo):
                 if pool is not None and len(running) >= workers:
                     break
-                state = ready(job)
-                if state is None or not fits(job):
+                readiness = ready(job)
+                if readiness is None or not fits(job):
                     drop(job)
-                elif state:
+                elif readiness:
                     todo.remove(job)
                     if pool is None:
                         running[_Done(job, cfg, out, deadline)] = job
@@ -350,6 +395,14 @@ def _pin_gpu(counter, gpus: int) -> None:
 
 def _family(job: Job) -> str:
     return "dense" if job.arm.density is None else "sparse"
+
+
+def _steps_left(job: Job, cfg: ExpConfig, out: Path) -> int:
+    """A task-A run's steps still to train: all of them unless a cut run's state waits to be resumed."""
+    curve_path, resume_path = _resume_files(out, job)
+    if not (curve_path.exists() and resume_path.exists()):
+        return cfg.a_steps
+    return max(0, cfg.a_steps - json.loads(curve_path.read_text())["phase"]["steps_done"])
 
 
 class _Done:

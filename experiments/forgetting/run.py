@@ -71,7 +71,7 @@ def parse(argv=None) -> argparse.Namespace:
                         "every B arm from one of them, baselines included (--densities, --big-block ignored)")
     p.add_argument("--a-only", action="store_true",
                    help="task-A runs only (calibrating A's length: use --a-evals for the curve; a run cut at the "
-                        "deadline leaves its curve so far in OUT/cut/)")
+                        "deadline leaves its curve so far and its state in OUT/cut/: the next run goes on from there)")
     p.add_argument("--late", nargs="*", default=[], help="arms run after all others (when time allows)")
     p.add_argument("--ewc-lambdas", type=float, nargs="+", default=list(ExpConfig.ewc_lambdas))
     p.add_argument("--n-layers", type=int, default=ModelConfig.layers)

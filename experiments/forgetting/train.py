@@ -26,11 +26,13 @@ from forgetting.model import ModelConfig, build_model
 
 
 class DeadlinePassed(RuntimeError):
-    """A run stopped at the deadline; ``partial`` holds its curve so far (the loss and the evaluations)."""
+    """A run stopped at the deadline; ``partial`` holds its curve so far (the loss and the evaluations),
+    ``state`` what ``train_phase(resume=...)`` needs to go on from there (see ``phase_state``)."""
 
-    def __init__(self, message: str, partial: dict | None = None) -> None:
+    def __init__(self, message: str, partial: dict | None = None, state: dict | None = None) -> None:
         super().__init__(message)
         self.partial = partial or {}
+        self.state = state
 
 
 @dataclass
@@ -98,10 +100,13 @@ def _loss(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, evaluate, eval_at,
-                penalty=None, hooks=None, deadline=None, replay=None) -> dict:
+                penalty=None, hooks=None, deadline=None, replay=None, resume=None) -> dict:
     """The training loop: warmup then constant (B) or cosine (A) learning rate; returns the loss curve,
     the evaluations and the wall time. ``replay``: (task-A stream, bool [steps, batch]) puts task-A
-    windows in the marked rows of each batch."""
+    windows in the marked rows of each batch. At the deadline (checked every 50 steps) it raises
+    DeadlinePassed with the state after that step; ``resume``: such a state, loaded into ``model`` and
+    ``opt`` (built as for the first call), goes on from its step as if the run had never stopped: the
+    learning rate and the batches are functions of the step, the only random draws are seeded here."""
     gen = torch.Generator().manual_seed(seed)
     # every step's windows drawn up front (the same numbers as one draw per step), gathered on the device
     starts = data.window_starts(stream, cfg.batch, cfg.model.seq_len, gen, count=steps).to(cfg.device)  # [steps, batch]
@@ -119,9 +124,12 @@ def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, 
         eval_seconds += time.time() - began
         return result
 
-    losses, evals = [], [timed_eval(0)]
+    if resume is None:
+        first, losses, evals, past = 1, [], [timed_eval(0)], 0.0
+    else:
+        first, losses, evals, eval_seconds, past = load_phase_state(model, opt, resume, cfg.device)
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         frac = min(1.0, step / cfg.warmup)
         if cosine:
             frac *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -144,13 +152,43 @@ def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, 
         if step in eval_at:
             evals.append(timed_eval(step))
         if deadline is not None and step % 50 == 0 and time.time() > deadline:
-            raise DeadlinePassed(f"deadline passed at step {step}", _curve(losses, evals, start, eval_seconds))
-    return _curve(losses, evals, start, eval_seconds)
+            seconds = past + time.time() - start
+            raise DeadlinePassed(f"deadline passed at step {step}", _curve(losses, evals, seconds, eval_seconds, first),
+                                 phase_state(model, opt, step, losses, evals, eval_seconds, seconds))
+    return _curve(losses, evals, past + time.time() - start, eval_seconds, first)
 
 
-def _curve(losses: list[torch.Tensor], evals: list[dict], start: float, eval_seconds: float) -> dict:
-    return {"loss": [round(v, 4) for v in torch.stack(losses).tolist()] if losses else [], "evals": evals,
-            "steps_done": len(losses), "seconds": time.time() - start, "eval_seconds": eval_seconds}
+def _curve(losses: list[torch.Tensor], evals: list[dict], seconds: float, eval_seconds: float, first: int = 1) -> dict:
+    curve = {"loss": [round(v, 4) for v in torch.stack(losses).tolist()] if losses else [], "evals": evals,
+             "steps_done": len(losses), "seconds": seconds, "eval_seconds": eval_seconds}
+    if first > 1:  # resumed: the seconds are the sum over the calls, this call started after step first - 1
+        curve["resumed_after"] = first - 1
+    return curve
+
+
+def phase_state(model, opt, step: int, losses: list[torch.Tensor], evals: list[dict], eval_seconds: float,
+                seconds: float) -> dict:
+    """The loop's state after ``step``, on the CPU and loadable with ``torch.load(weights_only=True)``:
+    the model, the optimizer (a TopologyOptimizer's block statistics, ages and history included), every
+    step's loss as computed (not rounded), the evaluations and the random generators' states (no step
+    draws from them today; saved so that one that does later still resumes identically)."""
+    cuda = next(model.parameters()).is_cuda
+    return {"step": step, "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(opt.state_dict()),
+            "loss": torch.stack(losses).cpu(), "evals": evals, "eval_seconds": eval_seconds, "seconds": seconds,
+            "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state_all() if cuda else []}
+
+
+def load_phase_state(model, opt, state: dict, device) -> tuple[int, list[torch.Tensor], list[dict], float, float]:
+    """Load a ``phase_state`` into ``model`` and ``opt`` (the model first: a TopologyOptimizer checks its
+    saved ``col_indices`` against the model's); returns (the next step, the losses, the evaluations,
+    their seconds, the training seconds so far)."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    losses = list(state["loss"].to(device).unbind())
+    return state["step"] + 1, losses, list(state["evals"]), state["eval_seconds"], state["seconds"]
 
 
 def _decisions(opt) -> list[dict]:
@@ -182,8 +220,9 @@ def _meta(cfg: ExpConfig) -> dict:
     }
 
 
-def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, dict]:
-    """Train task A for the arms sharing ``arm.a_key``; returns (summary, checkpoint)."""
+def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None, resume=None) -> tuple[dict, dict]:
+    """Train task A for the arms sharing ``arm.a_key``; returns (summary, checkpoint). Cut at the deadline,
+    it raises DeadlinePassed whose ``state``, passed back as ``resume``, finishes the same run."""
     key = arm.a_key
     arm = dataclasses.replace(arm, dynamic=arm.dynamic or arm.a_dynamic)
     math_task, math_stream, prose = tasks(cfg)
@@ -197,9 +236,11 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, d
 
     try:
         phase = train_phase(model, opt, math_stream, cfg, steps=cfg.a_steps, lr=cfg.a_lr, seed=1000 + seed, cosine=True,
-                            evaluate=evaluate, eval_at=set(_checkpoints(cfg.a_steps, cfg.a_evals)), deadline=deadline)
+                            evaluate=evaluate, eval_at=set(_checkpoints(cfg.a_steps, cfg.a_evals)), deadline=deadline,
+                            resume=resume)
     except DeadlinePassed as cut:  # the curve so far, for the calibration of task A's length
         cut.partial = {"key": key, "seed": seed, **_meta(cfg), "phase": cut.partial, "cut": True}
+        cut.state |= {"key": key, "seed": seed, "config": resume_key(cfg)}
         raise
     batches = lambda: ((lambda x=x: _loss(model, x)) for x in _windows(math_stream, cfg, seed))  # noqa: E731
     ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
@@ -217,6 +258,12 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None) -> tuple[dict, d
         "params": sum(p.numel() for p in model.parameters()),
     }
     return summary, ckpt
+
+
+def resume_key(cfg: ExpConfig) -> dict:
+    """What a task-A run's course depends on: the whole config but task B's settings and the corpus's
+    path (a resume state saved under another key is not loaded: the run starts over)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("b_steps", "b_lrs", "b_evals", "ewc_lambdas", "prose_file")}
 
 
 def _to_cpu(state):
