@@ -174,6 +174,7 @@ grid() {  # $1: workers, $2: results folder, $3: log; the rest: options after th
     --deadline-at "$DEADLINE_AT" --no-report "${ARGS[@]}" --out "$results" "$@" > "$log" 2>&1
   local rc=$?
   cp "$results/grid.json" "$RUNS/calls/grid-$(basename "$results")-$STAMP.json" 2>/dev/null
+  [ "$results" != "$RUNS" ] && cp "$RUNS/run_info.json" "$results/run_info.json"  # the report's "Grid:" line
   echo "grid $(basename "$results") exit $rc after $(($(date +%s) - START)) s of the call"
 }
 if [ -n "${PLAN:-}" ]; then

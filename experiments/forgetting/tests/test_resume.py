@@ -116,3 +116,19 @@ def test_a_restored_folder_reruns_only_the_seeds_whose_runs_are_not_all_done(tmp
     assert grid.complete_units(jobs, tmp_path) == {("dense", 0)}
     grid.run_grid(jobs, cfg, tmp_path, 0, deadline=None)
     assert sorted(ran) == sorted(j.path(tmp_path).name for j in jobs if j.seed == 1)  # A again, then all its B runs
+
+
+def test_the_paired_plans_differ_only_in_their_seeds_so_every_session_resumes_and_pairs_alike():
+    from dataclasses import asdict
+
+    from forgetting.run import config, parse
+
+    lines = {}
+    for plan in sorted((Path(__file__).resolve().parents[1] / "plans").glob("paired_s*.txt")):
+        rows = [line.split() for line in plan.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        assert len(rows) == 1 and int(rows[0][1]) <= 14, plan.name  # one grid, at most a worker a core less two
+        lines[plan.name] = parse(["run", "--device", "cuda", "--tf32"] + rows[0][2:])
+    assert [a.seeds for a in lines.values()] == [3, 6, 8]  # seeds 0-2, then 3-5, then 6-7
+    settings = [asdict(config(a)) for a in lines.values()]  # every run's settings (the seeds are not among them)
+    assert all(s == settings[0] for s in settings) and settings[0]["a_steps"] == 4000
+    assert all(a.paired and not a.no_sweep and a.ewc_lambdas == [1e3, 1e4, 1e5, 1e6, 1e7] for a in lines.values())
