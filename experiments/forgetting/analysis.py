@@ -21,6 +21,25 @@ def load(out: Path) -> tuple[list[dict], list[dict]]:
     return runs, a_runs
 
 
+PLATEAU_POINTS = 0.03  # a rise of less than 3 points of exact match over the last fifth of task A: at its plateau
+
+
+def a_plateau(a_runs: list[dict], tail: float = 0.2) -> dict[str, dict]:
+    """Task A's rise over the last ``tail`` of its steps, per task-A model (``key``): the mean over seeds of
+    the test exact match at the evaluation nearest ``(1 - tail) x steps`` and at the last one."""
+    curves: dict[str, list[list[dict]]] = {}
+    for run in a_runs:
+        curves.setdefault(run["key"], []).append(run["phase"]["evals"])
+    found = {}
+    for key, evals in sorted(curves.items()):
+        steps = evals[0][-1]["step"]
+        before = [min(e, key=lambda x: abs(x["step"] - (1 - tail) * steps)) for e in evals]
+        start, end = mean(b["acc_test"] for b in before), mean(e[-1]["acc_test"] for e in evals)
+        found[key] = {"from": before[0]["step"], "to": steps, "start": start, "end": end, "rise": end - start,
+                      "lowest_end": min(e[-1]["acc_test"] for e in evals), "seeds": len(evals)}
+    return found
+
+
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval (nan with one value)."""
     values = [v for v in values if v is not None and not math.isnan(v)]

@@ -13,7 +13,8 @@ from statistics import mean
 from tabulate import tabulate
 
 from forgetting import HOME, paired, plots
-from forgetting.analysis import calibrate, forgetting, interpolate, interval, load, overlap, pm, spikes
+from forgetting.analysis import (PLATEAU_POINTS, a_plateau, calibrate, forgetting, interpolate, interval, load, overlap,
+                                 pm, spikes)
 from forgetting.data import SOURCE_NOTE
 
 SWEPT = ("dense", "ewc")
@@ -202,6 +203,7 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
            f"`a+b+c` of digits, `x+38=79, x=`), "
            f"generated from a seed, split by problem (hash of the question); metric: exact match of greedy answers on "
            f"{cfg.n_test} held-out test problems ({cfg.n_val} more for validation). {cfg.a_steps} steps, AdamW lr {cfg.a_lr:g}, cosine.",
+           _plateau_line(a_runs),
            f"- Task B: English prose, {SOURCE_NOTE}; directives, markup, tables and code blocks stripped; split by file; "
            f"metric: held-out loss in nats per byte. {cfg.b_steps} steps, constant lr (base {base_lr:g}; sweep {cfg.b_lrs[0]:g} / {cfg.b_lrs[2]:g}).",
            f"- Forgetting = (acc_A_before - acc_A_after) / acc_A_before on the test problems, where acc is **{names[primary]}** "
@@ -318,6 +320,18 @@ def _coverage(runs, lrs) -> list[list]:
         seeds[r["arm"]][r["lr"]].add(r["seed"])
     order = ["dense", "ewc"] + sorted(a for a in seeds if a not in ("dense", "ewc"))
     return [[arm] + [len(seeds[arm][lr]) or "-" for lr in lrs] for arm in order if arm in seeds]
+
+
+def _plateau_line(a_runs: list[dict]) -> str:
+    """Whether task A reached its plateau: the rise of exact match over the last fifth of its steps."""
+    found = a_plateau(a_runs)
+    parts = [f"{key} {100 * v['start']:.1f}% -> {100 * v['end']:.1f}% ({100 * v['rise']:+.1f} points; lowest seed at the end "
+             f"{100 * v['lowest_end']:.1f}%)" for key, v in found.items()]
+    flat = [key for key, v in found.items() if v["rise"] < PLATEAU_POINTS]
+    span = next(iter(found.values()), {"from": 0, "to": 0})
+    return (f"- Task A's plateau: test exact match over the last fifth of its steps ({span['from']} -> {span['to']}, mean "
+            f"over seeds): {'; '.join(parts) or 'no task-A runs'}. At its plateau (a rise under {100 * PLATEAU_POINTS:.0f} "
+            f"points): {', '.join(flat) or 'none'}.")
 
 
 def _grid_lines(out: Path) -> list[str]:

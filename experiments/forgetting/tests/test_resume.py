@@ -132,3 +132,16 @@ def test_the_paired_plans_differ_only_in_their_seeds_so_every_session_resumes_an
     settings = [asdict(config(a)) for a in lines.values()]  # every run's settings (the seeds are not among them)
     assert all(s == settings[0] for s in settings) and settings[0]["a_steps"] == 4000
     assert all(a.paired and not a.no_sweep and a.ewc_lambdas == [1e3, 1e4, 1e5, 1e6, 1e7] for a in lines.values())
+
+
+def test_task_a_plateau_is_the_mean_rise_over_the_last_fifth_of_the_steps():
+    from forgetting.analysis import a_plateau
+
+    def run(key, accs):  # evaluations every 200 steps of 1000
+        return {"key": key, "phase": {"evals": [{"step": 200 * i, "acc_test": a} for i, a in enumerate(accs)]}}
+
+    found = a_plateau([run("dense", [0, 0.2, 0.4, 0.6, 0.70, 0.72]), run("dense", [0, 0.2, 0.4, 0.6, 0.80, 0.90]),
+                       run("dynamic-0.5", [0, 0.5, 0.8, 0.9, 0.95, 0.96])])
+    assert found["dense"]["from"] == 800 and found["dense"]["to"] == 1000 and found["dense"]["seeds"] == 2
+    assert found["dense"]["rise"] == pytest.approx(0.06) and found["dense"]["lowest_end"] == 0.72
+    assert found["dynamic-0.5"]["rise"] == pytest.approx(0.01)
