@@ -100,13 +100,15 @@ def _loss(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, evaluate, eval_at,
-                penalty=None, hooks=None, deadline=None, replay=None, resume=None) -> dict:
+                penalty=None, hooks=None, deadline=None, replay=None, resumable=False, resume=None) -> dict:
     """The training loop: warmup then constant (B) or cosine (A) learning rate; returns the loss curve,
     the evaluations and the wall time. ``replay``: (task-A stream, bool [steps, batch]) puts task-A
     windows in the marked rows of each batch. At the deadline (checked every 50 steps) it raises
-    DeadlinePassed with the state after that step; ``resume``: such a state, loaded into ``model`` and
-    ``opt`` (built as for the first call), goes on from its step as if the run had never stopped: the
-    learning rate and the batches are functions of the step, the only random draws are seeded here."""
+    DeadlinePassed, with the state after that step if ``resumable`` (task A: a task-B run is short and
+    starts over, so its state is not copied off the device); ``resume``: such a state, loaded into
+    ``model`` and ``opt`` (built as for the first call), goes on from its step as if the run had never
+    stopped: the learning rate and the batches are functions of the step, the only random draws are
+    seeded here."""
     gen = torch.Generator().manual_seed(seed)
     # every step's windows drawn up front (the same numbers as one draw per step), gathered on the device
     starts = data.window_starts(stream, cfg.batch, cfg.model.seq_len, gen, count=steps).to(cfg.device)  # [steps, batch]
@@ -153,8 +155,8 @@ def train_phase(model, opt, stream, cfg: ExpConfig, *, steps, lr, seed, cosine, 
             evals.append(timed_eval(step))
         if deadline is not None and step % 50 == 0 and time.time() > deadline:
             seconds = past + time.time() - start
-            raise DeadlinePassed(f"deadline passed at step {step}", _curve(losses, evals, seconds, eval_seconds, first),
-                                 phase_state(model, opt, step, losses, evals, eval_seconds, seconds))
+            state = phase_state(model, opt, step, losses, evals, eval_seconds, seconds) if resumable else None
+            raise DeadlinePassed(f"deadline passed at step {step}", _curve(losses, evals, seconds, eval_seconds, first), state)
     return _curve(losses, evals, past + time.time() - start, eval_seconds, first)
 
 
@@ -237,7 +239,7 @@ def run_a(arm: A.Arm, seed: int, cfg: ExpConfig, deadline=None, resume=None) -> 
     try:
         phase = train_phase(model, opt, math_stream, cfg, steps=cfg.a_steps, lr=cfg.a_lr, seed=1000 + seed, cosine=True,
                             evaluate=evaluate, eval_at=set(_checkpoints(cfg.a_steps, cfg.a_evals)), deadline=deadline,
-                            resume=resume)
+                            resumable=True, resume=resume)
     except DeadlinePassed as cut:  # the curve so far, for the calibration of task A's length
         cut.partial = {"key": key, "seed": seed, **_meta(cfg), "phase": cut.partial, "cut": True}
         cut.state |= {"key": key, "seed": seed, "config": resume_key(cfg)}
