@@ -103,9 +103,9 @@ def _plan_b(arms: dict[str, Arm], seeds: int, cfg: ExpConfig, sweep: bool) -> li
     for seed in range(seeds):
         jobs += [Job(2, "B", arm, seed, base) for arm in arms.values()]
     if sweep:
-        swept = [a for a in arms.values() if a.name == "dense" or a.ewc or a.protect == "anchor" or a.replay or a.consolidate
-                 or a.lora_density is not None
-                 or (a.dynamic and a.protect is None and a.block_size == 16 and a.density == arms_density(arms))]
+        # every arm at three B learning rates: forgetting is compared at equal task-B learning, which
+        # needs each arm's forgetting-vs-B-loss curve (the frozen-protection arm comes last, priority 5)
+        swept = [a for a in arms.values() if a.protect != "freeze"]
         for seed in range(seeds):
             jobs += [Job(3 if seed == 0 else 4, "B", arm, seed, lr) for arm in swept for lr in (low, high)]
         jobs += [Job(5, "B", arm, seed, lr) for seed in range(seeds) for arm in arms.values()

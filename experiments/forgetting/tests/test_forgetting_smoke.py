@@ -147,8 +147,9 @@ def test_plan_puts_the_whole_base_table_before_any_sweep_and_late_arms_last():
 
     late = plan(make_arms(static_shares_a=True), 3, cfg, sweep=True, late=("static-0.5",))
     late_names = [j.path(Path(".")).name for j in late]
-    assert late_names[1] == "dynamic-0.5__s0.json", "a task-A run shared with early arms is not late"
-    assert late_names[-3:] == [f"static-0.5__s{s}__lr{cfg.b_lrs[1]:g}.json" for s in range(3)]
+    assert late_names[1].startswith("dynamic-0.5__s"), "a task-A run shared with early arms is not late"
+    late_at = [i for i, j in enumerate(late) if j.kind == "B" and j.arm.name == "static-0.5"]
+    assert len(late_at) == 3 * 3 and min(late_at) == len(late) - len(late_at), "the late arm's runs come last"
 
 
 def test_paired_design_trains_two_task_a_models_a_seed_and_starts_every_b_run_from_one():
@@ -165,7 +166,7 @@ def test_paired_design_trains_two_task_a_models_a_seed_and_starts_every_b_run_fr
     starts = {j.arm.name: j.arm.a_key for j in b_jobs}
     assert {n for n, k in starts.items() if k == "dense"} == {"dense", "ewc", "replay-0.01", "replay-0.1", "lora"}
     swept = {j.arm.name for j in b_jobs if j.lr != cfg.b_lrs[1]}
-    assert {"dense", "ewc", "replay-0.01", "replay-0.1", "lora"} <= swept  # the references have curves
+    assert swept == set(starts)  # every arm at three B learning rates: a curve each, compared at equal B learning
     assert all(len([j for j in b_jobs if j.arm.name == n and j.lr == cfg.b_lrs[1] and not j.lam_search]) == 8
                for n in starts)
 
