@@ -60,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile each decoder layer with mode='reduce-overhead' (CUDA graphs; plain loop, CUDA only); "
                         "default: on where it applies (CUDA, no --trainer or --compile, one micro-batch a step)")
     args = p.parse_args(argv)
+    graphs_apply = args.device == "cuda" and not (args.trainer or args.compile or args.grad_accum != 1)
     if args.cuda_graphs is None:  # eager small layers are host-bound on a GPU (README, "Host time")
-        args.cuda_graphs = args.device == "cuda" and not (args.trainer or args.compile or args.grad_accum != 1)
-    if args.cuda_graphs and (args.device != "cuda" or args.trainer or args.compile or args.grad_accum != 1):
+        args.cuda_graphs = graphs_apply
+    if args.cuda_graphs and not graphs_apply:
         # one micro-batch a step: a replay overwrites the previous replay's outputs, which autograd may
         # have taken as the parameters' .grad, so gradients must not accumulate over several replays
         p.error("--cuda-graphs needs --device cuda and the plain loop with one micro-batch a step, without --trainer "
