@@ -57,9 +57,6 @@ class TargetOnly:
 def compile_config(block: int, group: int, config: dict, transpose: bool):
     """The kernel compiled for 4096 -> 14336 at density 0.5 and 8192 tokens, the forward (``transpose``)
     or grad_input, with ``config`` completed as the launcher does (shapes on the CPU: nothing runs)."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from sparsify.kernels import grouped_gluon
     from sparsify.kernels.row_groups import forward_entries, grad_input_entries
 
@@ -72,11 +69,7 @@ def compile_config(block: int, group: int, config: dict, transpose: bool):
     a = torch.empty(tokens, in_f if transpose else out_f, dtype=torch.bfloat16)
     y = torch.empty(tokens, out_f if transpose else in_f, dtype=torch.bfloat16)
     values = torch.empty(rows, k, block, block, dtype=torch.bfloat16)
-    box = gl.NVMMASharedLayout.get_default_for([bm, block], gl.bfloat16)
-    square = gl.NVMMASharedLayout.get_default_for([block, block], gl.bfloat16)
-    descriptors = (TensorDescriptor.from_tensor(a, [bm, block], box),
-                   TensorDescriptor.from_tensor(values.view(rows * k * block, block), [block, block], square),
-                   TensorDescriptor.from_tensor(y, [bm, block], box))
+    descriptors = grouped_gluon.descriptors(a, values, y, bm)
     bias = torch.empty(out_f, dtype=torch.bfloat16) if transpose else y
     kernel = grouped_gluon.KERNELS[bool(config["WS"])].warmup(
         *descriptors, entries.loads, entries.blocks, entries.mmas, entries.bounds, bias, tokens,

@@ -324,9 +324,8 @@ _SHARED_BYTES = 232448 - 1024
 
 
 def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, most: int) -> int:
-    """The most ring stages (up to ``most``) that fit beside the G output buffers: the plain kernel's
-    reuse the ring's memory (B = 128, G = 2, 4 stages took 256 KiB + 32 bytes), the warp-specialized
-    one's partitions live at once, so there the two add (B = 128, G = 2, 4 stages: 320 KiB)."""
+    """The most ring stages (up to ``most``) that fit beside the G output buffers: the plain kernel's reuse
+    the ring's memory; the warp-specialized one's partitions live at once, so there the two add."""
     stage = (bm * block + block * block) * itemsize
     outputs = group * bm * block * itemsize
     for stages in range(most, 1, -1):
@@ -337,10 +336,8 @@ def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, m
 
 
 def launch_config(block: int, group: int, itemsize: int, config: dict | None = None) -> dict:
-    """``config`` completed with the defaults, the fastest measured on the H200 (benchmarks/NOTES.md,
-    "Gluon v2"): BM 128 and 8 warps (the accumulators of G = 4 need two warpgroups' registers); plain:
-    the most stages up to 4 that fit shared memory and one MMA left running after each issue (two or
-    three running changed nothing); warp-specialized (WS): up to 6 stages, two running."""
+    """``config`` with the defaults, the fastest measured on the H200 (benchmarks/NOTES.md): BM 128, 8 warps
+    (G = 4's accumulators need two warpgroups); plain: up to 4 stages that fit, one MMA left running; WS: 6, two."""
     if group not in (1, 2, 4):
         raise ValueError(f"the grouped Gluon kernel takes groups of 1, 2 or 4 output blocks, not {group}")
     config = {"BM": 128, "num_warps": 8, "WS": False, **(config or {})}
@@ -354,21 +351,26 @@ def launch_config(block: int, group: int, itemsize: int, config: dict | None = N
     return config
 
 
-def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: torch.Tensor, transpose: bool,
-            config: dict | None) -> None:
+def descriptors(a: torch.Tensor, values: torch.Tensor, out: torch.Tensor, bm: int) -> tuple:
+    """The kernels' TMA descriptors: operand boxes [BM x B], blocks [B x B], output tiles [BM x B]."""
     block_rows, k, block, _ = values.shape
-    config = launch_config(block, entries.group, a.element_size(), config)
-    bm = config["BM"]
     dtype = _GL_DTYPES[a.dtype]
     box = gl.NVMMASharedLayout.get_default_for([bm, block], dtype)
     square = gl.NVMMASharedLayout.get_default_for([block, block], dtype)
-    a_desc = TensorDescriptor.from_tensor(a, [bm, block], box)
-    v_desc = TensorDescriptor.from_tensor(values.view(block_rows * k * block, block), [block, block], square)
-    y_desc = TensorDescriptor.from_tensor(out, [bm, block], box)
+    return (TensorDescriptor.from_tensor(a, [bm, block], box),
+            TensorDescriptor.from_tensor(values.view(block_rows * k * block, block), [block, block], square),
+            TensorDescriptor.from_tensor(out, [bm, block], box))
+
+
+def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: torch.Tensor, transpose: bool,
+            config: dict | None) -> None:
+    block = values.shape[2]
+    config = launch_config(block, entries.group, a.element_size(), config)
+    bm = config["BM"]
     num_groups = entries.bounds.shape[0]
     grid = (cdiv(a.shape[0], bm) * num_groups,)
     KERNELS[bool(config["WS"])][grid](
-        a_desc, v_desc, y_desc, entries.loads, entries.blocks, entries.mmas, entries.bounds,
+        *descriptors(a, values, out, bm), entries.loads, entries.blocks, entries.mmas, entries.bounds,
         bias if bias is not None else out, a.shape[0], out.shape[1] // block, num_groups,
         B=block, G=entries.group, BM=bm, STAGES=config["STAGES"], TRANSPOSE=transpose, HAS_BIAS=bias is not None,
         IN_FLIGHT=config["IN_FLIGHT"], num_warps=config["num_warps"],
