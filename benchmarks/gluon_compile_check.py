@@ -80,9 +80,9 @@ def compile_config(block: int, group: int, config: dict, transpose: bool):
     return kernel, config
 
 
-def entry_loop(sass: str) -> tuple[int, int]:
-    """(instructions, HGMMA among them) of the innermost loop holding the MMAs, counted in the SASS text
-    (NOPs left out): the static size of one entry's work, every target's branch included."""
+def entry_loop(sass: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """The innermost loop holding the MMAs as (address, SASS text) pairs (NOPs left out: the static size
+    of one entry's work, every target's branch included), and the addresses of its labels."""
     insts, labels, pending = [], {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
@@ -98,11 +98,76 @@ def entry_loop(sass: str) -> tuple[int, int]:
     for address, text in insts:
         jump = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
         if jump and labels.get(jump.group(1), address + 1) < address:  # a backward branch closes a loop
-            body = [t for a, t in insts if labels[jump.group(1)] <= a <= address and not t.startswith("NOP")]
-            if any("HGMMA" in t for t in body):
+            body = [(a, t) for a, t in insts if labels[jump.group(1)] <= a <= address and not t.startswith("NOP")]
+            if any("HGMMA" in t for _, t in body):
                 loops.append(body)
     body = min(loops, key=len)
-    return len(body), sum("HGMMA" in t for t in body)
+    return body, {name: a for name, a in labels.items() if body[0][0] <= a <= body[-1][0]}
+
+
+def _writes(text: str) -> tuple[set[str], bool]:
+    """The uniform registers an instruction writes (its first operand; two for a .64 op) and whether
+    it surely does (not under a predicate)."""
+    predicated = text.startswith("@")
+    opcode, _, operands = re.sub(r"^@!?U?P\w+\s+", "", text).partition(" ")
+    match = re.fullmatch(r"UR(\d+)", operands.split(",")[0].strip())
+    if not match or not (opcode.startswith("U") or opcode.startswith("R2UR")):
+        return set(), False
+    first = int(match.group(1))
+    return {f"UR{first + i}" for i in range(2 if ".64" in opcode else 1)}, not predicated
+
+
+def _successors(body: list[tuple[int, str]], labels: dict[str, int]) -> list[list[int]]:
+    """Each instruction's successors inside the loop (by index); the closing branch goes back to the top."""
+    index = {a: n for n, (a, _) in enumerate(body)}
+    succ = []
+    for n, (_, text) in enumerate(body):
+        targets = [index[labels[t]] for t in re.findall(r"\.L_x_\d+", text) if t in labels]
+        unconditional = re.match(r"(BRA|BRX)\b", text) is not None
+        if n == len(body) - 1:  # the branch that closes the loop; falling through leaves it
+            targets, unconditional = [0], True
+        succ.append(targets if unconditional else targets + [n + 1])
+    return succ
+
+
+def stale_descriptors(body: list[tuple[int, str]], labels: dict[str, int]) -> list[str]:
+    """HGMMAs whose shared-memory descriptors (the four uniform registers gdesc[URn] names) may come from
+    another accumulator's branch (a reaching-definitions pass over the loop): ptxas 12.8 (Triton 3.6's)
+    did that with two consecutive ``if target == t`` MMAs at G = 2, so the second target's MMAs read
+    the block of the stage the first one last used (wrong sums that changed from run to run on the
+    H200). A branch runs from its WARPGROUP.ARRIVE to the HGMMA that commits it (gsb0)."""
+    chain_of, chain = [], None
+    for n, (_, text) in enumerate(body):
+        if text.startswith("WARPGROUP.ARRIVE"):
+            chain = n
+        chain_of.append(chain)
+        if text.startswith("HGMMA") and "gsb0" in text:
+            chain = None
+    succ = _successors(body, labels)
+    writes = [_writes(text) for _, text in body]
+    reach_in = [dict() for _ in body]  # register -> the instructions whose writes may reach here
+    changed = True
+    while changed:
+        changed = False
+        for n in range(len(body)):
+            out = dict(reach_in[n])
+            regs, sure = writes[n]
+            for reg in regs:
+                out[reg] = {n} if sure else out.get(reg, set()) | {n}
+            for m in succ[n]:
+                for reg, defs in out.items():
+                    if not defs <= reach_in[m].get(reg, set()):
+                        reach_in[m][reg] = reach_in[m].get(reg, set()) | defs
+                        changed = True
+    found = []
+    for n, (_, text) in enumerate(body):
+        desc = re.search(r"gdesc\[UR(\d+)\]", text)
+        if desc:
+            regs = [f"UR{int(desc.group(1)) + i}" for i in range(4)]
+            stale = [r for r in regs if any(chain_of[d] not in (None, chain_of[n]) for d in reach_in[n].get(r, ()))]
+            if stale:
+                found.append(f"{text} reads {', '.join(stale)} written in another branch")
+    return found
 
 
 def ptxas_report(kernel, capability: int) -> str:
@@ -119,8 +184,12 @@ def ptxas_report(kernel, capability: int) -> str:
         if done.returncode or not (bin_dir / "nvdisasm").exists():
             return "; ".join(lines) or done.stderr.strip()[-300:]
         sass = subprocess.run([str(bin_dir / "nvdisasm"), "-c", cubin], capture_output=True, text=True).stdout
-    count, hgmma = entry_loop(sass)
-    return "; ".join(lines + [f"entry loop {count} instructions, {hgmma} HGMMA"])
+    body, labels = entry_loop(sass)
+    stale = stale_descriptors(body, labels)
+    if stale:
+        raise RuntimeError("miscompiled MMA descriptors: " + "; ".join(stale[:3]))
+    hgmma = sum("HGMMA" in t for _, t in body)
+    return "; ".join(lines + [f"entry loop {len(body)} instructions, {hgmma} HGMMA"])
 
 
 def main() -> int:
@@ -135,13 +204,14 @@ def main() -> int:
             name = f"{product} B={block} G={group} {config}"
             try:
                 kernel, resolved = compile_config(block, group, config, transpose)
+                report = ptxas_report(kernel, args.capability)
             except Exception as error:  # report every design, then fail
                 failed += 1
                 cause = error.__cause__ if error.__cause__ is not None else error
                 print(f"{name}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
                 continue
             print(f"{name} -> {resolved}: OK, {kernel.metadata.shared} bytes of shared memory; "
-                  f"{ptxas_report(kernel, args.capability)}", flush=True)
+                  f"{report}", flush=True)
     print(f"triton {triton.__version__}: {failed} failed")
     return 1 if failed else 0
 

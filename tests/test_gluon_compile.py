@@ -20,3 +20,36 @@ def test_grouped_gluon_kernels_compile_for_hopper_at_every_group_size_for_both_p
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert done.stdout.count(": OK,") == 8, done.stdout
+
+
+def _loop(second_branch_entered_from_the_first: bool) -> str:
+    """A loop of two accumulators' MMA branches in nvdisasm's layout: the descriptor base UR22 is
+    written before both, and again inside the first."""
+    skip = "" if second_branch_entered_from_the_first else "        /*0045*/                   BRA `(.L_x_3) ;\n"
+    return (".L_x_1:\n"
+            "        /*0000*/                   USGXT.U32 UR22, UR9, 0xe ;\n"
+            "        /*0010*/               @P1 BRA `(.L_x_2) ;\n"
+            "        /*0020*/                   WARPGROUP.ARRIVE ;\n"
+            "        /*0030*/                   UIADD3 UR22, UP0, UR22, 0x2, URZ ;\n"
+            "        /*0040*/                   HGMMA.64x64x16.F32.BF16 R56, gdesc[UR20], R56, gsb0 ;\n"
+            f"{skip}"
+            ".L_x_2:\n"
+            "        /*0060*/                   WARPGROUP.ARRIVE ;\n"
+            "        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR20], R24, gsb0 ;\n"
+            ".L_x_3:\n"
+            "        /*0080*/               @P0 BRA `(.L_x_1) ;\n")
+
+
+def test_the_compile_check_finds_mma_descriptors_that_may_come_from_another_accumulators_branch():
+    """The shape of ptxas 12.8's G = 2 miscompile: the second branch can be entered after the first
+    rewrote UR22, so its MMA may read the first one's descriptor; where the first branch jumps past
+    the second (if / else), only the common write reaches it."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from gluon_compile_check import entry_loop, stale_descriptors
+
+    body, labels = entry_loop(_loop(second_branch_entered_from_the_first=True))
+    assert len(body) == 8
+    found = stale_descriptors(body, labels)
+    assert len(found) == 1 and "R24, gdesc[UR20]" in found[0] and "UR22" in found[0], found
+    body, labels = entry_loop(_loop(second_branch_entered_from_the_first=False))
+    assert stale_descriptors(body, labels) == []
