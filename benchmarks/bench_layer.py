@@ -227,7 +227,7 @@ def save(rows: list, args) -> tuple[pathlib.Path, dict]:
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     grouped = kernel_options_in_force().grouped
-    suffix = "" if grouped == "off" else f"-grouped-{grouped}"  # never merged into the default routing's file
+    suffix = "" if grouped == "auto" else f"-grouped-{grouped}"  # never merged into the default routing's file
     path = out_dir / f"{device.replace(' ', '_')}-{today}{suffix}.json"
     if path.exists():  # keep rows of earlier runs today that this run did not measure again
         ident = lambda r: (r["in"], r["out"], r["M"], r["B"], r["K"])  # noqa: E731
@@ -250,8 +250,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--graph-copies", type=int, default=GRAPH_COPIES,
                         help="weight copies rotated in CUDA-graph decode timings (1 = replay one copy, L2-warm)")
-    parser.add_argument("--grouped", choices=("off", "on", "ws"), default="off",
-                        help="kernel option grouped: the grouped Gluon forward and grad_input (Hopper)")
+    parser.add_argument("--grouped", choices=("auto", "off", "on", "ws"), default="auto",
+                        help="kernel option grouped: the grouped Gluon forward and grad_input (Hopper; auto: "
+                             "where measured faster, dispatch.GROUPED_DESIGNS)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
     sparsify.set_kernel_options(grouped=args.grouped)

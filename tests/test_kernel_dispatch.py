@@ -22,7 +22,7 @@ op = torch.ops.sparsify.block_ell_linear
         ("SPARSIFY_TMA", "maybe"),
         ("SPARSIFY_LEAN_LAUNCH", "yes please"),
         ("SPARSIFY_CHECK_COLUMNS", "2"),
-        ("SPARSIFY_GROUPED", "auto"),
+        ("SPARSIFY_GROUPED", "fast"),
     ],
 )
 def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, value):
@@ -108,14 +108,19 @@ def test_the_tma_forward_is_never_chosen_off_cuda():
         assert not dispatch.use_tma(x, values, 512)
 
 
-def test_the_grouped_kernels_are_off_by_default_and_never_chosen_off_cuda():
+def test_the_grouped_kernels_route_by_default_only_where_measured_faster_and_never_off_cuda():
     x = torch.randn(512, 1024, dtype=torch.bfloat16)
     values = torch.randn(16, 8, 64, 64, dtype=torch.bfloat16)
     y = torch.empty(512, 1024, dtype=torch.bfloat16)
-    assert KernelOptions().grouped == "off"
+    assert KernelOptions().grouped == "auto"
     for choice in dispatch.GROUPED_CHOICES:
         with kernel_options(grouped=choice):
-            assert dispatch.use_grouped((x, values, y), 512) is None
+            assert dispatch.use_grouped((x, values, y), 512, lambda g: 8) is None
+    assert dispatch.grouped_design(64, "auto") == (2, {"BM": 256, "WS": False})
+    assert dispatch.grouped_design(16, "auto") is None and dispatch.grouped_design(128, "auto") is None
+    assert dispatch.grouped_design(64, "off") is None
+    assert dispatch.grouped_design(16, "on") == (4, {"WS": False})
+    assert dispatch.grouped_design(32, "ws") == (2, {"BM": 256, "WS": True})
 
 
 def test_split_counts_fill_the_device_but_never_exceed_the_work():

@@ -9,6 +9,7 @@ file picks it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -130,9 +131,13 @@ def use_tma(a: torch.Tensor, b: torch.Tensor, num_tokens: int, product: str = "f
     return (b.shape[2] if block is None else block) >= (64 if choice == "on" else TMA_MIN_BLOCK[product])
 
 
-# The grouped Gluon kernels (grouped_gluon.py): output blocks a program owns (G), by block size. Off unless
-# kernel option grouped asks for them: built and checked, not yet measured faster (benchmarks/NOTES.md).
-GROUP_SIZE = {16: 4, 32: 4, 64: 4, 128: 2}
+# The grouped Gluon kernels (grouped_gluon.py): (G output blocks a program owns, launch config) by block
+# size. GROUPED_DESIGNS: the fastest measured on the H200 (4096 <-> 14336, 8192 tokens, benchmarks/NOTES.md),
+# where they beat today's kernels (B = 64: 0.96 / 0.91 ms vs 1.13 / 1.19 for the forward / grad_input;
+# B = 32: 1.69 / 1.71 vs 1.89 / 2.05); option grouped="auto" routes only these. "on" / "ws" route every
+# block size, GROUP_SIZE's G where no design was measured faster (B = 16, 128: slower than today's).
+GROUPED_DESIGNS = {64: (2, {"BM": 256}), 32: (2, {"BM": 256})}
+GROUP_SIZE = {16: 4, 128: 2}
 
 
 @functools.cache
@@ -146,26 +151,41 @@ def _grouped_launchers() -> SimpleNamespace | None:
     from sparsify.kernels.topology_cache import per_topology
 
     def entries(kind, build):  # one cache entry per group size
-        return {g: per_topology(f"{kind} G={g}", lambda col, n, g=g: build(col, n, g)) for g in set(GROUP_SIZE.values())}
+        sizes = set(GROUP_SIZE.values()) | {g for g, _ in GROUPED_DESIGNS.values()}
+        return {g: per_topology(f"{kind} G={g}", lambda col, n, g=g: build(col, n, g)) for g in sizes}
 
     return SimpleNamespace(forward=grouped_gluon.forward_grouped, grad_input=grouped_gluon.grad_input_grouped,
                            forward_entries=entries("forward entries", forward_entries),
                            grad_input_entries=entries("grad_input entries", grad_input_entries))
 
 
-def use_grouped(tensors: tuple, num_tokens: int) -> str | None:
-    """The variant ("on" or "ws") of the grouped Gluon kernels where kernel option grouped asks for them and
-    they can run on ``tensors`` (operand, values, output: CUDA on Hopper or newer, bfloat16 / float16,
-    16-byte aligned, many tokens, a Triton with Gluon), else None."""
-    choice = options().grouped
-    a = tensors[0]
-    if choice == "off" or a.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
+def grouped_design(block: int, choice: str) -> tuple[int, dict] | None:
+    """(G, launch config) of the grouped kernels for option value ``choice`` at block size ``block``, or None."""
+    if choice == "off" or (choice == "auto" and block not in GROUPED_DESIGNS):
+        return None
+    group, config = GROUPED_DESIGNS[block] if block in GROUPED_DESIGNS else (GROUP_SIZE[block], {})
+    return group, {**config, "WS": choice == "ws"}
+
+
+def use_grouped(tensors: tuple, num_tokens: int, num_groups: Callable[[int], int]) -> tuple[int, dict] | None:
+    """(G, launch config) of the grouped Gluon kernels where kernel option grouped asks for them and they can
+    run on ``tensors`` (operand, values, output: CUDA on Hopper or newer, bfloat16 / float16, 16-byte aligned,
+    many tokens, a Triton with Gluon), else None. ``num_groups(G)``: the product's groups of G output
+    blocks; "auto" leaves a call of fewer than 4 programs an SM to today's kernels (measured faster only
+    with thousands of programs; today's split variants fill the GPU where programs are few)."""
+    a, values = tensors[0], tensors[1]
+    design = grouped_design(values.shape[2], options().grouped)
+    if design is None or a.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
         return None
     if a.dtype not in (torch.bfloat16, torch.float16) or _capability_major(_index(a.device)) < 9:
         return None
     if any(t.data_ptr() % 16 or (t.shape[-1] * t.element_size()) % 16 for t in tensors):
         return None
-    return choice if _grouped_launchers() is not None else None
+    group, config = design
+    programs = cdiv(num_tokens, config.get("BM", 128)) * num_groups(group)
+    if options().grouped == "auto" and programs < 4 * num_sms(a.device):
+        return None
+    return design if _grouped_launchers() is not None else None
 
 
 def split_slots(num_tiles: int, k: int, device: torch.device) -> int:
@@ -235,7 +255,7 @@ def _check(col: torch.Tensor, num_cols: int) -> None:
 
 
 def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | None = None, poison: bool = False):
-    """y [M, out] = x [M, in] W^T + bias: the grouped Gluon kernel where kernel option grouped asks for it,
+    """y [M, out] = x [M, in] W^T + bias: the grouped Gluon kernel where kernel option grouped routes it,
     the masked-dense tiles (small blocks, many tokens, dense enough), the TMA forward (large blocks, many
     tokens, Hopper), else the gather kernel, its slots split over several programs where the token tiles
     alone cannot fill the GPU."""
@@ -247,11 +267,11 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     col = _int32(col_indices)
     _check(col, num_cols)
     tile = config.get("tile") if config is not None else None
-    grouped = use_grouped((x, values, y), num_tokens) if config is None else None
+    grouped = use_grouped((x, values, y), num_tokens, lambda g: cdiv(block_rows, g)) if config is None else None
     if grouped is not None:
         launch = _grouped_launchers()
-        g = GROUP_SIZE[block]
-        launch.forward(x, values, launch.forward_entries[g](col, num_cols), bias, y, {"WS": grouped == "ws"})
+        g, grouped_config = grouped
+        launch.forward(x, values, launch.forward_entries[g](col, num_cols), bias, y, grouped_config)
     elif tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
         run.tile_matmul(x, values, run.slot_table(col, num_cols), bias, y, False, tile)
     elif config is None and use_tma(x, values, num_tokens):
@@ -270,7 +290,7 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
 
 
 def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=None, config=None):
-    """grad_x [M, in] = grad_out [M, out] W: the grouped Gluon kernel where kernel option grouped asks for it,
+    """grad_x [M, in] = grad_out [M, out] W: the grouped Gluon kernel where kernel option grouped routes it,
     the masked-dense tiles on W (as for the forward), else the column walk over the column view of the
     topology (through tensor descriptors where use_tma says)."""
     run = _launchers()
@@ -280,12 +300,11 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
     grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     col = _int32(col_indices)
     tile = config.get("tile") if config is not None else None
-    grouped = use_grouped((grad_out, values, grad_x), num_tokens) if config is None else None
+    grouped = use_grouped((grad_out, values, grad_x), num_tokens, lambda g: cdiv(num_cols, g)) if config is None else None
     if grouped is not None:
         launch = _grouped_launchers()
-        g = GROUP_SIZE[block]
-        entries = launch.grad_input_entries[g](col, num_cols)
-        launch.grad_input(grad_out, values, entries, grad_x, {"WS": grouped == "ws"})
+        g, grouped_config = grouped
+        launch.grad_input(grad_out, values, launch.grad_input_entries[g](col, num_cols), grad_x, grouped_config)
     elif tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens, "backward")):
         run.tile_matmul(grad_out, values, run.slot_table(col, num_cols), None, grad_x, True, tile)
     else:

@@ -17,7 +17,7 @@ What each option decides: ``dispatch.py``.
 | tma           | auto, on, off           | SPARSIFY_TMA (auto/on/off/1/0) | the tensor-descriptor kernels on Hopper: auto where measured faster (dispatch.TMA_MIN_BLOCK), on every one from B = 64 |
 | lean_launch   | True, False             | SPARSIFY_LEAN_LAUNCH (1/0)   | relaunch compiled Triton kernels without the JIT's Python argument binding |
 | check_columns | True, False             | SPARSIFY_CHECK_COLUMNS (1/0) | Triton forward: a device-side assert that every column index is in [0, C) (no host sync) |
-| grouped       | off, on, ws             | SPARSIFY_GROUPED             | the grouped Gluon kernels (forward, grad_input; Hopper, bf16 / fp16, many tokens): off (default, until measured faster), on, ws (their warp-specialized variant) |
+| grouped       | auto, off, on, ws       | SPARSIFY_GROUPED             | the grouped Gluon kernels (forward, grad_input; Hopper, bf16 / fp16, many tokens): auto where measured faster (dispatch.GROUPED_DESIGNS: B = 32, 64), off, on (every block size), ws (their warp-specialized variant) |
 
 Boolean variables also accept true/false and on/off; values are case-insensitive.
 """
@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 BACKENDS = ("auto", "reference", "triton")
 BLOCK_KERNELS = ("auto", "gather", "tile")
 TMA_CHOICES = ("auto", "on", "off")
-GROUPED_CHOICES = ("off", "on", "ws")
+GROUPED_CHOICES = ("auto", "off", "on", "ws")
 
 _ENV = {
     "backend": "SPARSIFY_BACKEND",
@@ -56,7 +56,7 @@ class KernelOptions:
     tma: str = "auto"
     lean_launch: bool = True
     check_columns: bool = True
-    grouped: str = "off"
+    grouped: str = "auto"
 
     def __post_init__(self) -> None:
         for name, allowed in (("backend", BACKENDS), ("block_kernel", BLOCK_KERNELS), ("tma", TMA_CHOICES),
