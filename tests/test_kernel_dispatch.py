@@ -115,7 +115,7 @@ def test_the_grouped_kernels_route_by_default_only_where_measured_faster_and_nev
     assert KernelOptions().grouped == "auto"
     for choice in dispatch.GROUPED_CHOICES:
         with kernel_options(grouped=choice):
-            assert dispatch.use_grouped((x, values, y), 512, lambda g: 8) is None
+            assert dispatch.use_grouped((x, values, y), 512) is None
     assert dispatch.grouped_design(64, "auto") == (2, {"BM": 256, "WS": False})
     assert dispatch.grouped_design(16, "auto") is None and dispatch.grouped_design(128, "auto") is None
     assert dispatch.grouped_design(64, "off") is None

@@ -9,7 +9,6 @@ file picks it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -138,6 +137,10 @@ def use_tma(a: torch.Tensor, b: torch.Tensor, num_tokens: int, product: str = "f
 # block size, GROUP_SIZE's G where no design was measured faster (B = 16, 128: slower than today's).
 GROUPED_DESIGNS = {64: (2, {"BM": 256}), 32: (2, {"BM": 256})}
 GROUP_SIZE = {16: 4, 128: 2}
+# Measured faster on 4096 <-> 14336 at 8192 tokens (2.4e11 multiply-adds); on 640 <-> 2560 (6.7e9) an eager call
+# is bound by host time (the descriptors and the Gluon launch cost more than today's launch), so below this
+# (~80 us of tensor work) "auto" keeps today's kernels.
+GROUPED_MIN_WORK = 2**35
 
 
 @functools.cache
@@ -167,12 +170,11 @@ def grouped_design(block: int, choice: str) -> tuple[int, dict] | None:
     return group, {**config, "WS": choice == "ws"}
 
 
-def use_grouped(tensors: tuple, num_tokens: int, num_groups: Callable[[int], int]) -> tuple[int, dict] | None:
+def use_grouped(tensors: tuple, num_tokens: int) -> tuple[int, dict] | None:
     """(G, launch config) of the grouped Gluon kernels where kernel option grouped asks for them and they can
     run on ``tensors`` (operand, values, output: CUDA on Hopper or newer, bfloat16 / float16, 16-byte aligned,
-    many tokens, a Triton with Gluon), else None. ``num_groups(G)``: the product's groups of G output
-    blocks; "auto" leaves a call of fewer than 4 programs an SM to today's kernels (measured faster only
-    with thousands of programs; today's split variants fill the GPU where programs are few)."""
+    many tokens, a Triton with Gluon), else None. "auto" takes them only for products of at least
+    GROUPED_MIN_WORK multiply-adds."""
     a, values = tensors[0], tensors[1]
     design = grouped_design(values.shape[2], options().grouped)
     if design is None or a.device.type != "cuda" or interpreting() or num_tokens < TMA_MIN_TOKENS:
@@ -181,9 +183,7 @@ def use_grouped(tensors: tuple, num_tokens: int, num_groups: Callable[[int], int
         return None
     if any(t.data_ptr() % 16 or (t.shape[-1] * t.element_size()) % 16 for t in tensors):
         return None
-    group, config = design
-    programs = cdiv(num_tokens, config.get("BM", 128)) * num_groups(group)
-    if options().grouped == "auto" and programs < 4 * num_sms(a.device):
+    if options().grouped == "auto" and num_tokens * values.numel() < GROUPED_MIN_WORK:
         return None
     return design if _grouped_launchers() is not None else None
 
@@ -267,7 +267,7 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     col = _int32(col_indices)
     _check(col, num_cols)
     tile = config.get("tile") if config is not None else None
-    grouped = use_grouped((x, values, y), num_tokens, lambda g: cdiv(block_rows, g)) if config is None else None
+    grouped = use_grouped((x, values, y), num_tokens) if config is None else None
     if grouped is not None:
         launch = _grouped_launchers()
         g, grouped_config = grouped
@@ -300,7 +300,7 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
     grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     col = _int32(col_indices)
     tile = config.get("tile") if config is not None else None
-    grouped = use_grouped((grad_out, values, grad_x), num_tokens, lambda g: cdiv(num_cols, g)) if config is None else None
+    grouped = use_grouped((grad_out, values, grad_x), num_tokens) if config is None else None
     if grouped is not None:
         launch = _grouped_launchers()
         g, grouped_config = grouped
