@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
+from sparsify.kernels.dense_weight import forward_dense, grad_input_dense, grad_values_dense
 from sparsify.kernels.options import (  # noqa: F401  (re-exported: the public names live here too)
     BACKENDS, BLOCK_KERNELS, GROUPED_CHOICES, TMA_CHOICES, KernelOptions, interpreting, kernel_options, options,
     set_kernel_options,
@@ -103,9 +104,31 @@ def use_tiles(block: int, density: float, num_tokens: int, product: str = "forwa
     if choice == "tile":
         return True
     thresholds = TILE_MIN_DENSITY[product]
-    if choice == "gather" or num_tokens < TILE_MIN_TOKENS or block not in thresholds:
+    if choice in ("gather", "dense") or num_tokens < TILE_MIN_TOKENS or block not in thresholds:
         return False
     return density >= thresholds[block]
+
+
+# The dense weight materialised for the call and cuBLAS (dense_weight.py) instead of every per-block kernel:
+# it does the dense FLOPs at cuBLAS's rate plus one pass over a dense-size buffer (~0.05 ms at 4096 x 14336
+# bf16 against a 1.2 ms GEMM at 8192 tokens), where the masked-dense tiles ran at 0.49-0.64x dense and the
+# B = 32 kernels at 0.63-0.74x (H200, 2026-12-02, results/NVIDIA_H200-2026-12-02.json). Predicted from
+# those, not yet timed on a GPU: the thresholds are where the per-block kernels' time (proportional to
+# density) crosses dense's, from the measured 0.5 points. Key: product -> block size -> lowest density.
+DENSE_MIN_DENSITY = {"forward": {16: 0.15, 32: 0.4}, "backward": {16: 0.15, 32: 0.4}}
+DENSE_MIN_TOKENS = 2048  # below, the buffer's pass costs more than the tiles lose
+
+
+def use_dense_weight(block: int, density: float, num_tokens: int, product: str = "forward") -> bool:
+    """The dense-weight path for ``product`` ("forward", or "backward": grad_input and grad_values); kernel
+    option block_kernel="dense" takes it at every block size."""
+    choice = options().block_kernel
+    if choice in ("gather", "tile"):
+        return False
+    if choice == "dense":
+        return True
+    thresholds = DENSE_MIN_DENSITY[product]
+    return num_tokens >= DENSE_MIN_TOKENS and block in thresholds and density >= thresholds[block]
 
 
 # The tensor-descriptor kernels from this block size up, per product: measured on the H200 (2026-12-01,
@@ -255,7 +278,8 @@ def _check(col: torch.Tensor, num_cols: int) -> None:
 
 
 def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | None = None, poison: bool = False):
-    """y [M, out] = x [M, in] W^T + bias: the grouped Gluon kernel where kernel option grouped routes it,
+    """y [M, out] = x [M, in] W^T + bias: the dense weight and cuBLAS where use_dense_weight says, the
+    grouped Gluon kernel where kernel option grouped routes it,
     the masked-dense tiles (small blocks, many tokens, dense enough), the TMA forward (large blocks, many
     tokens, Hopper), else the gather kernel, its slots split over several programs where the token tiles
     alone cannot fill the GPU."""
@@ -268,7 +292,9 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     _check(col, num_cols)
     tile = config.get("tile") if config is not None else None
     grouped = use_grouped((x, values, y), num_tokens) if config is None else None
-    if grouped is not None:
+    if config is None and use_dense_weight(block, k / num_cols, num_tokens):
+        forward_dense(x, values, col, bias, y)
+    elif grouped is not None:
         launch = _grouped_launchers()
         g, grouped_config = grouped
         launch.forward(x, values, launch.forward_entries[g](col, num_cols), bias, y, grouped_config)
@@ -290,7 +316,8 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
 
 
 def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=None, config=None):
-    """grad_x [M, in] = grad_out [M, out] W: the grouped Gluon kernel where kernel option grouped routes it,
+    """grad_x [M, in] = grad_out [M, out] W: the dense weight and cuBLAS where use_dense_weight says, the
+    grouped Gluon kernel where kernel option grouped routes it,
     the masked-dense tiles on W (as for the forward), else the column walk over the column view of the
     topology (through tensor descriptors where use_tma says)."""
     run = _launchers()
@@ -301,7 +328,9 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
     col = _int32(col_indices)
     tile = config.get("tile") if config is not None else None
     grouped = use_grouped((grad_out, values, grad_x), num_tokens) if config is None else None
-    if grouped is not None:
+    if config is None and use_dense_weight(block, k / num_cols, num_tokens, "backward"):
+        grad_input_dense(grad_out, values, col, grad_x)
+    elif grouped is not None:
         launch = _grouped_launchers()
         g, grouped_config = grouped
         launch.grad_input(grad_out, values, launch.grad_input_entries[g](col, num_cols), grad_x, grouped_config)
@@ -316,7 +345,8 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
 
 
 def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, config=None, poison: bool = False):
-    """dL/dvalues [R, K, B, B]: the tile kernel where the backward takes tiles, else the gather kernel (the
+    """dL/dvalues [R, K, B, B]: the blocks of the dense gradient where use_dense_weight says, the tile kernel
+    where the backward takes tiles, else the gather kernel (the
     TMA kernel where use_tma says and no split is needed); the tokens split into fixed ranges where the
     programs alone cannot fill the GPU. The tile kernel
     writes only the slots in the slot table, so the column check runs there too."""
@@ -328,6 +358,8 @@ def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, c
     num_cols = in_features // block
     dv = torch.empty(block_rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     tile = config.get("tile") if config is not None else None
+    if config is None and use_dense_weight(block, k / num_cols, num_tokens, "backward"):
+        return grad_values_dense(grad_out, x, _int32(col_indices), block, dv)
     tiled = tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens, "backward"))
     if config is not None and "SPLIT" in config:
         split = config["SPLIT"]

@@ -13,7 +13,7 @@ What each option decides: ``dispatch.py``.
 | field         | values                  | environment variable         | what it does |
 |---------------|-------------------------|------------------------------|--------------|
 | backend       | auto, reference, triton | SPARSIFY_BACKEND             | auto: Triton on CUDA tensors, the PyTorch reference elsewhere; triton on CPU tensors needs TRITON_INTERPRET=1 |
-| block_kernel  | auto, gather, tile      | SPARSIFY_BLOCK_KERNEL        | large-token kernels for small blocks: per-slot gather or masked-dense tiles (auto: measured thresholds) |
+| block_kernel  | auto, gather, tile, dense | SPARSIFY_BLOCK_KERNEL      | large-token kernels for small blocks: per-slot gather, masked-dense tiles, or the dense weight and cuBLAS (dense: at every block size; auto: the thresholds in dispatch.py) |
 | tma           | auto, on, off           | SPARSIFY_TMA (auto/on/off/1/0) | the tensor-descriptor kernels on Hopper: auto where measured faster (dispatch.TMA_MIN_BLOCK), on every one from B = 64 |
 | lean_launch   | True, False             | SPARSIFY_LEAN_LAUNCH (1/0)   | relaunch compiled Triton kernels without the JIT's Python argument binding |
 | check_columns | True, False             | SPARSIFY_CHECK_COLUMNS (1/0) | Triton forward: a device-side assert that every column index is in [0, C) (no host sync) |
@@ -32,7 +32,7 @@ import threading
 from collections.abc import Iterator, Mapping
 
 BACKENDS = ("auto", "reference", "triton")
-BLOCK_KERNELS = ("auto", "gather", "tile")
+BLOCK_KERNELS = ("auto", "gather", "tile", "dense")
 TMA_CHOICES = ("auto", "on", "off")
 GROUPED_CHOICES = ("auto", "off", "on", "ws")
 
