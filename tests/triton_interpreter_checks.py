@@ -179,6 +179,31 @@ def test_op_gradients_through_the_triton_backend_match_float64(block, dtype):
     assert relative_error(leaves[2].grad, gd.sum(0)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_the_dense_weight_path_matches_float64_reads_nothing_for_bad_columns_and_repeats_bitwise(block, dtype):
+    """kernel_options(block_kernel="dense"): W written by tiles.densify through the slot table, the products in
+    torch; a column outside [0, C) on either side adds nothing and gets a zero gradient."""
+    m, rows, cols, k = 29, 3, 5, 3
+    x, g, values, col, bias = operands(m, rows, cols, k, block, dtype, seed=block + 9)
+    col[1, 0], col[2, 2] = cols + 4, -1
+    bad = (col < 0) | (col >= cols)
+    kept, valid = values.double().masked_fill(bad[:, :, None, None], 0), col.masked_fill(bad, 0)
+    with sparsify.kernel_options(block_kernel="dense", check_columns=False):
+        runs = [(forward(x, values, col, bias, out=nan_like((m, rows * block), dtype)),
+                 grad_input(g, values, col, cols * block, out=nan_like(x.shape, dtype)),
+                 grad_values(g, x, col, block, out=nan_like(values.shape, dtype))) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    y, gx, gv = runs[0]
+    xd, gd = x.double(), g.double()
+    assert relative_error(y, reference.forward(xd, kept, valid, bias.double())) < TOLERANCE[dtype]
+    assert relative_error(gx, reference.grad_input(gd, kept, valid, cols * block)) < TOLERANCE[dtype]
+    expected = reference.grad_values(gd, xd, valid, block).masked_fill(bad[:, :, None, None], 0.0)
+    assert relative_error(gv, expected) < TOLERANCE[dtype]
+    assert (gv[bad] == 0).all()
+
+
 def test_many_tokens_take_the_masked_dense_tiles_for_small_blocks():
     """Above TILE_MIN_TOKENS the launcher switches kernels for B <= 32; both must agree with float64."""
     block, rows, cols, k = 16, 2, 4, 2

@@ -8,10 +8,12 @@ cuBLAS's rate. Writing W once ([out, in], zeros outside the kept blocks) and cal
 dense FLOPs at cuBLAS's rate, for one dense-size buffer that lives only during the call (dense_weight for
 the forward and grad_input, the dense gradient for grad_values).
 
-Exact and deterministic: fp32 accumulation in cuBLAS, tf32 only where torch allows it; no atomics (each
-element of W is written by one slot, a zero plus one value, unless a row repeats a column: then the slots
-are summed, as ``to_dense`` and the kernels do). A slot whose column is outside [0, C) goes to a sink
-block-column past the last one: it reads and adds nothing, and its grad_values are zeros.
+Exact and deterministic: fp32 accumulation in cuBLAS, tf32 only where torch allows it, no atomics. W comes from
+the blocks through the topology's slot table (``tiles.densify``; the slot table is cached per topology state),
+so it holds what the masked-dense tiles see: a slot whose column is outside [0, C) is in no table (it reads and
+adds nothing), and of slots repeating a column in one row only one is kept, as in the tile kernels (every
+public way of setting a topology rejects repeats). grad_values: a slot outside [0, C) reads a zero sink
+block-column past the last one, so its gradient is zero.
 """
 
 from __future__ import annotations
@@ -26,28 +28,16 @@ def _slots(col_indices: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torc
     return rows, torch.where((col >= 0) & (col < num_cols), col, num_cols)
 
 
-def dense_weight(values: torch.Tensor, col_indices: torch.Tensor, in_features: int) -> torch.Tensor:
-    """W [out, in] from the blocks: a view whose rows are in + B apart (the sink block-column past them),
-    which cuBLAS reads as it is."""
-    block_rows, _, block, _ = values.shape
-    num_cols = in_features // block
-    wide = values.new_zeros(block_rows, block, num_cols + 1, block)
-    rows, cols = _slots(col_indices, num_cols)
-    torch.ops.aten.index_put_(wide, [rows, None, cols, None], values, True)  # [r, :, c, :] += values[r, k]
-    return wide.view(block_rows * block, (num_cols + 1) * block)[:, :in_features]
-
-
-def forward_dense(x, values, col_indices, bias, out: torch.Tensor) -> torch.Tensor:
-    """out [M, out] = x W^T + bias."""
-    weight = dense_weight(values, col_indices, x.shape[1])
+def forward_dense(x: torch.Tensor, weight: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:
+    """out [M, out] = x W^T + bias (W: the dense weight, ``tiles.densify``)."""
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
-def grad_input_dense(grad_out, values, col_indices, out: torch.Tensor) -> torch.Tensor:
+def grad_input_dense(grad_out: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [M, in] = grad_out W."""
-    return torch.mm(grad_out, dense_weight(values, col_indices, out.shape[1]), out=out)
+    return torch.mm(grad_out, weight, out=out)
 
 
 def grad_values_dense(grad_out, x, col_indices, block: int, out: torch.Tensor) -> torch.Tensor:
@@ -56,6 +46,6 @@ def grad_values_dense(grad_out, x, col_indices, block: int, out: torch.Tensor) -
     num_cols = x.shape[1] // block
     wide = torch.empty(block_rows * block, (num_cols + 1) * block, dtype=out.dtype, device=out.device)
     wide[:, x.shape[1]:].zero_()  # the sink
-    torch.mm(grad_out.t(), x, out=wide[:, : x.shape[1]])
+    torch.mm(grad_out.t(), x, out=wide[:, : x.shape[1]])  # a view cuBLAS writes as it is (rows in + B apart)
     rows, cols = _slots(col_indices, num_cols)
     return out.copy_(wide.view(block_rows, block, num_cols + 1, block)[rows, :, cols, :])

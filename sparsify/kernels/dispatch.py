@@ -38,7 +38,7 @@ def _launchers() -> SimpleNamespace:
         column_view=per_topology("column view", column_view.column_view),
         slot_table=per_topology("slot table", tiles.slot_table),
         forward_gather=forward.forward_gather, forward_tma=forward_tma.forward_tma,
-        tile_matmul=tiles.tile_matmul, grad_input_columns=grad_input.grad_input_columns,
+        tile_matmul=tiles.tile_matmul, densify=tiles.densify, grad_input_columns=grad_input.grad_input_columns,
         grad_input_tma=grad_input_tma.grad_input_tma_columns, grad_values_tma=grad_values_tma.grad_values_tma,
         grad_values_gather=grad_values.grad_values_gather, grad_values_tiles=grad_values.grad_values_tiles,
         reduce_partials=reduce_partials,
@@ -277,6 +277,13 @@ def _check(col: torch.Tensor, num_cols: int) -> None:
         _launchers().check_columns(col, num_cols)
 
 
+def _dense_weight(run, values: torch.Tensor, col: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """W [R*B, C*B] for the dense-weight path, written from the blocks through the cached slot table."""
+    block_rows, _, block, _ = values.shape
+    weight = torch.empty(block_rows * block, num_cols * block, dtype=values.dtype, device=values.device)
+    return run.densify(values, run.slot_table(col, num_cols), weight)
+
+
 def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | None = None, poison: bool = False):
     """y [M, out] = x [M, in] W^T + bias: the dense weight and cuBLAS where use_dense_weight says, the
     grouped Gluon kernel where kernel option grouped routes it,
@@ -293,7 +300,7 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     tile = config.get("tile") if config is not None else None
     grouped = use_grouped((x, values, y), num_tokens) if config is None else None
     if config is None and use_dense_weight(block, k / num_cols, num_tokens):
-        forward_dense(x, values, col, bias, y)
+        forward_dense(x, _dense_weight(run, values, col, num_cols), bias, y)
     elif grouped is not None:
         launch = _grouped_launchers()
         g, grouped_config = grouped
@@ -329,7 +336,7 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
     tile = config.get("tile") if config is not None else None
     grouped = use_grouped((grad_out, values, grad_x), num_tokens) if config is None else None
     if config is None and use_dense_weight(block, k / num_cols, num_tokens, "backward"):
-        grad_input_dense(grad_out, values, col, grad_x)
+        grad_input_dense(grad_out, _dense_weight(run, values, col, num_cols), grad_x)
     elif grouped is not None:
         launch = _grouped_launchers()
         g, grouped_config = grouped

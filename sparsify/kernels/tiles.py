@@ -116,6 +116,35 @@ def _slot_table_kernel(col_ptr, table_ptr, TOTAL, K, C, CHUNK: tl.constexpr):
 SLOT_TABLE_CHUNK = 1024
 
 
+@triton.jit
+def _densify_kernel(v_ptr, slot_ptr, w_ptr, K, C, LD, B: tl.constexpr, CB: tl.constexpr):
+    """W[r*B:(r+1)*B, c*B:(c+1)*B] = the block slot_table[r, c] holds, or zeros, for CB block-columns of
+    block-row r: whole rows of W stored (coalesced), whole blocks read."""
+    r = tl.program_id(0)
+    cb = tl.program_id(1) * CB + tl.arange(0, CB)
+    ok = cb < C
+    slot = tl.load(slot_ptr + r.to(tl.int64) * C + cb, mask=ok, other=-1)
+    i = tl.arange(0, B)
+    j = tl.arange(0, CB * B)
+    block = tl.reshape(tl.broadcast_to(slot[None, :, None], (B, CB, B)), (B, CB * B))
+    base = (r * K + block).to(tl.int64) * B * B
+    tile = tl.load(v_ptr + base + i[:, None] * B + (j % B)[None, :], mask=block >= 0, other=0.0)
+    cols = tl.program_id(1) * CB * B + j
+    rows = (r * B + i).to(tl.int64)
+    tl.store(w_ptr + rows[:, None] * LD + cols[None, :], tile, mask=(cols < C * B)[None, :])
+
+
+def densify(values: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [R*B, C*B] (a row stride of its own allowed) = the dense weight from the blocks through the slot
+    table: each element written once, zeros where the table has no slot."""
+    block_rows, k, block, _ = values.shape
+    num_cols = table.shape[1]
+    cb = max(1, 128 // block)  # 128 columns of W a program
+    launch(_densify_kernel, (block_rows, cdiv(num_cols, cb)), (values, table, out, k, num_cols, out.stride(0)),
+           dict(B=block, CB=cb), values.device)
+    return out
+
+
 def slot_table(col_indices: torch.Tensor, num_cols: int) -> torch.Tensor:
     """[R, C] int32: slot_table[r, c] = k where col_indices[r, k] == c, else -1 (built on the device;
     unique columns per row: no write conflicts)."""
