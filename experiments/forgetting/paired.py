@@ -44,6 +44,30 @@ def _loss(run: dict, index: int) -> float:
     return run["phase"]["evals"][index]["b_test_loss"]
 
 
+def same_lr(grouped, arm: str, ref: str, lr: float, index: int) -> list[float]:
+    """Per seed: the arm's B held-out loss minus the reference's at the same B learning rate (how much less or
+    more it learned of B from the same batches)."""
+    out = []
+    for seed, by_lr in grouped[arm].items():
+        run, other = by_lr.get(lr), grouped.get(ref, {}).get(seed, {}).get(lr)
+        if run is not None and other is not None:
+            out.append(_loss(run, index) - _loss(other, index))
+    return out
+
+
+def model_reference(grouped, key: str) -> str | None:
+    """The arm every other arm started from task-A model ``key`` is compared with inside that model: dense for
+    the dense task-A model, the static arm (the sparse model, its topology frozen in B) for a sparse one."""
+    if key == "dense":
+        return "dense" if "dense" in grouped else None
+    for arm, seeds in sorted(grouped.items()):
+        run = next(iter(next(iter(seeds.values())).values()))
+        spec = run.get("arm_spec") or {}
+        if arm.startswith("static-") and run["a"].get("key") == key and not spec.get("dynamic"):
+            return arm
+    return None
+
+
 def at_equal_loss(grouped, arm: str, ref: str, lr: float, index: int, split: str) -> list[float]:
     """Per seed: the arm's forgetting at B learning rate ``lr`` minus the reference's at the same B held-out
     loss (the reference's points over its learning rates in that seed, piecewise-linear). A seed whose B
@@ -59,10 +83,11 @@ def at_equal_loss(grouped, arm: str, ref: str, lr: float, index: int, split: str
     return out
 
 
-def differences(grouped, arm: str, index: int, split: str) -> dict[tuple[str, float], tuple[float, float, int]]:
+def differences(grouped, arm: str, index: int, split: str,
+                refs=REFERENCES) -> dict[tuple[str, float], tuple[float, float, int]]:
     """``{(reference, lr): (mean difference, 95% half-width, seeds)}`` for every reference with a curve."""
     out = {}
-    for ref in REFERENCES:
+    for ref in refs:
         if ref == arm or ref not in grouped:
             continue
         for lr in sorted({lr for by_lr in grouped[arm].values() for lr in by_lr}):
@@ -84,11 +109,13 @@ def verdict(diffs: dict) -> str:
     return "inconclusive"
 
 
-def _pts(value: tuple[float, float, int] | None) -> str:
+def _pts(value: tuple[float, float, int] | None, scale: float = 100) -> str:
+    """``difference ± half-width (n=seeds)``: in points (scale 100, forgetting) or as is (scale 1, B loss)."""
     if value is None:
         return "-"
     d, h, n = value
-    return f"{100 * d:+.1f}" + ("" if math.isnan(h) else f" ± {100 * h:.1f}") + f" (n={n})"
+    f = ".1f" if scale == 100 else ".3f"
+    return f"{scale * d:+{f}}" + ("" if math.isnan(h) else f" ± {scale * h:{f}}") + f" (n={n})"
 
 
 def _task_a_rows(a_runs: list[dict]) -> list[list]:
@@ -142,9 +169,41 @@ def section(runs, a_runs, index: int, split: str, measure: str, base_lr: float, 
     md += [f"Forgetting ({measure}) at equal B loss, paired differences in points (arm minus reference):", "",
            tabulate(rows, headers=["arm", "a", "B lr", "seeds", "trainable in B", "B loss", "forgetting"]
                     + [f"vs {ref}" for ref in refs], tablefmt="github"), ""]
+    for ref in refs:  # a reference no arm could be compared with: say why its column is empty
+        if not any(k[0] == ref for arm in grouped for k in differences(grouped, arm, index, split, (ref,))):
+            losses = [_loss(r, index) for by_lr in grouped[ref].values() for r in by_lr.values()]
+            md += [f"vs {ref}: no arm in any seed has its B loss inside {ref}'s range in that seed ({ref}'s B loss here "
+                   f"{min(losses):.2f}-{max(losses):.2f} over seeds and learning rates): not measured, not a result.", ""]
+    md += _within_models(grouped, index, split, measure)
     held = [v[0] for v in verdicts if v[1] == "held"]
     md += ["Does an arm forget less than every reference at equal B learning (held only beyond every paired interval)?", "",
            tabulate(verdicts, headers=["arm", "vs all references"] + [f"vs {ref}" for ref in refs], tablefmt="github"), "",
            ("Held for: " + ", ".join(held) + "." if held else "No arm forgets less than every reference beyond the paired intervals."), "",
            f"Forgetting ({measure}) through B at the base learning rate, mean over seeds:", "", link(curve), ""]
     return md
+
+
+def _within_models(grouped, index: int, split: str, measure: str) -> list[str]:
+    """Each arm against the reference of its own task-A model (dense, or the static sparse arm), seed by seed:
+    what B learned at the same learning rate, and forgetting at equal B loss. Both sides start from the same
+    task-A model, so the spread of task A between seeds cancels (it does not between the two task-A models)."""
+    rows = []
+    for arm in sorted(grouped, key=lambda a: (a not in REFERENCES, a)):
+        key = next(iter(next(iter(grouped[arm].values())).values()))["a"].get("key")
+        ref = model_reference(grouped, key)
+        if ref is None or ref == arm:
+            continue
+        diffs = differences(grouped, arm, index, split, (ref,))
+        for lr in sorted({lr for by_lr in grouped[arm].values() for lr in by_lr}):
+            loss = same_lr(grouped, arm, ref, lr, index)
+            rows.append([arm, key, ref, f"{lr:g}",
+                         "-" if not loss else _pts((*interval(loss), len(loss)), scale=1),
+                         _pts(diffs.get((ref, lr)))])
+    if not rows:
+        return []
+    return [f"Inside each task-A model: each arm minus the reference started from the same task-A model in the same "
+            f"seed (dense for the dense model, the static sparse arm for the sparse one): B held-out loss at the same "
+            f"learning rate (nats per byte; below zero: learned more of B) and forgetting ({measure}) at equal B loss "
+            f"(points; below zero: forgets less). Here the task-A model's seed-to-seed spread cancels.", "",
+            tabulate(rows, headers=["arm", "a", "reference", "B lr", "B loss vs reference (same lr)",
+                                    "forgetting vs reference (equal B loss)"], tablefmt="github"), ""]

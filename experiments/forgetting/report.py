@@ -44,7 +44,11 @@ def _arm_rows(runs, index, base_lr, primary="acc_test"):
             "b_loss_end": interval([r["phase"]["evals"][-1]["b_test_loss"] for r in group]),
             "overlap": interval([mean(v["jaccard"] for v in overlap(r).values()) for r in group if overlap(r)]),
             "spikes": [s for r in group for s in spikes(r, r["config"]["update_every"])],
-            "swap": [d["swap_rate"] for r in group for d in r["a"]["decisions"] + r["decisions"]],
+            # Level 2 decisions by phase: A's are the task-A run's (shared by every arm started from that task-A
+            # model: in the paired design all sparse arms share one), B's the arm's own
+            "decisions_a": {(r["a"].get("key", r["arm"]), r["seed"]): r["a"]["decisions"] for r in group},
+            "swap_a": [d["swap_rate"] for r in group for d in r["a"]["decisions"]],
+            "swap_b": [d["swap_rate"] for r in group for d in r["decisions"]],
             "entropy": [d["entropy"] for r in group for d in r["a"]["decisions"] + r["decisions"]],
             "dynamic": any(r["decisions"] for r in group), "runs": group,
         })
@@ -106,10 +110,11 @@ def _verdict(points, arm):
     EWC's, where its range covers it) by more than the 95% half-width of the difference; refuted when any
     lies on or above; inconclusive when all lie below but not all beyond the intervals; not measured when
     none is in range."""
-    diffs = [(ref, d, w) for ref, _, d, w in _differences(points, arm) if d is not None]
+    diffs = [(ref, lr, d, w) for ref, lr, d, w in _differences(points, arm) if d is not None]
     if not diffs:
         return "not measured", "no point inside the reference curves' B-loss range"
-    text = ", ".join(f"{_pts(d, w)} vs {ref}" for ref, d, w in diffs)
+    text = ", ".join(f"{_pts(d, w)} vs {ref} (B lr {lr:g})" for ref, lr, d, w in diffs)
+    diffs = [(ref, d, w) for ref, _, d, w in diffs]
     if max(d for _, d, _ in diffs) >= 0:
         return "refuted", text
     if all(d + w < 0 for _, d, w in diffs):  # a nan width (one seed) never shows significance
@@ -163,7 +168,10 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
     runs, a_runs = load(out)
     if not runs:
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text("# Forgetting report\n\nNo runs found under " + str(out) + "\n")
+        text = ["# Forgetting report", "", "No task-B runs found under " + str(out) + "."]
+        if a_runs:  # task A only (its calibration, or a grid cut before B): how far A got
+            text += ["", f"{len(a_runs)} task-A runs.", "", *_grid_lines(out), _plateau_line(a_runs)]
+        report.write_text("\n".join(text) + "\n")
         return
     cfg = _config_of(runs[0], cfg)  # the configuration the runs were made with, not today's defaults
     base_lr = cfg.b_lrs[1]
@@ -266,16 +274,20 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
                 for key in ("kept", "added", "removed"):
                     ov[key].append(v[key])
         sp = r["spikes"]
+        swap = lambda v: f"{100 * mean(v):.2f}%" if v else "-"  # noqa: E731
         topo.append([r["arm"], pm(r["overlap"], 1, 3, ""),
                      f"{mean(ov['kept']):.0f} / {mean(ov['added']):.0f} / {mean(ov['removed']):.0f}" if ov else "-",
-                     f"{100 * mean(r['swap']):.2f}%" if r["swap"] else "-",
-                     f"{100 * sum(1 <= 100 * s <= 10 for s in r['swap']) / len(r['swap']):.0f}%" if r["swap"] else "-",
+                     f"{swap(r['swap_a'])} / {swap(r['swap_b'])}",
+                     f"{_in_band(r['swap_a'])} / {_in_band(r['swap_b'])}",
                      f"{min(r['entropy']):.3f}" if r["entropy"] else "-",
                      f"{max(sp):.2f}x / {mean(sp):.2f}x" if sp else "-", sum(s > 2 for s in sp)])
-    md += [tabulate(topo, headers=["arm", "Jaccard A/B", "blocks kept / added / removed (per layer)", "mean swap rate",
-                                   "decisions in 1-10%", "min column entropy", "spike max / mean", "spikes > 2x"],
-                    tablefmt="github"), "",
-           "Spikes: max training loss in the 10 steps after each Level 2 decision over the mean of the 20 steps before it "
+    md += [tabulate(topo, headers=["arm", "Jaccard A/B", "blocks kept / added / removed (per layer)",
+                                   "mean swap rate (A / B)", "decisions in 1-10% (A / B)", "min column entropy",
+                                   "spike max / mean", "spikes > 2x"], tablefmt="github"), "",
+           "Swap rates and decisions by phase: A, the Level 2 decisions of the task-A run the arm's B runs started "
+           "from (in the paired design every sparse arm starts from the same dynamic task-A model, so they repeat its "
+           "numbers), B, the arm's own ('-': no decisions in B). Spikes: max training loss in the 10 steps after each "
+           "Level 2 decision over the mean of the 20 steps before it "
            "(B phase). Arms without decisions are measured at the same steps, as a control for ordinary noise.", ""]
     per_layer = next((r for r in rows if r["arm"] == "dynamic-0.5"), None)
     if per_layer:
@@ -334,13 +346,19 @@ def _plateau_line(a_runs: list[dict]) -> str:
             f"points): {', '.join(flat) or 'none'}.")
 
 
-def _grid_lines(out: Path) -> list[str]:
-    """How the grid ran (gpu_run.sh's run_info.json and the grid's grid.json), when they exist."""
-    info_file, grid_file = out / "run_info.json", out / "grid.json"
-    if not info_file.exists() and not grid_file.exists():
-        return []
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    g = json.loads(grid_file.read_text()) if grid_file.exists() else {}
+def _took(seconds: dict) -> str:
+    """Task-A and task-B run times of one grid (a run copied rather than trained, 0 s, left out)."""
+    parts = []
+    for kind, runs in (("A", {k: v for k, v in seconds.items() if k.count("__") == 1}),
+                       ("B", {k: v for k, v in seconds.items() if k.count("__") > 1})):
+        trained = [v for v in runs.values() if v > 0]
+        if runs:
+            parts.append(f"{len(runs)} task-{kind} runs" + (f" of {min(trained):.0f}-{max(trained):.0f} s" if trained else "")
+                         + (f" ({len(runs) - len(trained)} copied, 0 s)" if len(trained) < len(runs) else ""))
+    return ", ".join(parts)
+
+
+def _call_line(info: dict, g: dict) -> str:
     parts = []
     if info:
         parts.append(f"{info.get('workers', '?')} worker processes on {info.get('device') or 'the CPU'}, "
@@ -348,13 +366,41 @@ def _grid_lines(out: Path) -> list[str]:
                      f"grid deadline {info.get('grid_seconds', '?')} s of a {info.get('total_seconds', '?')} s call "
                      f"started {info.get('started', '?')}")
     if g:
-        a = [v for k, v in g.get("seconds", {}).items() if k.count("__") == 1]
-        b = [v for k, v in g.get("seconds", {}).items() if k.count("__") > 1]
-        took = ", ".join(f"task-{kind} runs {min(v):.0f}-{max(v):.0f} s" for kind, v in (("A", a), ("B", b)) if v)
+        took = _took(g.get("seconds", {}))
         wall = f"grid wall time {g['wall_seconds']} s" + (f" ({took})" if took else "") + "; " if "wall_seconds" in g else ""
         parts.append(wall + f"{len(g.get('skipped', []))} runs skipped for time, {len(g.get('cut', []))} stopped at the "
                      f"deadline, {len(g.get('failed', []))} failed")
-    return ["Grid: " + "; ".join(parts) + ".", ""]
+    return "; ".join(parts)
+
+
+def _calls(out: Path) -> list[tuple[dict, dict]]:
+    """Every call's (run_info, grid) that gpu_run.sh kept for this grid: ``calls/grid-<name>-<stamp>.json`` and
+    ``calls/run_info-<stamp>.json``, beside the grid's folder or in it; oldest first."""
+    for folder in (out / "calls", out.parent / "calls"):
+        grids = sorted(folder.glob(f"grid-{out.name}-*.json"))
+        if grids:
+            found = []
+            for path in grids:
+                info = folder / f"run_info-{path.stem.rsplit('-', 1)[-1]}.json"
+                found.append((json.loads(info.read_text()) if info.exists() else {}, json.loads(path.read_text())))
+            return found
+    return []
+
+
+def _grid_lines(out: Path) -> list[str]:
+    """How the grid ran (gpu_run.sh's run_info.json and the grid's grid.json), when they exist; one line a call
+    where the calls were kept (a grid over several calls: the last call's files alone describe only it)."""
+    calls = _calls(out)
+    if len(calls) > 1:
+        total = sum(g.get("wall_seconds", 0) for _, g in calls)
+        return [f"Grid: {len(calls)} calls, {total:.0f} s of grid wall time in all:", ""] + [
+            f"- call {i}: {_call_line(info, g)}." for i, (info, g) in enumerate(calls, 1)] + [""]
+    info_file, grid_file = out / "run_info.json", out / "grid.json"
+    if not info_file.exists() and not grid_file.exists():
+        return []
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    g = json.loads(grid_file.read_text()) if grid_file.exists() else {}
+    return ["Grid: " + _call_line(info, g) + ".", ""]
 
 
 def _percent(fraction: float | None) -> str:
@@ -390,6 +436,29 @@ def _bench_section(bench) -> list[str]:
     return md
 
 
+def _in(swap_rate: float) -> bool:
+    return 0.01 <= swap_rate <= 0.10
+
+
+def _in_band(swap_rates: list[float]) -> str:
+    """How many decisions swapped 1-10% of the blocks: all of them as a percentage, else 'k of n'."""
+    if not swap_rates:
+        return "-"
+    inside = sum(_in(s) for s in swap_rates)
+    return "100%" if inside == len(swap_rates) else f"{inside} of {len(swap_rates)}"
+
+
+def _below(value: tuple[float, float], limit: float) -> str:
+    """A threshold claim on a mean over seeds: held where the whole 95% interval lies below ``limit``, refuted
+    where it lies at or above, inconclusive where it straddles it; one seed has no interval: said so."""
+    m, h = value
+    if m != m:
+        return "not measured"
+    if h != h:
+        return f"not measured (1 seed, no interval; its point estimate is {'below' if m < limit else 'not below'})"
+    return "held" if m + h < limit else "refuted" if m - h >= limit else "inconclusive (the interval spans the threshold)"
+
+
 def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
     arms = {r["arm"]: r for r in rows}
     dense, dyn = arms.get("dense"), arms.get("dynamic-0.5")
@@ -397,8 +466,7 @@ def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
     sparse = [r for r in rows if paired.is_sparse(r["runs"][0])]
     if sparse:
         best = min(sparse, key=lambda r: r["forgetting"][0])
-        held = dyn is not None and dyn["forgetting"][0] < 0.3
-        out.append(["SC-001 sparse forgets < 30%", "held" if held else "refuted",
+        out.append(["SC-001 sparse forgets < 30%", _below(dyn["forgetting"], 0.3) if dyn else "not measured",
                     f"dynamic-0.5 {pm(dyn['forgetting']) if dyn else 'n/a'}; best sparse arm {best['arm']} "
                     f"{pm(best['forgetting'])}; dense {pm(dense['forgetting']) if dense else 'n/a'}"])
     out.append(["SC-002 forward >= 1.3x at density 0.5", "not measured", "here: end-to-end steps only; see the kernel benchmarks"])
@@ -414,14 +482,27 @@ def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
     sp = [s for r in sparse if r["dynamic"] for s in r["spikes"]]
     out.append(["SC-004 no spike > 2x at decisions", ("held" if max(sp) <= 2 else "refuted") if sp else "not measured",
                 f"max {max(sp):.2f}x over {len(sp)} decisions" if sp else "no decisions"])
-    swaps = [s for r in sparse for s in r["swap"]]
-    ent = [e for r in sparse for e in r["entropy"]]
+    # every decision once: a task-A run's (shared by the arms started from it) once, each B run's own
+    a_decisions = {k: v for r in sparse for k, v in r["decisions_a"].items()}
+    phases = {"A": [d for v in a_decisions.values() for d in v],
+              "B": [d for r in sparse for run in r["runs"] for d in run["decisions"]]}
+    swaps = [d["swap_rate"] for v in phases.values() for d in v]
+    ent = [d["entropy"] for v in phases.values() for d in v]
     if swaps:
-        inside = sum(0.01 <= s <= 0.10 for s in swaps) / len(swaps)
-        ok = inside == 1 and min(ent) > 0.5
+        inside = sum(_in(s) for s in swaps)
+        outside = defaultdict(list)
+        for r in sparse:
+            for run in r["runs"]:
+                outside[r["arm"]] += [d["swap_rate"] for d in run["decisions"] if not _in(d["swap_rate"])]
+        for (key, seed), v in a_decisions.items():
+            outside[f"task A {key}"] += [d["swap_rate"] for d in v if not _in(d["swap_rate"])]
+        where = "; ".join(f"{arm}: {len(v)} at {100 * min(v):.2f}-{100 * max(v):.2f}%" for arm, v in outside.items() if v)
+        ok = inside == len(swaps) and min(ent) > 0.5
         out.append(["SC-005 swap rate 1-10%, entropy > 0.5", "held" if ok else "refuted",
-                    f"{100 * inside:.0f}% of {len(swaps)} decisions in 1-10% (mean {100 * mean(swaps):.2f}%), "
-                    f"min column entropy {min(ent):.3f}"])
+                    f"{inside} of {len(swaps)} decisions in 1-10% ({100 * inside / len(swaps):.1f}%; task A "
+                    f"{sum(_in(d['swap_rate']) for d in phases['A'])} of {len(phases['A'])}, task B "
+                    f"{sum(_in(d['swap_rate']) for d in phases['B'])} of {len(phases['B'])}; mean {100 * mean(swaps):.2f}%)"
+                    + (f", outside: {where}" if where else "") + f"; min column entropy {min(ent):.3f}"])
     if dense and sparse:
         worst = []
         for r in sparse:
@@ -442,13 +523,13 @@ def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
         before = dyn["primary_before"][0]
         rel = dyn["forgetting"][0]
         out.append(["US1-1 A acc stays above 70% of an 85% start (< 20% relative loss)",
-                    ("held" if rel < 0.2 else "refuted") + ("" if before >= 0.85 else " (precondition unmet)"),
-                    f"dynamic-0.5 starts at {100 * before:.1f}% (spec assumes 85%), loses {100 * rel:.1f}% relative"])
+                    _below(dyn["forgetting"], 0.2) + ("" if before >= 0.85 else " (precondition unmet)"),
+                    f"dynamic-0.5 starts at {100 * before:.1f}% (spec assumes 85%), loses {pm(dyn['forgetting'])} relative"])
         cut = (dense["forgetting"][0] - dyn["forgetting"][0]) / dense["forgetting"][0] if dense["forgetting"][0] else math.nan
         verdict, evidence = _verdict(points, "dynamic-0.5")
         out.append(["US1-2 forgetting >= 30% lower than dense (density 0.5)", "held" if cut >= 0.3 else "refuted",
                     f"at base lr: {100 * cut:.0f}% lower; at equal B loss: {verdict} ({evidence})"])
-        out.append(["US1-3 pathway overlap < 70%", "held" if dyn["overlap"][0] < 0.7 else "refuted",
+        out.append(["US1-3 pathway overlap < 70%", _below(dyn["overlap"], 0.7),
                     f"Jaccard end of A vs end of B {pm(dyn['overlap'], 1, 3, '')} (dynamic-0.5)"])
     for arm in [r["arm"] for r in sparse] + ["ewc"]:
         if len(points.get(arm, [])) > 1 or (arm in arms and arm not in ("ewc",)):
