@@ -298,10 +298,9 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     col = _int32(col_indices)
     _check(col, num_cols)
     tile = config.get("tile") if config is not None else None
-    grouped = use_grouped((x, values, y), num_tokens) if config is None else None
     if config is None and use_dense_weight(block, k / num_cols, num_tokens):
         forward_dense(x, _dense_weight(run, values, col, num_cols), bias, y)
-    elif grouped is not None:
+    elif config is None and (grouped := use_grouped((x, values, y), num_tokens)) is not None:
         launch = _grouped_launchers()
         g, grouped_config = grouped
         launch.forward(x, values, launch.forward_entries[g](col, num_cols), bias, y, grouped_config)
@@ -334,10 +333,9 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
     grad_x = torch.empty(num_tokens, in_features, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     col = _int32(col_indices)
     tile = config.get("tile") if config is not None else None
-    grouped = use_grouped((grad_out, values, grad_x), num_tokens) if config is None else None
     if config is None and use_dense_weight(block, k / num_cols, num_tokens, "backward"):
         grad_input_dense(grad_out, _dense_weight(run, values, col, num_cols), grad_x)
-    elif grouped is not None:
+    elif config is None and (grouped := use_grouped((grad_out, values, grad_x), num_tokens)) is not None:
         launch = _grouped_launchers()
         g, grouped_config = grouped
         launch.grad_input(grad_out, values, launch.grad_input_entries[g](col, num_cols), grad_x, grouped_config)
