@@ -74,7 +74,8 @@ def compile_config(block: int, group: int, config: dict, transpose: bool):
     kernel = grouped_gluon.KERNELS[bool(config["WS"])].warmup(
         *descriptors, entries.loads, entries.blocks, entries.mmas, entries.bounds, bias, tokens,
         y.shape[1] // block, entries.bounds.shape[0], B=block, G=group, BM=bm, STAGES=config["STAGES"],
-        TRANSPOSE=transpose, HAS_BIAS=transpose, IN_FLIGHT=config["IN_FLIGHT"], num_warps=config["num_warps"],
+        TRANSPOSE=transpose, HAS_BIAS=transpose, IN_FLIGHT=config["IN_FLIGHT"], BOX_BARRIERS=bool(config["BOX_BARRIERS"]),
+        num_warps=config["num_warps"],
         grid=(1,),
     )
     return kernel, config
@@ -189,7 +190,8 @@ def ptxas_report(kernel, capability: int) -> str:
     if stale:
         raise RuntimeError("miscompiled MMA descriptors: " + "; ".join(stale[:3]))
     hgmma = sum("HGMMA" in t for _, t in body)
-    return "; ".join(lines + [f"entry loop {len(body)} instructions, {hgmma} HGMMA"])
+    syncs = sum(t.startswith("BAR.SYNC") for _, t in body)  # CTA-wide: each waits for the slowest warp
+    return "; ".join(lines + [f"entry loop {len(body)} instructions, {hgmma} HGMMA, {syncs} BAR.SYNC"])
 
 
 def main() -> int:

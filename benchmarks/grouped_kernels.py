@@ -29,18 +29,21 @@ from sparsify.kernels.row_groups import forward_entries, grad_input_entries  # n
 
 # (block size, group size, config) of the Gluon kernel to time; today's kernels are timed at each block size
 GLUON = [  # what a design leaves out, grouped_gluon.launch_config fills in
-    (64, 1, {"num_warps": 4}), (64, 4, {}), (64, 4, {"STAGES": 8}), (64, 4, {"WS": True}), (64, 2, {"WS": True}),
-    # BM = 256: twice the MMA work an entry for the same loop instructions (the loop was issue-bound)
-    (64, 2, {"BM": 256}), (64, 2, {"BM": 256, "WS": True}), (64, 1, {"BM": 256}), (64, 1, {"BM": 256, "WS": True}),
-    (32, 4, {"STAGES": 8}), (32, 4, {"BM": 256}), (32, 4, {"BM": 256, "WS": True}), (32, 2, {"BM": 256}),
-    (128, 2, {}), (128, 1, {"WS": True}),
-    (16, 4, {"STAGES": 8}), (16, 4, {"BM": 256, "STAGES": 8}),
+    # the default designs (dispatch.GROUPED_DESIGNS) and their warp-specialized variants
+    (64, 2, {"BM": 256}), (64, 2, {"BM": 256, "WS": True}), (32, 2, {"BM": 256}),
+    # the box on a barrier ring of its own: 3 CTA-wide bar.syncs an entry instead of 5 (the top stall at B = 64)
+    (64, 2, {"BM": 256, "BOX_BARRIERS": True}), (32, 2, {"BM": 256, "BOX_BARRIERS": True}),
+    (64, 2, {"BM": 256, "BOX_BARRIERS": True, "WS": True}), (64, 4, {"BM": 256, "BOX_BARRIERS": True}),
+    (128, 2, {"BOX_BARRIERS": True}), (16, 2, {"BM": 256, "STAGES": 8, "BOX_BARRIERS": True}),
+    (64, 1, {"BM": 256}), (128, 2, {}),
 ]
 CHECKS = [  # (B, G, M, R, C, K, config)
     (64, 2, 77, 7, 6, 3, {}), (64, 4, 300, 9, 8, 4, {}), (32, 4, 129, 5, 12, 6, {}), (64, 1, 1000, 4, 16, 8, {"num_warps": 4}),
     (128, 2, 200, 3, 4, 2, {"STAGES": 3}), (16, 4, 64, 6, 10, 5, {}), (64, 2, 130, 4, 8, 8, {"STAGES": 2}),
     (32, 4, 129, 5, 12, 6, {"STAGES": 8, "IN_FLIGHT": 5}), (64, 4, 300, 9, 8, 4, {"WS": True, "IN_FLIGHT": 3}),
     (64, 2, 300, 7, 6, 3, {"BM": 256}), (64, 2, 513, 5, 8, 4, {"BM": 256, "WS": True}), (32, 4, 77, 9, 12, 6, {"BM": 256}),
+    (64, 2, 300, 7, 6, 3, {"BM": 256, "BOX_BARRIERS": True}), (32, 4, 129, 5, 12, 6, {"STAGES": 8, "BOX_BARRIERS": True}),
+    (64, 4, 300, 9, 8, 4, {"WS": True, "BOX_BARRIERS": True}),
 ]
 
 

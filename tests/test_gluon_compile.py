@@ -16,10 +16,10 @@ SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gluon
 def test_grouped_gluon_kernels_compile_for_hopper_at_every_group_size_for_both_products():
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, SCRIPT, "--designs", "64:1:num_warps=4,32:2:STAGES=6,64:4:WS=1,64:2:BM=256"],
+    done = subprocess.run([sys.executable, SCRIPT, "--designs", "64:1:num_warps=4,32:2:STAGES=6,64:4:WS=1,64:2:BM=256,64:2:BM=256:BOX_BARRIERS=1"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert done.stdout.count(": OK,") == 8, done.stdout
+    assert done.stdout.count(": OK,") == 10, done.stdout
 
 
 def _loop(second_branch_entered_from_the_first: bool) -> str:

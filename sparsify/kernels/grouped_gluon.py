@@ -9,8 +9,8 @@ Why Gluon: plain Triton cannot keep a loaded box for later iterations, and its p
 prefetch loads under a data-dependent branch (benchmarks/NOTES.md). Here the pipeline is explicit: the
 program walks its group's entries through a ring of STAGES shared-memory stages, entry e's block
 [B x B] in stage (e - first) % STAGES and each new box [BM x B] in box buffer ``distinct % STAGES``,
-one mbarrier a stage counting both (positions counted, not divided: the loop is issue-bound on the
-H200). One warpgroup MMA an entry, issued asynchronously with IN_FLIGHT (F) left running, goes into its
+an mbarrier for each block stage and one for each box buffer (positions counted, not divided: the loop is
+issue-bound on the H200). One warpgroup MMA an entry, issued asynchronously with IN_FLIGHT (F) left running, goes into its
 output block's accumulator (G of them): each output element sums its entries in one fixed order,
 deterministic, no atomics. Entry words are loaded an iteration before their use.
 
@@ -62,16 +62,25 @@ def _word(ptr, entry, end):
 
 
 @gluon.jit
-def _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, ready,
-                 STAGES: gl.constexpr, B: gl.constexpr):
-    """Start an entry's TMA loads into ring stage ``stage``: its block, and its box where it starts a new
-    one (into box buffer ``slot``, the number of boxes so far % STAGES, counted by the caller)."""
+def _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, ready, box_ready,
+                 STAGES: gl.constexpr, B: gl.constexpr, BOX_BARRIERS: gl.constexpr):
+    """Start an entry's TMA loads: its block into ring stage ``stage`` (barrier ready[stage]), and its box
+    where it starts a new one into box buffer ``slot`` (the number of boxes so far % STAGES, counted by the
+    caller). BOX_BARRIERS: the box on a barrier of its own (box_ready[slot]), each barrier with a constant
+    byte count; else both on ready[stage], one of two predicated expects true. Why two rings: Triton 3.6's
+    shared-memory barrier pass puts a CTA-wide bar.sync between any two operations on one barrier, five an
+    entry with one ring, three with two (gluon_compile_check.py counts them)."""
     starts = (word & 1) != 0
     bar = ready.index(stage)
-    # one arrival with the stage's byte count (a compile-time number): one of the two expects is true
-    mbarrier.expect(bar, v_desc.block_type.nbytes, pred=~starts)
-    mbarrier.expect(bar, v_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=starts)
-    _tma_load(a_desc, [m0, (word >> 1) * B], bar, a_bufs.index(slot), pred=starts)
+    if BOX_BARRIERS:
+        box_bar = box_ready.index(slot)
+        mbarrier.expect(box_bar, a_desc.block_type.nbytes, pred=starts)
+        mbarrier.expect(bar, v_desc.block_type.nbytes)
+        _tma_load(a_desc, [m0, (word >> 1) * B], box_bar, a_bufs.index(slot), pred=starts)
+    else:
+        mbarrier.expect(bar, v_desc.block_type.nbytes, pred=~starts)
+        mbarrier.expect(bar, v_desc.block_type.nbytes + a_desc.block_type.nbytes, pred=starts)
+        _tma_load(a_desc, [m0, (word >> 1) * B], bar, a_bufs.index(slot), pred=starts)
     _tma_load(v_desc, [block * B, 0], bar, w_bufs.index(stage))
 
 
@@ -126,16 +135,22 @@ def _mma_entry(a_bufs, w_bufs, target, slot, stage, acc0, acc1, acc2, acc3,
 
 
 @gluon.jit
-def _consume(a_bufs, w_bufs, ready, mma, slot, stage, phase, acc0, acc1, acc2, acc3,
-             STAGES: gl.constexpr, G: gl.constexpr, TRANSPOSE: gl.constexpr, IN_FLIGHT: gl.constexpr):
-    """One entry of the MMA side, from its word: its box buffer counted on, its stage waited for, its
-    MMA issued; the ring position, phase and accumulators come back for the next entry."""
-    slot, _ = _step(slot, mma & 1, STAGES)
+def _consume(a_bufs, w_bufs, ready, box_ready, mma, slot, stage, phase, box_phase, acc0, acc1, acc2, acc3,
+             STAGES: gl.constexpr, G: gl.constexpr, TRANSPOSE: gl.constexpr, IN_FLIGHT: gl.constexpr,
+             BOX_BARRIERS: gl.constexpr):
+    """One entry of the MMA side, from its word: its box buffer counted on (and waited for where the entry
+    starts it), its stage waited for, its MMA issued; the ring positions, phases and accumulators come back
+    for the next entry."""
+    starts = (mma & 1) != 0
+    slot, box_wrapped = _step(slot, mma & 1, STAGES)
+    box_phase = box_phase ^ box_wrapped
     mbarrier.wait(ready.index(stage), phase)
+    if BOX_BARRIERS:
+        mbarrier.wait(box_ready.index(slot), box_phase, pred=starts)
     acc0, acc1, acc2, acc3 = _mma_entry(a_bufs, w_bufs, mma >> 1, slot, stage, acc0, acc1, acc2, acc3,
                                         G, TRANSPOSE, IN_FLIGHT)
     stage, wrapped = _step(stage, 1, STAGES)
-    return slot, stage, phase ^ wrapped, acc0, acc1, acc2, acc3
+    return slot, stage, phase ^ wrapped, box_phase, acc0, acc1, acc2, acc3
 
 
 @gluon.jit
@@ -199,13 +214,15 @@ def _zero_accumulators(BM: gl.constexpr, B: gl.constexpr, layout: gl.constexpr):
 
 @gluon.jit
 def _ring(a_desc, v_desc, BM: gl.constexpr, B: gl.constexpr, STAGES: gl.constexpr):
-    """The ring: STAGES box buffers [BM x B], STAGES block buffers [B x B], a barrier each stage (initialized)."""
+    """The ring: STAGES box buffers [BM x B] and STAGES block buffers [B x B], a barrier each (initialized)."""
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, B], a_desc.layout)
     w_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, B, B], v_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    box_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-    return a_bufs, w_bufs, ready
+        mbarrier.init(box_ready.index(s), count=1)
+    return a_bufs, w_bufs, ready, box_ready
 
 
 @gluon.jit
@@ -213,7 +230,7 @@ def _grouped_kernel(
     a_desc, v_desc, y_desc, loads_ptr, blocks_ptr, mmas_ptr, bounds_ptr, bias_ptr,
     M, NUM_OUT, NG,
     B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, TRANSPOSE: gl.constexpr,
-    HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr,
+    HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, BOX_BARRIERS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """y[:, group's G output blocks] = sum over the group's entries of box @ block (block^T where
     TRANSPOSE: the forward), one program per (token tile, group)."""
@@ -222,7 +239,7 @@ def _grouped_kernel(
 
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, B, 16])
-    a_bufs, w_bufs, ready = _ring(a_desc, v_desc, BM, B, STAGES)
+    a_bufs, w_bufs, ready, box_ready = _ring(a_desc, v_desc, BM, B, STAGES)
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     gl.static_assert(STAGES > IN_FLIGHT)  # at least one stage loads ahead
     AHEAD: gl.constexpr = STAGES - IN_FLIGHT  # loads in flight ahead of the next MMA
@@ -232,33 +249,36 @@ def _grouped_kernel(
         if first + s < end:
             word, block = _word(loads_ptr, first + s, end), _word(blocks_ptr, first + s, end)
             load_slot, _ = _step(load_slot, word & 1, STAGES)
-            _issue_loads(a_desc, v_desc, word, block, load_stage, load_slot, m0, a_bufs, w_bufs, ready, STAGES, B)
+            _issue_loads(a_desc, v_desc, word, block, load_stage, load_slot, m0, a_bufs, w_bufs, ready, box_ready,
+                         STAGES, B, BOX_BARRIERS)
             load_stage, _ = _step(load_stage, 1, STAGES)
 
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
-    mma_stage, mma_phase, mma_slot = zero, zero, zero - 1
+    mma_stage, mma_phase, mma_slot, box_phase = zero, zero, zero - 1, zero
     # the words of the entry the loop body loads (AHEAD ahead) and of the one it multiplies
     word, block = _word(loads_ptr, first + AHEAD, end), _word(blocks_ptr, first + AHEAD, end)
     mma = _word(mmas_ptr, first, end)
     for entry in range(first, end):
         next_word, next_block = _word(loads_ptr, entry + AHEAD + 1, end), _word(blocks_ptr, entry + AHEAD + 1, end)
         next_mma = _word(mmas_ptr, entry + 1, end)
-        mma_slot, mma_stage, mma_phase, acc0, acc1, acc2, acc3 = _consume(
-            a_bufs, w_bufs, ready, mma, mma_slot, mma_stage, mma_phase, acc0, acc1, acc2, acc3,
-            STAGES, G, TRANSPOSE, IN_FLIGHT)
+        mma_slot, mma_stage, mma_phase, box_phase, acc0, acc1, acc2, acc3 = _consume(
+            a_bufs, w_bufs, ready, box_ready, mma, mma_slot, mma_stage, mma_phase, box_phase, acc0, acc1, acc2, acc3,
+            STAGES, G, TRANSPOSE, IN_FLIGHT, BOX_BARRIERS)
         if entry + AHEAD < end:  # the MMA IN_FLIGHT entries back is done: its stage can be refilled
             load_slot, _ = _step(load_slot, word & 1, STAGES)
-            _issue_loads(a_desc, v_desc, word, block, load_stage, load_slot, m0, a_bufs, w_bufs, ready, STAGES, B)
+            _issue_loads(a_desc, v_desc, word, block, load_stage, load_slot, m0, a_bufs, w_bufs, ready, box_ready,
+                         STAGES, B, BOX_BARRIERS)
             load_stage, _ = _step(load_stage, 1, STAGES)
         word, block, mma = next_word, next_block, next_mma
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(box_ready.index(s))
     _store_group(acc0, acc1, acc2, acc3, y_desc, bias_ptr, m0, group * G, NUM_OUT, B, G, BM, HAS_BIAS, layout)
 
 
 @gluon.jit
 def _producer(a_desc, v_desc, loads_ptr, blocks_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
-              ready, empty, STAGES: gl.constexpr, B: gl.constexpr):
+              ready, box_ready, empty, STAGES: gl.constexpr, B: gl.constexpr, BOX_BARRIERS: gl.constexpr):
     """The load warp: every entry's TMA loads, each into a stage the MMA partition has released."""
     first, end = _bounds(bounds_ptr, group)
     stage, phase = first - first, first - first  # loop-carried int32 tensors
@@ -269,27 +289,29 @@ def _producer(a_desc, v_desc, loads_ptr, blocks_ptr, bounds_ptr, group, m0, a_bu
         if entry - first >= STAGES:  # the stage's previous entry (entry - STAGES) has finished its MMA
             mbarrier.wait(empty.index(stage), phase ^ 1)
         slot, _ = _step(slot, word & 1, STAGES)
-        _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, ready, STAGES, B)
+        _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, ready, box_ready, STAGES, B, BOX_BARRIERS)
         stage, wrapped = _step(stage, 1, STAGES)
         phase = phase ^ wrapped
         word, block = next_word, next_block
 
 
 @gluon.jit
-def _mma_partition(y_desc, bias_ptr, mmas_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready, empty,
+def _mma_partition(y_desc, bias_ptr, mmas_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready, box_ready, empty,
                    NUM_OUT, B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
-                   TRANSPOSE: gl.constexpr, HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, layout: gl.constexpr):
+                   TRANSPOSE: gl.constexpr, HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, BOX_BARRIERS: gl.constexpr,
+                   layout: gl.constexpr):
     """The MMA warps: each entry's MMA as its stage lands, releasing the stage of the entry IN_FLIGHT
     back (its MMA done); then the group's output tiles."""
     first, end = _bounds(bounds_ptr, group)
     acc0, acc1, acc2, acc3 = _zero_accumulators(BM, B, layout)
     stage, phase, released = first - first, first - first, first - first  # loop-carried int32 tensors
-    slot = stage - 1
+    slot, box_phase = stage - 1, stage
     mma = _word(mmas_ptr, first, end)
     for entry in range(first, end):
         next_mma = _word(mmas_ptr, entry + 1, end)
-        slot, stage, phase, acc0, acc1, acc2, acc3 = _consume(
-            a_bufs, w_bufs, ready, mma, slot, stage, phase, acc0, acc1, acc2, acc3, STAGES, G, TRANSPOSE, IN_FLIGHT)
+        slot, stage, phase, box_phase, acc0, acc1, acc2, acc3 = _consume(
+            a_bufs, w_bufs, ready, box_ready, mma, slot, stage, phase, box_phase, acc0, acc1, acc2, acc3,
+            STAGES, G, TRANSPOSE, IN_FLIGHT, BOX_BARRIERS)
         if entry - IN_FLIGHT >= first:
             mbarrier.arrive(empty.index(released))
             released, _ = _step(released, 1, STAGES)
@@ -303,23 +325,23 @@ def _grouped_ws_kernel(
     a_desc, v_desc, y_desc, loads_ptr, blocks_ptr, mmas_ptr, bounds_ptr, bias_ptr,
     M, NUM_OUT, NG,
     B: gl.constexpr, G: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr, TRANSPOSE: gl.constexpr,
-    HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr,
+    HAS_BIAS: gl.constexpr, IN_FLIGHT: gl.constexpr, BOX_BARRIERS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """``_grouped_kernel`` with its loads in a warp of their own: the MMA warps never wait on an index
     load or a TMA issue, and the loads run up to STAGES entries ahead of the MMAs."""
     m0, group = _program_tile(M, BM, NG)
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                      instr_shape=[16, B, 16])
-    a_bufs, w_bufs, ready = _ring(a_desc, v_desc, BM, B, STAGES)
+    a_bufs, w_bufs, ready, box_ready = _ring(a_desc, v_desc, BM, B, STAGES)
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()  # the initialized barriers visible to the TMA unit (the async proxy)
     gl.warp_specialize([
-        (_mma_partition, (y_desc, bias_ptr, mmas_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready,
-                          empty, NUM_OUT, B, G, BM, STAGES, TRANSPOSE, HAS_BIAS, IN_FLIGHT, layout)),
+        (_mma_partition, (y_desc, bias_ptr, mmas_ptr, bounds_ptr, group, m0, a_bufs, w_bufs, ready, box_ready,
+                          empty, NUM_OUT, B, G, BM, STAGES, TRANSPOSE, HAS_BIAS, IN_FLIGHT, BOX_BARRIERS, layout)),
         (_producer, (a_desc, v_desc, loads_ptr, blocks_ptr, bounds_ptr, group, m0, a_bufs, w_bufs,
-                     ready, empty, STAGES, B)),
+                     ready, box_ready, empty, STAGES, B, BOX_BARRIERS)),
     ], [1], [48])
 
 
@@ -345,10 +367,11 @@ def _stages_that_fit(block: int, group: int, bm: int, ws: bool, itemsize: int, m
 
 def launch_config(block: int, group: int, itemsize: int, config: dict | None = None) -> dict:
     """``config`` with the defaults, the fastest measured on the H200 (benchmarks/NOTES.md): BM 128, 8 warps
-    (G = 4's accumulators need two warpgroups); plain: up to 4 stages that fit, one MMA left running; WS: 6, two."""
+    (G = 4's accumulators need two warpgroups); plain: up to 4 stages that fit, one MMA left running; WS: 6, two;
+    one barrier ring (BOX_BARRIERS, a ring for the boxes too, compiles to fewer bar.syncs; not yet timed)."""
     if group not in (1, 2, 4):
         raise ValueError(f"the grouped Gluon kernel takes groups of 1, 2 or 4 output blocks, not {group}")
-    config = {"BM": 128, "num_warps": 8, "WS": False, **(config or {})}
+    config = {"BM": 128, "num_warps": 8, "WS": False, "BOX_BARRIERS": False, **(config or {})}
     ws = bool(config["WS"])
     if "STAGES" not in config:
         config["STAGES"] = _stages_that_fit(block, group, config["BM"], ws, itemsize, most=6 if ws else 4)
@@ -381,7 +404,7 @@ def _launch(a: torch.Tensor, values: torch.Tensor, entries: Entries, bias, out: 
         *descriptors(a, values, out, bm), entries.loads, entries.blocks, entries.mmas, entries.bounds,
         bias if bias is not None else out, a.shape[0], out.shape[1] // block, num_groups,
         B=block, G=entries.group, BM=bm, STAGES=config["STAGES"], TRANSPOSE=transpose, HAS_BIAS=bias is not None,
-        IN_FLIGHT=config["IN_FLIGHT"], num_warps=config["num_warps"],
+        IN_FLIGHT=config["IN_FLIGHT"], BOX_BARRIERS=bool(config["BOX_BARRIERS"]), num_warps=config["num_warps"],
     )
 
 
@@ -389,7 +412,7 @@ def forward_grouped(x: torch.Tensor, values: torch.Tensor, entries: Entries, bia
                     out: torch.Tensor, config: dict | None = None) -> None:
     """y [M, out] (x's dtype, bias added) from x [M, in] and values [R, K, B, B] (bfloat16 / float16,
     16-byte aligned) over ``row_groups.forward_entries`` (G = 1, 2 or 4). ``config``: {"BM", "STAGES",
-    "IN_FLIGHT", "num_warps", "WS"} (True: the loads in a warp of their own, ``_grouped_ws_kernel``);
+    "IN_FLIGHT", "num_warps", "BOX_BARRIERS", "WS"} (True: the loads in a warp of their own, ``_grouped_ws_kernel``);
     what it leaves out, ``launch_config`` fills in."""
     if entries.bounds.shape[0] != -(-values.shape[0] // entries.group):
         raise ValueError(f"forward entries for {entries.bounds.shape[0]} groups of {entries.group} block-rows "

@@ -3,7 +3,7 @@ grad_input over groups of block-columns) against float64; skipped without a Hopp
 
     python -m pytest tests/gpu/test_gpu_grouped_gluon.py -q      # on the GPU machine
 
-Every block size, groups of 1, 2 and 4 (a last group with fewer blocks), bf16 and fp16, token counts not
+Every block size, groups of 1, 2 and 4 (a last group with fewer blocks), one barrier ring or two, bf16 and fp16, token counts not
 multiple of the tile, bias on and off (forward), a repeated column, columns outside [0, C) (nothing read,
 nothing added), a block-column no slot reads (grad_input: zeros); outputs NaN-poisoned first; each result
 computed twice and compared bitwise.
@@ -45,6 +45,14 @@ CASES = [  # (B, G, tokens, block-rows, block-columns, slots, config)
     (64, 2, 513, 5, 8, 4, {"BM": 256, "WS": True}),
     (32, 4, 77, 9, 12, 6, {"BM": 256}),
     (16, 4, 600, 6, 10, 5, {"BM": 256, "STAGES": 8}),
+    # the box on a barrier ring of its own (BOX_BARRIERS): every group size, both kernels, ring wrap-arounds
+    (64, 2, 300, 7, 6, 3, {"BM": 256, "BOX_BARRIERS": True}),
+    (64, 2, 77, 7, 6, 3, {"BOX_BARRIERS": True, "STAGES": 2}),
+    (32, 4, 129, 5, 14, 6, {"BOX_BARRIERS": True, "STAGES": 8, "IN_FLIGHT": 3}),
+    (64, 1, 1000, 4, 16, 8, {"BOX_BARRIERS": True, "num_warps": 4}),
+    (128, 2, 200, 3, 5, 2, {"BOX_BARRIERS": True, "STAGES": 3}),
+    (64, 2, 513, 5, 8, 4, {"BM": 256, "WS": True, "BOX_BARRIERS": True}),
+    (64, 4, 300, 9, 8, 4, {"WS": True, "BOX_BARRIERS": True}),
 ]
 
 
