@@ -130,7 +130,8 @@ def test_the_paired_plans_differ_only_in_their_seeds_so_every_session_resumes_an
         lines[plan.name] = parse(["run", "--device", "cuda", "--tf32"] + rows[0][2:])
     assert [a.seeds for a in lines.values()] == [3, 6, 8]  # seeds 0-2, then 3-5, then 6-7
     settings = [asdict(config(a)) for a in lines.values()]  # every run's settings (the seeds are not among them)
-    assert all(s == settings[0] for s in settings) and settings[0]["a_steps"] == 4000
+    assert all(s == settings[0] for s in settings) and settings[0]["a_steps"] == 6000
+    assert settings[0]["a_steps"] // settings[0]["a_evals"] == 200  # task A evaluated every 200 steps
     assert all(a.paired and not a.no_sweep and a.ewc_lambdas == [1e3, 1e4, 1e5, 1e6, 1e7] for a in lines.values())
 
 
