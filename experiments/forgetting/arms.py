@@ -14,7 +14,7 @@
     finetune-0.5     the dynamic-0.5 task-A model densified (zero blocks become trainable weights), then dense B
     ewc-0.5          the dynamic-0.5 task-A model, topology frozen, EWC on its block values (dense EWC's lambda)
     replay-R         dense + a fraction R of B's training sequences drawn from task A (R = 0.01, 0.1)
-    lora             dense task-A model frozen, LoRA adapters (peft) on every linear layer, at the rank whose
+    lora             dense task-A model frozen, LoRA adapters (peft) on every linear layer and the output head, at the rank whose
                      parameters equal the sparse arms' trainable block values, learning rate 10x the grid's
 
 Every sparse arm but dynamic-0.25/0.75 and the 64x64 one starts B from the dynamic-0.5 task-A model when the

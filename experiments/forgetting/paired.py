@@ -146,7 +146,7 @@ def section(runs, a_runs, index: int, split: str, measure: str, base_lr: float, 
           "model) in the same seed: the arm's forgetting minus the reference's at the same B held-out loss (the "
           "reference's curve over its learning rates in that seed). Mean of the per-seed differences and the 95% "
           "t-interval of that mean; n = seeds whose B loss lies inside the reference's range. Replay-R: a fraction R "
-          "of B's training sequences are task-A windows. LoRA: peft adapters on every linear layer but the head, "
+          "of B's training sequences are task-A windows. LoRA: peft adapters on every linear layer, the output head included, "
           "frozen base, rank matched to the sparse arms' trainable block values, learning rate 10x the grid's. "
           "finetune: the sparse task-A model densified, then trained dense. ewc-D: EWC on the sparse task-A model, "
           "topology frozen, with dense EWC's lambda. consolidated-D: `TopologyOptimizer.consolidate()` on the block "
