@@ -5,7 +5,8 @@
 #   cd .gpu && export PYTHONUNBUFFERED=1 && bash benchmarks/gpu_kernels_call.sh memory check  # call 2
 #
 # parts: env (always first), times (kernel_profile.py: every kernel vs its cuBLAS GEMM, both big shapes,
-# B = 16..128), ncu (one launch of each kernel at B = 64 and 128 under Nsight Compute, clocks left alone),
+# B = 16..128), ncu (one launch of each kernel at B = 64 and 128 under Nsight Compute, clocks left alone;
+# NCU_TOKENS=16 NCU_BLOCKS=16,64 profiles the decode kernels instead),
 # memory (memory_phases.py: a bench_training step per phase, dense vs sparse, and bench_training's order
 # of parts), check (the GPU correctness check), layer (bench_layer.py, the issue's table), training
 # (bench_training.py), training-seeds (bench_training.py on the seeds' shape, 16 layers / hidden 640 / MLP 2560,
@@ -69,7 +70,8 @@ for p in "$@"; do
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
                 --section Occupancy --section LaunchStats ${metrics:+--metrics "$metrics"} \
                 -f -o "$OUT/ncu" \
-                python3 benchmarks/kernel_profile.py --ncu --blocks 64,128 --labels "$OUT/ncu-labels.json"
+                python3 benchmarks/kernel_profile.py --ncu --blocks "${NCU_BLOCKS:-64,128}" --tokens "${NCU_TOKENS:-8192}" \
+                --labels "$OUT/ncu-labels.json"
             part ncu-export 60 bash -c "ncu --import '$OUT/ncu.ncu-rep' --csv --page raw > /tmp/ncu-raw.csv"
             part ncu-parse 30 python3 benchmarks/kernel_profile.py --parse-ncu /tmp/ncu-raw.csv \
                 --labels "$OUT/ncu-labels.json" --out "$OUT/ncu.json" ;;
