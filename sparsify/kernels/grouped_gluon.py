@@ -9,9 +9,9 @@ Why Gluon: plain Triton cannot keep a loaded box for later iterations, and its p
 prefetch loads under a data-dependent branch (benchmarks/NOTES.md). Here the pipeline is explicit: the
 program walks its group's entries through a ring of STAGES shared-memory stages, entry e's block
 [B x B] in stage (e - first) % STAGES and each new box [BM x B] in box buffer ``distinct % STAGES``,
-an mbarrier for each block stage and one for each box buffer (positions counted, not divided: the loop is
-issue-bound on the H200). One warpgroup MMA an entry, issued asynchronously with IN_FLIGHT (F) left running, goes into its
-output block's accumulator (G of them): each output element sums its entries in one fixed order,
+one mbarrier a stage counting both (with BOX_BARRIERS the boxes on a ring of barriers of their own;
+positions counted, not divided: the loop is issue-bound on the H200). One warpgroup MMA an entry, issued
+asynchronously with IN_FLIGHT (F) left running, goes into its output block's accumulator (G of them): each output element sums its entries in one fixed order,
 deterministic, no atomics. Entry words are loaded an iteration before their use.
 
 Why the buffers are free when reloaded: the load of entry n = e + STAGES - F is issued once the MMA of
@@ -289,7 +289,8 @@ def _producer(a_desc, v_desc, loads_ptr, blocks_ptr, bounds_ptr, group, m0, a_bu
         if entry - first >= STAGES:  # the stage's previous entry (entry - STAGES) has finished its MMA
             mbarrier.wait(empty.index(stage), phase ^ 1)
         slot, _ = _step(slot, word & 1, STAGES)
-        _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, ready, box_ready, STAGES, B, BOX_BARRIERS)
+        _issue_loads(a_desc, v_desc, word, block, stage, slot, m0, a_bufs, w_bufs, ready, box_ready, STAGES, B,
+                     BOX_BARRIERS)
         stage, wrapped = _step(stage, 1, STAGES)
         phase = phase ^ wrapped
         word, block = next_word, next_block
