@@ -11,8 +11,9 @@ program walks its group's entries through a ring of STAGES shared-memory stages,
 [B x B] in stage (e - first) % STAGES and each new box [BM x B] in box buffer ``distinct % STAGES``,
 one mbarrier a stage counting both (with BOX_BARRIERS the boxes on a ring of barriers of their own;
 positions counted, not divided: the loop is issue-bound on the H200). One warpgroup MMA an entry, issued
-asynchronously with IN_FLIGHT (F) left running, goes into its output block's accumulator (G of them): each output element sums its entries in one fixed order,
-deterministic, no atomics. Entry words are loaded an iteration before their use.
+asynchronously with IN_FLIGHT (F) left running, goes into its output block's accumulator (G of them):
+each output element sums its entries in one fixed order, deterministic, no atomics. Entry words are
+loaded an iteration before their use.
 
 Why the buffers are free when reloaded: the load of entry n = e + STAGES - F is issued once the MMA of
 entry e - F completed (and every earlier one), into the stage entry e - F used; the box it may bring
