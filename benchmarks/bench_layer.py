@@ -113,10 +113,11 @@ def time_variants(x, values, col, g, m, block, density) -> dict:
         def tma():
             return bench(lambda: torch.ops.sparsify.block_ell_linear(x, values, col))
 
-        try:
-            out["tma_fwd_ms"] = with_options(tma, tma="on", grouped="off", block_kernel="gather")
-        except Exception as error:  # noqa: BLE001
-            out["tma_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        for kind, choice in (("tma", "on"), ("tma_persistent", "persistent")):
+            try:
+                out[f"{kind}_fwd_ms"] = with_options(tma, tma=choice, grouped="off", block_kernel="gather")
+            except Exception as error:  # noqa: BLE001
+                out[f"{kind}_error"] = f"{type(error).__name__}: {str(error)[:200]}"
     return out
 
 

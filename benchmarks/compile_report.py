@@ -33,6 +33,7 @@ DIVISIBLE_INTS = ("M_BUCKET", "N_OUT", "IN_F", "N", "KD")
 KERNELS = {  # kernel name -> (constexpr flags, block sizes it serves)
     "_forward_kernel": ({"HAS_BIAS": False, "PARTIAL": False}, (16, 32, 64, 128)),
     "_forward_tma_kernel": ({"HAS_BIAS": False}, (64, 128)),
+    "_forward_tma_persistent_kernel": ({"HAS_BIAS": False}, (64, 128)),
     "_tile_kernel": ({"HAS_BIAS": False, "W_ROWS_ARE_KD": False}, (16, 32)),
     "_grad_input_kernel": ({}, (16, 32, 64, 128)),
     "_grad_input_tma_kernel": ({}, (64, 128)),

@@ -30,8 +30,9 @@ def test_the_untimed_config_of_every_kernel_fits_in_shared_memory(dtype, block, 
     assert (c.kwargs["BM"] + block) * c.kwargs["TSB"] * elem * c.num_stages <= SMEM_BUDGET
     c = single(grad_values._prune_grad_values, grad_values._grad_values_kernel.configs, args)
     assert (c.kwargs["GSB"] + block) * c.kwargs["BM"] * elem * c.num_stages <= SMEM_BUDGET
-    c = single(forward_tma._prune_tma, forward_tma._forward_tma_kernel.configs, args)
-    assert (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * c.num_stages <= SMEM_BUDGET
+    for kernel in (forward_tma._forward_tma_kernel, forward_tma._forward_tma_persistent_kernel):
+        c = single(forward_tma._prune_tma, kernel.configs, args)
+        assert (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem * c.num_stages <= SMEM_BUDGET
     if block <= 64:
         c = single(tiles._tile_kernel.early_config_prune, tiles._tile_kernel.configs, args)
         assert (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"] * elem * c.num_stages <= SMEM_BUDGET

@@ -226,6 +226,29 @@ def test_tma_forward_matches_float64_reference(block):
     assert relative_error(y, reference.forward(x.double(), values.double(), col, bias.double())) < 1e-5
 
 
+@pytest.mark.parametrize("block", [64, 128])
+def test_persistent_tma_forward_covers_every_tile_once_and_repeats_bitwise(block):
+    """PERSISTENT configs: fewer programs than tiles (the CPU counts as 4 SMs, 3 block-rows x 3 token
+    tiles here), each walking every 4th tile; every output written (NaN-poisoned first), bad columns read
+    nothing."""
+    from sparsify.kernels import forward_tma
+
+    m, rows, cols, k = 70, 3, 5, 3
+    x, _, values, col, bias = operands(m, rows, cols, k, block, torch.float32, seed=17)
+    col[2, 1] = cols + 2
+    kept = values.double().clone()
+    kept[2, 1] = 0
+    valid = col.masked_fill((col < 0) | (col >= cols), 0)
+    config = {"BM": 32, "KC": 64, "PERSISTENT": True, "num_warps": 4, "num_stages": 2}
+    runs = []
+    for _ in range(2):
+        y = nan_like((m, rows * block), torch.float32)
+        forward_tma.forward_tma(x, values, col, bias, y, config)
+        runs.append(y)
+    assert torch.equal(runs[0], runs[1])
+    assert relative_error(runs[0], reference.forward(x.double(), kept, valid, bias.double())) < 1e-5
+
+
 @pytest.mark.parametrize("rows, cols, k", [(1, 1, 1), (3, 5, 2), (7, 40, 17), (5, 300, 300), (40, 33, 1)])
 def test_column_view_lists_every_columns_slots_in_order(rows, cols, k):
     from sparsify.kernels.column_view import column_view

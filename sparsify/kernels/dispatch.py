@@ -307,7 +307,7 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     elif tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
         run.tile_matmul(x, values, run.slot_table(col, num_cols), bias, y, False, tile)
     elif config is None and use_tma(x, values, num_tokens):
-        run.forward_tma(x, values, col, bias, y)
+        run.forward_tma(x, values, col, bias, y, persistent=options().tma == "persistent")
     else:
         token_tiles = cdiv(num_tokens, 16 if num_tokens <= 32 else 128)
         split = (config or {}).get("SPLIT") or split_slots(token_tiles * block_rows, k, x.device)

@@ -2,7 +2,12 @@
 the activation box [BM, KC] at the dynamic column col*B + j0 and the block part [B, KC] loaded as bulk
 copies through tensor descriptors. When it runs (B >= 128, many tokens, Hopper): ``dispatch.use_tma``.
 A slot whose column is outside [0, C) reads column C, past the descriptor's end: the copy fills it
-with zeros, so the slot adds nothing."""
+with zeros, so the slot adds nothing.
+
+Configs with PERSISTENT run one program an SM over the tiles in the same grouped order, the loop over
+tiles flattened into the loop over steps, so the next tile's loads start while this one finishes: at
+B = 128 a tile is only 2K steps, and the pipeline's fill and drain at each tile border cost a tenth of
+its time (benchmarks/NOTES.md). The autotuner times them beside the one-tile-a-program configs."""
 
 from __future__ import annotations
 
@@ -10,13 +15,21 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels.common import AUTOTUNE_TIMER, cdiv, dot_precision, grouped_tile, m_bucket, prune_descriptors
+from sparsify.kernels.dispatch import num_sms
+from sparsify.kernels.launch import launch_tile
 
-# (BM, KC, num_warps, num_stages); KC divides B.
+# (BM, KC, num_warps, num_stages, PERSISTENT); KC divides B. The persistent ones are tuned apart, where
+# kernel option tma="persistent" asks (not yet timed on a GPU).
 TMA_CONFIGS = [
-    (128, 64, 4, 4),
-    (128, 64, 8, 5),
-    (256, 64, 8, 4),
-    (128, 128, 8, 3),
+    (128, 64, 4, 4, False),
+    (128, 64, 8, 5, False),
+    (256, 64, 8, 4, False),
+    (128, 128, 8, 3, False),
+]
+PERSISTENT_TMA_CONFIGS = [
+    (128, 64, 8, 5, True),
+    (256, 64, 8, 4, True),
+    (128, 64, 4, 4, True),
 ]
 
 
@@ -27,40 +40,14 @@ def _tma_blocks(nargs):
 
 _prune_tma = prune_descriptors(  # one stage: the activation box [BM, KC] and the block part [B, KC]
     lambda c, block, elem: (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem, lambda c: max(1, c.num_stages - 2),
-    triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_tma_blocks))
+    triton.Config({"BM": 64, "KC": 64, "PERSISTENT": False}, num_warps=4, num_stages=3, pre_hook=_tma_blocks))
 
 
-@triton.autotune(
-    configs=[
-        triton.Config({"BM": bm, "KC": kc}, num_warps=w, num_stages=s, pre_hook=_tma_blocks)
-        for bm, kc, w, s in TMA_CONFIGS
-    ],
-    key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
-    prune_configs_by={"early_config_prune": _prune_tma},
-    **AUTOTUNE_TIMER,
-)
-@triton.jit(do_not_specialize=["M"])
-def _forward_tma_kernel(
-    x_desc,  # x [M, IN_F], block [BM, KC]
-    v_desc,  # values as [R*K*B, B], block [B, KC]
-    col_ptr,
-    bias_ptr,
-    y_ptr,
-    M,  # sizes from here on: the same names in every kernel, which the autotune keys and the pruners read
-    M_BUCKET,
-    N_OUT,
-    IN_F,
-    K,
-    R,
-    ELEM_BYTES,
-    B: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    KC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    pid_m, r = grouped_tile(pid, tl.cdiv(M, BM), R)  # token tile, block-row
+@triton.jit
+def _tile(tile, x_desc, v_desc, col_ptr, bias_ptr, y_ptr, M, N_OUT, IN_F, K, R, B: tl.constexpr,
+          HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, KC: tl.constexpr):
+    """Output tile number ``tile`` (grouped order): y[tokens, block-row r] over the row's slots."""
+    pid_m, r = grouped_tile(tile, tl.cdiv(M, BM), R)  # token tile, block-row
     m0 = pid_m * BM
     acc = tl.zeros((BM, B), dtype=tl.float32)
     for p0 in range(0, K * B, KC):
@@ -79,8 +66,57 @@ def _forward_tma_kernel(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(tokens < M)[:, None])
 
 
-def forward_tma(x, values, col, bias, y) -> None:
-    """y [M, out] = x W^T + bias through tensor descriptors (16-byte aligned x, values and row stride)."""
+@triton.jit(do_not_specialize=["M"])
+def _forward_tma(
+    x_desc,  # x [M, IN_F], block [BM, KC]
+    v_desc,  # values as [R*K*B, B], block [B, KC]
+    col_ptr,
+    bias_ptr,
+    y_ptr,
+    M,  # sizes from here on: the same names in every kernel, which the autotune keys and the pruners read
+    M_BUCKET,
+    N_OUT,
+    IN_F,
+    K,
+    R,
+    ELEM_BYTES,
+    NUM_SMS,
+    B: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    KC: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    if PERSISTENT:  # min(tiles, NUM_SMS) programs, each over every NUM_SMS-th tile
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * R, NUM_SMS, flatten=True):
+            _tile(tile, x_desc, v_desc, col_ptr, bias_ptr, y_ptr, M, N_OUT, IN_F, K, R, B, HAS_BIAS, PRECISION, BM, KC)
+    else:
+        _tile(tl.program_id(0), x_desc, v_desc, col_ptr, bias_ptr, y_ptr, M, N_OUT, IN_F, K, R, B, HAS_BIAS,
+              PRECISION, BM, KC)
+
+
+def _autotuned(table: list):
+    return triton.autotune(
+        configs=[
+            triton.Config({"BM": bm, "KC": kc, "PERSISTENT": persistent}, num_warps=w, num_stages=s,
+                          pre_hook=_tma_blocks)
+            for bm, kc, w, s, persistent in table
+        ],
+        key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
+        prune_configs_by={"early_config_prune": _prune_tma},
+        **AUTOTUNE_TIMER,
+    )(_forward_tma)
+
+
+_forward_tma_kernel = _autotuned(TMA_CONFIGS)
+_forward_tma_persistent_kernel = _autotuned(PERSISTENT_TMA_CONFIGS)
+
+
+def forward_tma(x, values, col, bias, y, config: dict | None = None, persistent: bool = False) -> None:
+    """y [M, out] = x W^T + bias through tensor descriptors (16-byte aligned x, values and row stride);
+    ``persistent``: autotuned among the persistent configs. ``config``: a fixed tile {"BM", "KC",
+    "PERSISTENT", "num_warps", "num_stages"} instead of autotuning."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_rows, k, block, _ = values.shape
@@ -88,9 +124,16 @@ def forward_tma(x, values, col, bias, y) -> None:
     dummy = [block, 64]  # the pre-hook sets the real block shapes per config
     x_desc = TensorDescriptor(x, [num_tokens, in_features], [in_features, 1], dummy)
     v_desc = TensorDescriptor(values, [block_rows * k * block, block], [block, 1], dummy)
-    grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * block_rows,)  # noqa: E731
-    _forward_tma_kernel[grid](
-        x_desc, v_desc, col, bias if bias is not None else y, y,
-        num_tokens, m_bucket(num_tokens), block_rows * block, in_features, k, block_rows, x.element_size(),
-        B=block, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
-    )
+    sms = num_sms(x.device)
+
+    def grid(meta):
+        tiles = cdiv(num_tokens, meta["BM"]) * block_rows
+        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+
+    args = (x_desc, v_desc, col, bias if bias is not None else y, y,
+            num_tokens, m_bucket(num_tokens), block_rows * block, in_features, k, block_rows, x.element_size(), sms)
+    flags = dict(B=block, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype))
+    if config is not None:  # the pre-hook does not run on a fixed tile: set the box shapes here
+        _tma_blocks({"x_desc": x_desc, "v_desc": v_desc, "B": block, **config})
+    kernel = _forward_tma_persistent_kernel if persistent else _forward_tma_kernel
+    launch_tile(kernel, grid, args, flags, x.device, config)
