@@ -6,8 +6,9 @@ with zeros, so the slot adds nothing.
 
 Configs with PERSISTENT run one program an SM over the tiles in the same grouped order, the loop over
 tiles flattened into the loop over steps, so the next tile's loads start while this one finishes: at
-B = 128 a tile is only 2K steps, and the pipeline's fill and drain at each tile border cost a tenth of
-its time (benchmarks/NOTES.md). The autotuner times them beside the one-tile-a-program configs."""
+B = 128 a tile is only 2K steps (32 at 4096 -> 14336), so each tile's pipeline fill and drain is a large
+share of it (benchmarks/NOTES.md names this design as the untried one). Tuned apart, where kernel option
+tma="persistent" asks, until timed on a GPU."""
 
 from __future__ import annotations
 
