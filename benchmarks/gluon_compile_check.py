@@ -131,19 +131,25 @@ def _successors(body: list[tuple[int, str]], labels: dict[str, int]) -> list[lis
     return succ
 
 
+def _blocks(body: list[tuple[int, str]], labels: dict[str, int]) -> list[int]:
+    """The basic block of each instruction (a new one at the loop's top, at every label and after every branch)."""
+    starts = set(labels.values())
+    block, out = 0, []
+    for n, (address, text) in enumerate(body):
+        if n and (address in starts or re.match(r"(@!?U?P\w+\s+)?(BRA|BRX)\b", body[n - 1][1])):
+            block += 1
+        out.append(block)
+    return out
+
+
 def stale_descriptors(body: list[tuple[int, str]], labels: dict[str, int]) -> list[str]:
     """HGMMAs whose shared-memory descriptors (the four uniform registers gdesc[URn] names) may come from
-    another accumulator's branch (a reaching-definitions pass over the loop): ptxas 12.8 (Triton 3.6's)
-    did that with two consecutive ``if target == t`` MMAs at G = 2, so the second target's MMAs read
-    the block of the stage the first one last used (wrong sums that changed from run to run on the
-    H200). A branch runs from its WARPGROUP.ARRIVE to the HGMMA that commits it (gsb0)."""
-    chain_of, chain = [], None
-    for n, (_, text) in enumerate(body):
-        if text.startswith("WARPGROUP.ARRIVE"):
-            chain = n
-        chain_of.append(chain)
-        if text.startswith("HGMMA") and "gsb0" in text:
-            chain = None
+    another accumulator's branch: a reaching-definitions pass over the loop, where a write reaching an HGMMA
+    from another basic block that holds HGMMAs is stale. ptxas 12.8 (Triton 3.6's) made that of two
+    consecutive ``if target == t`` MMAs at G = 2, so the second target's MMAs read the block of the stage
+    the first one last used (wrong sums that changed from run to run on the H200)."""
+    block_of = _blocks(body, labels)
+    mma_blocks = {block_of[n] for n, (_, text) in enumerate(body) if text.startswith("HGMMA")}
     succ = _successors(body, labels)
     writes = [_writes(text) for _, text in body]
     reach_in = [dict() for _ in body]  # register -> the instructions whose writes may reach here
@@ -165,7 +171,8 @@ def stale_descriptors(body: list[tuple[int, str]], labels: dict[str, int]) -> li
         desc = re.search(r"gdesc\[UR(\d+)\]", text)
         if desc:
             regs = [f"UR{int(desc.group(1)) + i}" for i in range(4)]
-            stale = [r for r in regs if any(chain_of[d] not in (None, chain_of[n]) for d in reach_in[n].get(r, ()))]
+            stale = [r for r in regs if any(block_of[d] in mma_blocks and block_of[d] != block_of[n]
+                                            for d in reach_in[n].get(r, ()))]
             if stale:
                 found.append(f"{text} reads {', '.join(stale)} written in another branch")
     return found
