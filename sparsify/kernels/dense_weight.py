@@ -5,7 +5,7 @@ Why: at B <= 32 the per-block kernels fetch an activation box for every block th
 bound by L2 requests (the grouped kernel at B = 16: 96% of the L2 peak with the tensor pipe 10% busy,
 benchmarks/NOTES.md), and the masked-dense tile kernel (tiles.py) does the dense FLOPs at about half of
 cuBLAS's rate. Writing W once ([out, in], zeros outside the kept blocks) and calling cuBLAS does the same
-dense FLOPs at cuBLAS's rate, for one dense-size buffer that lives only during the call (dense_weight for
+dense FLOPs at cuBLAS's rate, for one dense-size buffer that lives only during the call (the weight for
 the forward and grad_input, the dense gradient for grad_values).
 
 Exact and deterministic: fp32 accumulation in cuBLAS, tf32 only where torch allows it, no atomics. W comes from

@@ -119,19 +119,17 @@ SLOT_TABLE_CHUNK = 1024
 @triton.jit
 def _densify_kernel(v_ptr, slot_ptr, w_ptr, K, C, LD, B: tl.constexpr, CB: tl.constexpr):
     """W[r*B:(r+1)*B, c*B:(c+1)*B] = the block slot_table[r, c] holds, or zeros, for CB block-columns of
-    block-row r: whole rows of W stored (coalesced), whole blocks read."""
+    block-row r, as a [B rows, CB blocks, B columns] tile: rows of W stored whole, blocks read whole (both
+    in runs of B contiguous elements, so both vectorize)."""
     r = tl.program_id(0)
     cb = tl.program_id(1) * CB + tl.arange(0, CB)
-    ok = cb < C
-    slot = tl.load(slot_ptr + r.to(tl.int64) * C + cb, mask=ok, other=-1)
-    i = tl.arange(0, B)
-    j = tl.arange(0, CB * B)
-    block = tl.reshape(tl.broadcast_to(slot[None, :, None], (B, CB, B)), (B, CB * B))
-    base = (r * K + block).to(tl.int64) * B * B
-    tile = tl.load(v_ptr + base + i[:, None] * B + (j % B)[None, :], mask=block >= 0, other=0.0)
-    cols = tl.program_id(1) * CB * B + j
-    rows = (r * B + i).to(tl.int64)
-    tl.store(w_ptr + rows[:, None] * LD + cols[None, :], tile, mask=(cols < C * B)[None, :])
+    slot = tl.load(slot_ptr + r.to(tl.int64) * C + cb, mask=cb < C, other=-1)
+    i = tl.arange(0, B)[:, None, None]
+    j = tl.arange(0, B)[None, None, :]
+    base = ((r * K + slot).to(tl.int64) * B * B)[None, :, None]
+    tile = tl.load(v_ptr + base + i * B + j, mask=(slot >= 0)[None, :, None], other=0.0)
+    out = w_ptr + (r * B + i).to(tl.int64) * LD + cb[None, :, None] * B + j
+    tl.store(out, tile, mask=(cb < C)[None, :, None])
 
 
 def densify(values: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -139,7 +137,7 @@ def densify(values: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> tor
     table: each element written once, zeros where the table has no slot."""
     block_rows, k, block, _ = values.shape
     num_cols = table.shape[1]
-    cb = max(1, 128 // block)  # 128 columns of W a program
+    cb = max(1, 8192 // (block * block))  # ~8K elements of W a program (B = 16: 32 blocks; B = 128: one)
     launch(_densify_kernel, (block_rows, cdiv(num_cols, cb)), (values, table, out, k, num_cols, out.stride(0)),
            dict(B=block, CB=cb), values.device)
     return out
