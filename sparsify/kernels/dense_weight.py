@@ -12,20 +12,13 @@ Exact and deterministic: fp32 accumulation in cuBLAS, tf32 only where torch allo
 the blocks through the topology's slot table (``tiles.densify``; the slot table is cached per topology state),
 so it holds what the masked-dense tiles see: a slot whose column is outside [0, C) is in no table (it reads and
 adds nothing), and of slots repeating a column in one row only one is kept, as in the tile kernels (every
-public way of setting a topology rejects repeats). grad_values: a slot outside [0, C) reads a zero sink
-block-column past the last one, so its gradient is zero.
+public way of setting a topology rejects repeats). grad_values: the blocks of the dense gradient at the slots'
+places (``tiles.blocks_of``), zeros for a slot outside [0, C).
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def _slots(col_indices: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block-row, block-column) of every slot, the column C (the sink) where it is outside [0, C)."""
-    col = col_indices.long()
-    rows = torch.arange(col.shape[0], device=col.device)[:, None].expand_as(col)
-    return rows, torch.where((col >= 0) & (col < num_cols), col, num_cols)
 
 
 def forward_dense(x: torch.Tensor, weight: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:
@@ -40,12 +33,7 @@ def grad_input_dense(grad_out: torch.Tensor, weight: torch.Tensor, out: torch.Te
     return torch.mm(grad_out, weight, out=out)
 
 
-def grad_values_dense(grad_out, x, col_indices, block: int, out: torch.Tensor) -> torch.Tensor:
-    """out [R, K, B, B] = the blocks of grad_out^T x at the slots' places (zeros for a slot outside [0, C))."""
-    block_rows = col_indices.shape[0]
-    num_cols = x.shape[1] // block
-    wide = torch.empty(block_rows * block, (num_cols + 1) * block, dtype=out.dtype, device=out.device)
-    wide[:, x.shape[1]:].zero_()  # the sink
-    torch.mm(grad_out.t(), x, out=wide[:, : x.shape[1]])  # a view cuBLAS writes as it is (rows in + B apart)
-    rows, cols = _slots(col_indices, num_cols)
-    return out.copy_(wide.view(block_rows, block, num_cols + 1, block)[rows, :, cols, :])
+def grad_values_dense(grad_out, x, col_indices, out: torch.Tensor, blocks_of) -> torch.Tensor:
+    """out [R, K, B, B] = the blocks of grad_out^T x at the slots' places (``blocks_of``: ``tiles.blocks_of``,
+    zeros for a slot outside [0, C))."""
+    return blocks_of(torch.mm(grad_out.t(), x), col_indices, out)

@@ -38,7 +38,8 @@ def _launchers() -> SimpleNamespace:
         column_view=per_topology("column view", column_view.column_view),
         slot_table=per_topology("slot table", tiles.slot_table),
         forward_gather=forward.forward_gather, forward_tma=forward_tma.forward_tma,
-        tile_matmul=tiles.tile_matmul, densify=tiles.densify, grad_input_columns=grad_input.grad_input_columns,
+        tile_matmul=tiles.tile_matmul, densify=tiles.densify, blocks_of=tiles.blocks_of,
+        grad_input_columns=grad_input.grad_input_columns,
         grad_input_tma=grad_input_tma.grad_input_tma_columns, grad_values_tma=grad_values_tma.grad_values_tma,
         grad_values_gather=grad_values.grad_values_gather, grad_values_tiles=grad_values.grad_values_tiles,
         reduce_partials=reduce_partials,
@@ -364,7 +365,7 @@ def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, c
     dv = torch.empty(block_rows, k, block, block, dtype=grad_out.dtype, device=grad_out.device) if out is None else out
     tile = config.get("tile") if config is not None else None
     if config is None and use_dense_weight(block, k / num_cols, num_tokens, "backward"):
-        return grad_values_dense(grad_out, x, _int32(col_indices), block, dv)
+        return grad_values_dense(grad_out, x, _int32(col_indices), dv, run.blocks_of)
     tiled = tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens, "backward"))
     if config is not None and "SPLIT" in config:
         split = config["SPLIT"]

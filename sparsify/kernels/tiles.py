@@ -132,6 +132,32 @@ def _densify_kernel(v_ptr, slot_ptr, w_ptr, K, C, LD, B: tl.constexpr, CB: tl.co
     tl.store(out, tile, mask=(cb < C)[None, :, None])
 
 
+@triton.jit
+def _blocks_of_kernel(d_ptr, col_ptr, out_ptr, K, C, LD, B: tl.constexpr, KB: tl.constexpr):
+    """out[r, k] = dense[r*B:(r+1)*B, c*B:(c+1)*B] with c = col_indices[r, k], zeros where c is outside
+    [0, C), for KB slots of block-row r as a [B rows, KB slots, B columns] tile (vector loads and stores)."""
+    r = tl.program_id(0)
+    k = tl.program_id(1) * KB + tl.arange(0, KB)
+    col = tl.load(col_ptr + r.to(tl.int64) * K + k, mask=k < K, other=-1)
+    ok = ((col >= 0) & (col < C))[None, :, None]
+    i = tl.arange(0, B)[:, None, None]
+    j = tl.arange(0, B)[None, None, :]
+    src = d_ptr + (r * B + i).to(tl.int64) * LD + col.to(tl.int64)[None, :, None] * B + j
+    tile = tl.load(src, mask=ok, other=0.0)
+    dst = out_ptr + ((r * K + k).to(tl.int64) * B * B)[None, :, None] + i * B + j
+    tl.store(dst, tile, mask=(k < K)[None, :, None])
+
+
+def blocks_of(dense: torch.Tensor, col_indices: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [R, K, B, B] = the blocks of dense [R*B, C*B] (a row stride of its own allowed) at the slots'
+    columns; zeros for a slot whose column is outside [0, C)."""
+    block_rows, k, block, _ = out.shape
+    kb = max(1, 8192 // (block * block))
+    launch(_blocks_of_kernel, (block_rows, cdiv(k, kb)),
+           (dense, col_indices, out, k, dense.shape[1] // block, dense.stride(0)), dict(B=block, KB=kb), out.device)
+    return out
+
+
 def densify(values: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [R*B, C*B] (a row stride of its own allowed) = the dense weight from the blocks through the slot
     table: each element written once, zeros where the table has no slot."""
