@@ -100,7 +100,7 @@ def time_variants(x, values, col, g, m, block, density) -> dict:
     if m < 256:
         return out
     # each variant alone: the grouped kernels off unless timed themselves (they come first in the routing)
-    variants = {"dense": dict(block_kernel="dense", grouped="off")}
+    variants = {"dense_weight": dict(block_kernel="dense", grouped="off")}  # not "dense": that is cuBLAS's field
     if block <= 64:
         variants.update(gather=dict(block_kernel="gather", grouped="off"), tile=dict(block_kernel="tile", grouped="off"),
                         grouped=dict(block_kernel="gather", grouped="on"))
@@ -289,7 +289,9 @@ def main() -> None:
                         f"{in_f}->{out_f} M={m} B={block} d={row['density']:.2f}: fwd {row['speedup_fwd']:.2f}x "
                         f"fwd+bwd {row['speedup_fwdbwd']:.2f}x bsr {row['bsr_speedup_fwd'] or float('nan'):.2f}x "
                         f"graph fwd {row['graph_speedup_fwd'] or float('nan'):.2f}x "
-                        + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("gather_", "tile_", "tma_f"))),
+                        + " ".join(f"{k}={v:.3f}" for k, v in row.items()
+                                   if k.startswith(("gather_", "tile_", "tma_", "grouped_", "dense_weight_"))
+                                   and k.endswith("_ms")),
                         flush=True,
                     )
             path, result = save(rows, args)  # after every shape and M: a cut-off run keeps what it measured
