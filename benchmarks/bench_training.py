@@ -12,7 +12,9 @@ MLP sparse). ``--compile-mode reduce-overhead`` compiles every decoder layer wit
 ``--speed-only`` keeps the dense run and the three timed sparse runs below (no memory table, no probe off / on
 runs): one compile per model.
 
-Per block size, every run timed step by step (a device sync after each step; median and mean):
+After dense, the dense model with its MLPs replaced by the identity (``mlp_bound``): the step time sparse MLPs
+cannot remove, and from it the speedup bound at the density (Amdahl's law on the measured split; --no-mlp-bound
+skips it). Per block size, every run timed step by step (a device sync after each step; median and mean):
   (0) the stats probe's cost: the sparse model with plain AdamW, probe off then on (eager, and compiled
       unless --no-compile; the probe lives in the op's backward, outside the 2% budget below);
   (1) "plain": the compiled sparse model with plain AdamW, probe on;
@@ -89,6 +91,8 @@ def parse(argv=None):
                    help="torch.compile mode of every decoder layer, dense and sparse (reduce-overhead: CUDA graphs)")
     p.add_argument("--speed-only", action="store_true",
                    help="only dense and the plain / scoring / deciding runs: no memory table, no probe off / on runs")
+    p.add_argument("--no-mlp-bound", dest="mlp_bound", action="store_false",
+                   help="skip the dense run without MLPs (the step time sparse MLPs cannot remove: the speedup bound)")
     p.add_argument("--out", default="benchmarks/results")
     preset, _ = p.parse_known_args(argv)
     p.set_defaults(**PRESETS[preset.preset])
@@ -302,6 +306,22 @@ def _release_graphs(args) -> None:
         torch._dynamo.reset()
 
 
+def mlp_bound(args, x, dense: dict) -> dict:
+    """The dense model with every MLP replaced by the identity, timed like dense: the step time sparse MLPs
+    cannot remove. Its share of dense's step bounds any sparse step at density d (MLP kernels that take d of
+    dense's time, all else equal): dense / (rest + d * (dense - rest)), Amdahl's law on the measured split."""
+    model = build(args, None, 16)
+    for layer in model.model.layers:
+        layer.mlp = torch.nn.Identity()
+    compile_layers(model, args)
+    rest = time_steps(model, adamw(model), args, x)
+    del model
+    _release_graphs(args)
+    share = max(0.0, 1 - rest["step_ms"] / dense["step_ms"])
+    return {"label": "dense without its MLPs", **rest, "mlp_share": share,
+            "speedup_bound": 1 / (1 - share + args.density * share), "bound_density": args.density}
+
+
 def speed(args, x, save) -> tuple[list[dict], list[dict]]:
     """Dense, then per block size: probe off / on (unless --speed-only), plain AdamW, scoring only,
     deciding (see the docstring), and the graph check when compiled. Long because it is the benchmark's
@@ -315,6 +335,12 @@ def speed(args, x, save) -> tuple[list[dict], list[dict]]:
     print(f"dense: {dense['step_ms']:.1f} ms/step, peak {dense['peak_gib']:.2f} GiB", flush=True)
     del model
     _release_graphs(args)
+    if args.mlp_bound:
+        rows.append(mlp_bound(args, x, dense))
+        save(rows, topo)
+        bound = rows[-1]
+        print(f"dense without its MLPs: {bound['step_ms']:.1f} ms/step; MLP share {bound['mlp_share']:.3f}, "
+              f"bound at density {args.density}: {bound['speedup_bound']:.2f}x", flush=True)
     for block in args.block_sizes:
         model = build(args, args.density, block)
         probe = None

@@ -69,7 +69,13 @@ def test_bench_training_reports_scoring_and_level2_against_the_two_percent_targe
     bench.main([*TINY, "--block-sizes", "16", "--steps", "3", "--warmup", "1",
                 "--update-every", "2", "--decisions", "3", "--mem-densities", "0.5", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("training-cpu-*.json")
-    (row,) = json.loads(path.read_text())["topology"]
+    record = json.loads(path.read_text())
+    (bound,) = [r for r in record["steps"] if r["label"] == "dense without its MLPs"]
+    (dense,) = [r for r in record["steps"] if r["label"] == "dense"]
+    share = bound["mlp_share"]  # the part of dense's step its MLPs take, from the two measured steps
+    assert 0 <= share < 1 and share == pytest.approx(max(0.0, 1 - bound["step_ms"] / dense["step_ms"]))
+    assert bound["speedup_bound"] == pytest.approx(1 / (1 - share + 0.5 * share)) and bound["bound_density"] == 0.5
+    (row,) = record["topology"]
     assert row["decisions_in_window"] == 3 and row["level2_ms"]["count"] == 3 and len(row["level2_seconds_each"]) == 3
     assert row["level01_ms"]["count"] == 6  # Level 0 + 1 timed on every step of the deciding run
     step = row["step_ms"] / 1e3
