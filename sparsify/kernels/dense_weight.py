@@ -8,7 +8,9 @@ cuBLAS's rate. Writing W once ([out, in], zeros outside the kept blocks) and cal
 dense FLOPs at cuBLAS's rate, for one dense-size buffer that lives only during the call (the weight for
 the forward and grad_input, the dense gradient for grad_values).
 
-Exact and deterministic: fp32 accumulation in cuBLAS, tf32 only where torch allows it, no atomics. W comes from
+Exact and deterministic as nn.Linear is: cuBLAS accumulates in fp32 (its split-K partial sums in bf16 / fp16
+only where torch.backends.cuda.matmul.allow_bf16/fp16_reduced_precision_reduction allow it, as for nn.Linear),
+tf32 only where torch allows it, no atomics. W comes from
 the blocks through the topology's slot table (``tiles.densify``; the slot table is cached per topology state),
 so it holds what the masked-dense tiles see: a slot whose column is outside [0, C) is in no table (it reads and
 adds nothing), and of slots repeating a column in one row only one is kept, as in the tile kernels (every
