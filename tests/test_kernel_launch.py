@@ -27,9 +27,10 @@ class FakeCompiled:
 class FakeKernel:
     """Stands for an Autotuner: indexing by a grid launches through Triton and returns the compiled kernel."""
 
-    def __init__(self, config):
+    def __init__(self, config, configs=None):
         self.fn = _forward_kernel.fn  # the real JITFunction: its parameter names and specializations
         self.best_config = config
+        self.configs = configs if configs is not None else [config]
         self.compiled = FakeCompiled()
         self.launches = []
 
@@ -45,6 +46,7 @@ class FakeKernel:
 def enabled(monkeypatch):
     monkeypatch.setattr(lean, "enabled", lambda: True)
     monkeypatch.setattr(lean, "_COMPILED", {})
+    monkeypatch.setattr(lean, "_HOOKED", {})  # ids of dead fake kernels come back
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 4242, raising=False)
 
 
@@ -91,6 +93,23 @@ def test_configs_with_pre_hooks_and_cpu_tensors_always_take_tritons_path(enabled
         lean.launch(kernel, (1,), args, flags, CUDA)
         lean.launch(kernel, (1,), args, flags, torch.device("cpu"))
     assert len(kernel.launches) == 4 and not kernel.compiled.calls
+
+
+class Descriptor:
+    """Stands for a TensorDescriptor: an argument that is no dictionary key."""
+
+    __hash__ = None
+
+
+def test_a_kernel_with_any_pre_hooked_config_never_builds_a_key_from_its_arguments(enabled):
+    plain = triton.Config({"BM": 64, "KSB": 32})
+    hooked = triton.Config({"BM": 128, "KSB": 32}, pre_hook=lambda nargs: None)
+    kernel = FakeKernel(plain, configs=[plain, hooked])  # the autotuner picked the config without a hook
+    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, PRECISION="ieee", UPCAST=False)
+    args = (Descriptor(), *forward_args(100, 64, torch.zeros(100, 64))[1:])
+    for _ in range(2):
+        lean.launch(kernel, (1,), args, flags, CUDA)
+    assert len(kernel.launches) == 2 and not kernel.compiled.calls and not lean._COMPILED
 
 
 def test_the_lean_path_is_on_without_launch_hooks_and_off_with_one():

@@ -9,7 +9,8 @@ relaunch costs one dict lookup on a key that mirrors what Triton specializes on 
 16-byte alignment, integer divisibility by 16, == 1 and width), plus the C launcher call.
 
 Used only where it is exactly equivalent: on CUDA, not under the interpreter, with no launch hooks
-installed (profilers), for configs without pre-hooks. ``kernel_options(lean_launch=False)`` (or
+installed (profilers), for kernels none of whose configs has a pre-hook (the TMA kernels: their pre-hooks
+set the descriptors' box shapes on every launch, and descriptors are no cache key). ``kernel_options(lean_launch=False)`` (or
 ``SPARSIFY_LEAN_LAUNCH=0``) turns it off.
 The launcher arguments (grid, stream, function, packed metadata, launch metadata, enter / exit hooks,
 then every kernel argument constexprs included, in signature order) are the same in Triton 3.6 and 3.9.
@@ -62,6 +63,15 @@ def _jit_function(kernel):
 
 
 _EXACT: dict = {}  # id(kernel) -> per parameter: keyed by value (False for do_not_specialize ones)
+_HOOKED: dict = {}  # id(kernel) -> whether any of its configs has a pre-hook
+
+
+def _pre_hooked(kernel) -> bool:
+    hooked = _HOOKED.get(id(kernel))
+    if hooked is None:
+        configs = getattr(kernel, "configs", None) or [getattr(kernel, "best_config", None)]
+        hooked = _HOOKED[id(kernel)] = any(c is not None and c.pre_hook is not None for c in configs)
+    return hooked
 
 
 def _exact_flags(kernel) -> tuple:
@@ -75,7 +85,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, device: torch.device) ->
     """``kernel[grid](*args, **constexprs)`` (kernel: a JITFunction or an Autotuner over one); ``grid``
     a tuple or a function of the kernel's meta-parameters. ``args`` are the runtime arguments in
     signature order, ``constexprs`` the remaining ones by name."""
-    if device.type != "cuda" or not enabled():
+    if device.type != "cuda" or not enabled() or _pre_hooked(kernel):
         kernel[grid](*args, **constexprs)
         return
     key = (id(kernel), device.index, _specs(args, _exact_flags(kernel)), tuple(constexprs.items()))
@@ -83,7 +93,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, device: torch.device) ->
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
         config = getattr(kernel, "best_config", None)
-        if compiled is None or (config is not None and config.pre_hook is not None):
+        if compiled is None:
             return
         meta = {**constexprs, **(config.all_kwargs() if config is not None else {})}
         tail = tuple(meta[name] for name in _jit_function(kernel).arg_names[len(args):])
