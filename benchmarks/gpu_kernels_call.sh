@@ -80,7 +80,7 @@ for p in "$@"; do
             # xdist: compilation and autotuning are CPU-bound; 8 workers on the one GPU took 35 s, serial > 300 s
             if [ -d tests/gpu ]; then part check 330 python3 -m pytest -q -p no:cacheprovider -n 8 tests/gpu
             else part check 300 python3 benchmarks/gpu_check.py; fi ;;
-        layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks 16,32,64,128 --out "$OUT" \
+        layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks "${BLOCKS:-16,32,64,128}" --out "$OUT" \
                    --shapes "${SHAPES:-4096x14336,14336x4096,640x2560,2560x640}" ;;
         layer-grouped)  # the table with the grouped Gluon kernels routed (kernel option grouped)
             part layer-grouped 300 python3 benchmarks/bench_layer.py --quick --grouped "${GROUPED:-on}" \
