@@ -7,7 +7,8 @@
 For each (shape in->out, tokens M, block size B, density): forward and forward+backward (grads of x
 and the weight, no bias) of ours and of dense F.linear, and the forward of PyTorch's BSR kernel
 (torch.sparse BSR weight through F.linear; it has no backward for a sparse weight), all timed in the
-same run with triton.testing.do_bench medians. Speedup = dense time / our time. Weight memory counts
+same run with triton.testing.do_bench medians. Speedup = dense time / our time, dense timed on the same
+inputs right before and right after each row's sparse timings (their mean; both kept in the row). Weight memory counts
 the trained state: values + their gradient + two Adam moments (+ col_indices) against the same four
 dense [out, in] tensors. Inputs are random (never zeros); the topology is uniformly random.
 """
@@ -142,7 +143,11 @@ def time_bsr(x, w_dense, block):
         return None, f"{type(error).__name__}: {str(error)[:120]}"
 
 
-def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
+def run_case(in_f, out_f, m, block, density, dtype, with_bsr):
+    """One row. Dense (F.linear on a dense weight of the same shape, the same inputs) is timed right
+    before the sparse timings and again right after them: the ratios use the mean of the two, so a clock
+    that drifts over the seconds between them (each do_bench flushes L2 and runs 40 ms) shifts both sides
+    alike; both timings are kept (``dense_*_ms_before`` / ``_after``) to show how much it drifted."""
     device = "cuda"
     rows, cols = out_f // block, in_f // block
     k = min(cols, max(1, round(cols * density)))
@@ -150,18 +155,23 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
     g = torch.randn(m, out_f, device=device, dtype=dtype)
     values = torch.randn(rows, k, block, block, device=device, dtype=dtype) / (k * block) ** 0.5
     col = random_topology(rows, cols, k, device)
+    w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
+    dense_before = time_dense(x, w, g)
     fwd, fwdbwd = time_ours(x, values, col, g)
     graph_fwd = graph_fwd_dense = None
     if m <= 64:  # decode: host overhead dominates plain calls; time the kernels under a CUDA graph too
         copies = [values] + [values.clone() for _ in range(GRAPH_COPIES - 1)]
         graph_fwd = graph_bench([lambda v=v: torch.ops.sparsify.block_ell_linear(x, v, col) for v in copies])
         del copies
-        graph_fwd_dense = dense_times[2]
     variants = time_variants(x, values, col, g, m, block, density) if density == 0.5 else {}
     kernels = sparsify.ops.triton_kernels()
     gi = bench(lambda: kernels.grad_input(g, values, col, in_f))
     gv = bench(lambda: kernels.grad_values(g, x, col, block))
-    d_fwd, d_fwdbwd = dense_times[:2]
+    dense_after = time_dense(x, w, g)
+    del w
+    d_fwd, d_fwdbwd = ((before + after) / 2 for before, after in zip(dense_before[:2], dense_after[:2]))
+    if graph_fwd is not None:
+        graph_fwd_dense = (dense_before[2] + dense_after[2]) / 2
     bsr = err = None
     if with_bsr:
         bsr, err = time_bsr(x, dense_of(values, col, in_f), block)
@@ -178,6 +188,10 @@ def run_case(in_f, out_f, m, block, density, dtype, dense_times, with_bsr):
         "K": k,
         "dense_fwd_ms": d_fwd,
         "dense_fwdbwd_ms": d_fwdbwd,
+        "dense_fwd_ms_before": dense_before[0],
+        "dense_fwd_ms_after": dense_after[0],
+        "dense_fwdbwd_ms_before": dense_before[1],
+        "dense_fwdbwd_ms_after": dense_after[1],
         "dense_fwd_tflops": flops / d_fwd / 1e9,
         "ours_fwd_ms": fwd,
         "ours_fwdbwd_ms": fwdbwd,
@@ -276,14 +290,9 @@ def main() -> None:
     rows = []
     for in_f, out_f in shapes:
         for m in tokens:
-            x = torch.randn(m, in_f, device="cuda", dtype=dtype)
-            w = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
-            g = torch.randn(m, out_f, device="cuda", dtype=dtype)
-            dense_times = time_dense(x, w, g)
-            del x, w, g
             for block in blocks:
                 for density in densities:
-                    row = run_case(in_f, out_f, m, block, density, dtype, dense_times, density in bsr_densities)
+                    row = run_case(in_f, out_f, m, block, density, dtype, density in bsr_densities)
                     rows.append(row)
                     print(
                         f"{in_f}->{out_f} M={m} B={block} d={row['density']:.2f}: fwd {row['speedup_fwd']:.2f}x "

@@ -134,6 +134,9 @@ def newest_results() -> list[pathlib.Path]:
     return sorted(plain or newest, key=lambda p: (len(p.stem), p.name))
 
 
+MERGED_NOTE = "Merged runs (column 'run'). "
+
+
 def merge(paths: list[pathlib.Path]) -> dict:
     """Rows of several runs of one device, the later file's row winning per (shape, M, B, density)."""
     runs = [(p.stem, json.loads(p.read_text())) for p in paths]
@@ -143,11 +146,13 @@ def merge(paths: list[pathlib.Path]) -> dict:
     rows = {}
     for name, result in runs:
         for row in result["rows"]:
-            rows[(row["in"], row["out"], row["M"], row["B"], row["density"])] = {**row, "run": name}
+            # a merged file's rows keep the run they came from
+            rows[(row["in"], row["out"], row["M"], row["B"], row["density"])] = {**row, "run": row.get("run", name)}
     last = runs[-1][1]
-    notes = " ".join(f"[{name}] {r['note']}" for name, r in runs if r.get("note"))
+    notes = " ".join(r["note"].removeprefix(MERGED_NOTE) if "merged_from" in r else f"[{name}] {r['note']}"
+                     for name, r in runs if r.get("note"))
     return {**{k: last[k] for k in ("device", "date", "torch", "triton", "dtype") if k in last},
-            "merged_from": [name for name, _ in runs], "note": "Merged runs (column 'run'). " + notes,
+            "merged_from": [m for name, r in runs for m in r.get("merged_from", [name])], "note": MERGED_NOTE + notes,
             "rows": list(rows.values())}
 
 
