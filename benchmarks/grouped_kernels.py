@@ -2,8 +2,9 @@
 grad_input over groups of block-columns) beside the kernels the dispatcher runs today, on one GPU at
 large token counts: first checked against float64 on small awkward cases (token tail, bias, a last
 group with fewer blocks, a repeated column, columns outside [0, C); outputs poisoned), then timed
-against dense F.linear (forward) and the dense grad_input GEMM in the same run (do_bench medians),
-each timed output checked against float64 too.
+against dense F.linear (forward) and the dense grad_input GEMM in the same run, each timed output checked
+against float64 too. Per block size the candidates and both dense GEMMs are timed in turn, ROUNDS rounds
+(``timing.rounds_ms``: do_bench medians, the median of the rounds; the rounds' spread is kept per row).
 
     python benchmarks/grouped_kernels.py [--shapes 4096x14336,14336x4096] [--tokens 8192] [--out DIR]
     python benchmarks/grouped_kernels.py --designs 64:4:STAGES=4:num_warps=8,128:1   # B:G[:config]
@@ -20,7 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+
+from timing import rounds_ms  # benchmarks/timing.py (this script's folder is on sys.path)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from sparsify.block_ell import to_dense  # noqa: E402
@@ -47,8 +49,7 @@ CHECKS = [  # (B, G, M, R, C, K, config)
 ]
 
 
-def bench(fn) -> float:
-    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+ROUNDS = 5  # each block size's candidates (dense included) timed in turn this many times
 
 
 def relative_error(y: torch.Tensor, x, values, col, in_f, bias=None) -> float:
@@ -119,8 +120,7 @@ def main() -> None:
         x = torch.randn(m, in_f, device="cuda", dtype=dtype, generator=gen)
         w = torch.randn(out_f, in_f, device="cuda", dtype=dtype, generator=gen) / in_f**0.5
         g = torch.randn(m, out_f, device="cuda", dtype=dtype, generator=gen)
-        dense_ms = bench(lambda: F.linear(x, w))
-        dense_gi_ms = bench(lambda: g @ w)
+        dense = {"forward": lambda: F.linear(x, w), "grad_input": lambda: g @ w}
         for block in sorted({d[0] for d in designs}):
             num_cols, block_rows = in_f // block, out_f // block
             k = max(1, round(args.density * num_cols))
@@ -145,6 +145,7 @@ def main() -> None:
                     run()
                 torch.cuda.synchronize()
                 continue
+            checked = []  # (row so far, run): what built, launched and was checked against float64
             for design, product, group, config, target, run in runs:
                 target.fill_(float("nan"))
                 try:
@@ -157,16 +158,22 @@ def main() -> None:
                     continue
                 finite = bool(torch.isfinite(target).all())
                 if product == "forward":
-                    error, reference_ms = relative_error(target, x, values, col, in_f), dense_ms
+                    error = relative_error(target, x, values, col, in_f)
                 else:
-                    error, reference_ms = grad_input_error(target, g, values, col, in_f), dense_gi_ms
-                ms = bench(run)
-                rows_out.append({"in": in_f, "out": out_f, "M": m, "B": block, "density": k / num_cols,
-                                 "design": design, "product": product, "G": group, "config": config, "ms": ms,
-                                 "dense_ms": reference_ms, "speedup": reference_ms / ms, "rel_error": error,
-                                 "finite": finite})
-                print(f"{in_f}->{out_f} B={block} {product} {design} G={group} {config}: {ms:.3f} ms, "
-                      f"{reference_ms / ms:.2f}x dense, err {error:.1e}{'' if finite else ' NOT FINITE'}", flush=True)
+                    error = grad_input_error(target, g, values, col, in_f)
+                checked.append(({"in": in_f, "out": out_f, "M": m, "B": block, "density": k / num_cols,
+                                 "design": design, "product": product, "G": group, "config": config,
+                                 "rel_error": error, "finite": finite}, run))
+            times = rounds_ms({**{f"dense {p}": fn for p, fn in dense.items()},
+                               **{str(i): run for i, (_, run) in enumerate(checked)}}, rounds=ROUNDS)
+            for i, (row, _) in enumerate(checked):
+                ms, reference_ms = times[str(i)]["ms"], times[f"dense {row['product']}"]["ms"]
+                rows_out.append({**row, "ms": ms, "dense_ms": reference_ms, "speedup": reference_ms / ms,
+                                 "spread": times[str(i)]["spread"],
+                                 "dense_spread": times[f"dense {row['product']}"]["spread"]})
+                print(f"{in_f}->{out_f} B={block} {row['product']} {row['design']} G={row['G']} {row['config']}: "
+                      f"{ms:.3f} ms (rounds spread {times[str(i)]['spread']:.0%}), {reference_ms / ms:.2f}x dense, "
+                      f"err {row['rel_error']:.1e}{'' if row['finite'] else ' NOT FINITE'}", flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
