@@ -28,6 +28,9 @@ from sparsify.kernels.tiles import TILE_CONFIGS
 
 # (BM tokens, GSB: gathered positions GS*B (or a part of one block), num_warps, num_stages)
 GRAD_VALUES_CONFIGS = [
+    # 8 slots share each grad_out box (B >= 64): 1.125 box loads a block a step instead of 1.25 with 4; the
+    # B = 64 grad_values is L2-bound (benchmarks/NOTES.md), so fewer loads per multiply-add is the lever
+    (64, 512, 8, 3),
     (64, 256, 8, 3),
     (64, 128, 4, 4),
     (128, 128, 8, 3),
