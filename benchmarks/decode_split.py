@@ -1,0 +1,121 @@
+"""Decode (few tokens): how many programs should share a block-row's slots? A sweep of the gather
+forward's slot split on one GPU, each candidate replayed in a CUDA graph (as a decode loop under
+``mode="reduce-overhead"`` sees it), weights rotating through copies so they are read from DRAM.
+
+    python benchmarks/decode_split.py [--shapes 4096x14336,14336x4096] [--tokens 16] [--out DIR]
+
+Why: at M = 16 the forward is a stream of the weights (half of dense's bytes at density 0.5), yet it ran
+at 0.59-1.56x dense in graphs (benchmarks/NOTES.md). ``dispatch.split_slots`` splits a block-row's slots
+only while token tiles x block-rows are fewer than the SMs, so 14336->4096 at B = 16 (256 block-rows, 448
+slots each) runs two programs an SM, each walking 56 steps: perhaps too few loads in flight for DRAM.
+Each split is timed with the autotuner's tile for it (SPLIT is in the forward's autotune key), every
+candidate and dense in alternating rounds (``timing.rounds_ms``), each output checked against float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from timing import rounds_ms  # benchmarks/timing.py (this script's folder is on sys.path)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from sparsify.block_ell import to_dense  # noqa: E402
+from sparsify.kernels import dispatch  # noqa: E402
+
+SPLITS = (1, 2, 4, 8, 16)
+COPIES, CALLS = 4, 20  # weight copies the graph rotates through; calls captured in one graph
+
+
+def graph_of(calls) -> torch.cuda.CUDAGraph:
+    """One graph of CALLS calls, rotating through ``calls`` (one per weight copy), warmed up on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            calls[i % len(calls)]()
+    return graph
+
+
+def with_split(split: int | None, fn):
+    """Run ``fn`` with dispatch.split_slots answering ``split`` (None: its own rule)."""
+    original = dispatch.split_slots
+    if split is not None:
+        dispatch.split_slots = lambda num_tiles, k, device: min(split, k)
+    try:
+        return fn()
+    finally:
+        dispatch.split_slots = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="4096x14336,14336x4096")
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--blocks", default="16,32,64,128")
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    dtype, m = torch.bfloat16, args.tokens
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for shape in args.shapes.split(","):
+        in_f, out_f = (int(v) for v in shape.split("x"))
+        x = torch.randn(m, in_f, device="cuda", dtype=dtype, generator=gen)
+        dense_w = [torch.randn(out_f, in_f, device="cuda", dtype=dtype, generator=gen) / in_f**0.5 for _ in range(COPIES)]
+        for block in (int(b) for b in args.blocks.split(",")):
+            num_cols, block_rows = in_f // block, out_f // block
+            k = max(1, round(args.density * num_cols))
+            col = torch.stack([torch.randperm(num_cols, device="cuda", generator=gen)[:k] for _ in range(block_rows)])
+            col = col.to(torch.int32)
+            values = [(torch.randn(block_rows, k, block, block, device="cuda", generator=gen) / (k * block) ** 0.5).to(dtype)
+                      for _ in range(COPIES)]
+            ref = F.linear(x.double(), to_dense(values[0].double(), col, in_f))
+            outs = [torch.full((m, out_f), float("nan"), device="cuda", dtype=dtype) for _ in range(COPIES)]
+            graphs, checks = {"dense": graph_of([lambda w=w: F.linear(x, w) for w in dense_w])}, {}
+            for split in (None, *SPLITS):
+                name = "default" if split is None else f"split {split}"
+                calls = [lambda v=v, y=y: dispatch.triton_forward(x, v, col, None, out=y) for v, y in zip(values, outs)]
+                outs[0].fill_(float("nan"))
+                graphs[name] = with_split(split, lambda: graph_of(calls))
+                graphs[name].replay()
+                torch.cuda.synchronize()
+                checks[name] = ((outs[0].double() - ref).norm() / ref.norm()).item()
+            times = rounds_ms({name: g.replay for name, g in graphs.items()}, rounds=5)
+            dense_ms = times["dense"]["ms"] / CALLS
+            chosen = dispatch.split_slots(-(-m // 16) * block_rows, k, x.device)
+            for name, t in times.items():
+                if name == "dense":
+                    continue
+                ms = t["ms"] / CALLS
+                rows.append({"in": in_f, "out": out_f, "M": m, "B": block, "K": k, "candidate": name,
+                             "default_split": chosen, "ms": ms, "dense_ms": dense_ms, "speedup": dense_ms / ms,
+                             "spread": t["spread"], "dense_spread": times["dense"]["spread"],
+                             "rel_error": checks[name]})
+                print(f"{in_f}->{out_f} M={m} B={block} {name} (default {chosen}): {1000 * ms:.1f} us, "
+                      f"{dense_ms / ms:.2f}x dense, spread {t['spread']:.0%}, err {checks[name]:.1e}", flush=True)
+            del graphs
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    result = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "triton": triton.__version__, "dtype": str(dtype), "copies": COPIES, "calls_a_graph": CALLS, "rows": rows}
+    path = out / f"decode-split-{device.replace(' ', '_')}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
