@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from timing import cuda_graph_of  # benchmarks/timing.py (this script's folder is on sys.path)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import sparsify.ops  # noqa: E402,F401  (registers torch.ops.sparsify.*)
 from sparsify.kernels.dispatch import options as kernel_options_in_force  # noqa: E402
@@ -50,17 +52,7 @@ def graph_bench(fns, calls: int = 20) -> float:
     """Per-call time of `calls` back-to-back calls captured in one CUDA graph (no host overhead):
     what a decode loop under CUDA graphs (torch.compile mode="reduce-overhead") sees. The calls
     rotate through `fns` (one per weight copy) so that weights do not stay in L2 between calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in range(calls):
-            fns[call % len(fns)]()
-    return bench(graph.replay) / calls
+    return bench(cuda_graph_of(fns, calls).replay) / calls
 
 
 def random_topology(rows: int, cols: int, k: int, device) -> torch.Tensor:

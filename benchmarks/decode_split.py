@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from timing import rounds_ms  # benchmarks/timing.py (this script's folder is on sys.path)
+from timing import cuda_graph_of, rounds_ms  # benchmarks/timing.py (this script's folder is on sys.path)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from sparsify.block_ell import to_dense  # noqa: E402
@@ -32,21 +32,6 @@ from sparsify.kernels import dispatch  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16)
 COPIES, CALLS = 4, 20  # weight copies the graph rotates through; calls captured in one graph
-
-
-def graph_of(calls) -> torch.cuda.CUDAGraph:
-    """One graph of CALLS calls, rotating through ``calls`` (one per weight copy), warmed up on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            calls[i % len(calls)]()
-    return graph
 
 
 def with_split(split: int | None, fn):
@@ -84,12 +69,12 @@ def main() -> None:
                       for _ in range(COPIES)]
             ref = F.linear(x.double(), to_dense(values[0].double(), col, in_f))
             outs = [torch.full((m, out_f), float("nan"), device="cuda", dtype=dtype) for _ in range(COPIES)]
-            graphs, checks = {"dense": graph_of([lambda w=w: F.linear(x, w) for w in dense_w])}, {}
+            graphs, checks = {"dense": cuda_graph_of([lambda w=w: F.linear(x, w) for w in dense_w], CALLS)}, {}
             for split in (None, *SPLITS):
                 name = "default" if split is None else f"split {split}"
                 calls = [lambda v=v, y=y: dispatch.triton_forward(x, v, col, None, out=y) for v, y in zip(values, outs)]
                 outs[0].fill_(float("nan"))
-                graphs[name] = with_split(split, lambda: graph_of(calls))
+                graphs[name] = with_split(split, lambda: cuda_graph_of(calls, CALLS))
                 graphs[name].replay()
                 torch.cuda.synchronize()
                 checks[name] = ((outs[0].double() - ref).norm() / ref.norm()).item()

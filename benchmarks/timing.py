@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 
 def median_ms(fn: Callable[[], object], warmup_ms: int = 10, rep_ms: int = 40) -> float:
     """``triton.testing.do_bench``'s median (it flushes L2 between repetitions)."""
@@ -39,3 +41,20 @@ def rounds_ms(candidates: dict[str, Callable[[], object]], rounds: int = 5, rep_
         median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
         out[name] = {"ms": median, "spread": (ordered[-1] - ordered[0]) / median, "rounds": values}
     return out
+
+
+def cuda_graph_of(fns: list[Callable[[], object]], calls: int):
+    """One CUDA graph of ``calls`` back-to-back calls rotating through ``fns`` (one per weight copy, so that
+    weights do not stay in L2 between calls), each warmed up first on a side stream (autotuning and
+    compilation happen there, not under capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in range(calls):
+            fns[call % len(fns)]()
+    return graph
