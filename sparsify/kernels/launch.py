@@ -10,8 +10,8 @@ relaunch costs one dict lookup on a key that mirrors what Triton specializes on 
 
 Used only where it is exactly equivalent: on CUDA, not under the interpreter, with no launch hooks
 installed (profilers), for kernels none of whose configs has a pre-hook (the TMA kernels: their pre-hooks
-set the descriptors' box shapes on every launch, and descriptors are no cache key). ``kernel_options(lean_launch=False)`` (or
-``SPARSIFY_LEAN_LAUNCH=0``) turns it off.
+set the descriptors' box shapes on every launch, and descriptors are no cache key).
+``kernel_options(lean_launch=False)`` (or ``SPARSIFY_LEAN_LAUNCH=0``) turns it off.
 The launcher arguments (grid, stream, function, packed metadata, launch metadata, enter / exit hooks,
 then every kernel argument constexprs included, in signature order) are the same in Triton 3.6 and 3.9.
 """
@@ -93,7 +93,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, device: torch.device) ->
     if entry is None:
         compiled = kernel[grid](*args, **constexprs)
         config = getattr(kernel, "best_config", None)
-        if compiled is None:
+        if compiled is None or (config is not None and config.pre_hook is not None):  # a pruner's fallback
             return
         meta = {**constexprs, **(config.all_kwargs() if config is not None else {})}
         tail = tuple(meta[name] for name in _jit_function(kernel).arg_names[len(args):])
