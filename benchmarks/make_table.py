@@ -138,21 +138,23 @@ MERGED_NOTE = "Merged runs (column 'run'). "
 
 
 def merge(paths: list[pathlib.Path]) -> dict:
-    """Rows of several runs of one device, the later file's row winning per (shape, M, B, density)."""
+    """Rows of several runs of one device, the later file's row winning per (shape, M, B, density). A
+    merged file given again keeps each row's run; runs left with no row are dropped, with their notes."""
     runs = [(p.stem, json.loads(p.read_text())) for p in paths]
     devices = {r["device"] for _, r in runs}
     if len(devices) != 1:
         sys.exit(f"--merge takes runs of one device, got {sorted(devices)}")
-    rows = {}
+    rows, run_notes = {}, {}
     for name, result in runs:
+        run_notes.update(result.get("run_notes") or ({name: result["note"]} if result.get("note") else {}))
         for row in result["rows"]:
-            # a merged file's rows keep the run they came from
             rows[(row["in"], row["out"], row["M"], row["B"], row["density"])] = {**row, "run": row.get("run", name)}
+    kept = list(dict.fromkeys(row["run"] for row in rows.values()))
+    notes = {run: run_notes[run] for run in kept if run in run_notes}
     last = runs[-1][1]
-    notes = " ".join(r["note"].removeprefix(MERGED_NOTE) if "merged_from" in r else f"[{name}] {r['note']}"
-                     for name, r in runs if r.get("note"))
     return {**{k: last[k] for k in ("device", "date", "torch", "triton", "dtype") if k in last},
-            "merged_from": [m for name, r in runs for m in r.get("merged_from", [name])], "note": MERGED_NOTE + notes,
+            "merged_from": kept, "run_notes": notes,
+            "note": MERGED_NOTE + " ".join(f"[{run}] {note}" for run, note in notes.items()),
             "rows": list(rows.values())}
 
 
