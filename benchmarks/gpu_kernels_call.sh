@@ -69,7 +69,7 @@ for p in "$@"; do
             echo "ncu metrics: $metrics" >>"$LOG"
             part ncu 300 ncu --profile-from-start off --clock-control none --nvtx \
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-                --section Occupancy --section LaunchStats ${metrics:+--metrics "$metrics"} \
+                --section Occupancy --section LaunchStats --section WarpStateStats ${metrics:+--metrics "$metrics"} \
                 -f -o "$OUT/ncu" \
                 python3 benchmarks/kernel_profile.py --ncu --blocks "${NCU_BLOCKS:-64,128}" --tokens "${NCU_TOKENS:-8192}" \
                 --labels "$OUT/ncu-labels.json"
