@@ -2,14 +2,15 @@
 forward's slot split on one GPU, each candidate replayed in a CUDA graph (as a decode loop under
 ``mode="reduce-overhead"`` sees it), weights rotating through copies so they are read from DRAM.
 
-    python benchmarks/decode_split.py [--shapes 4096x14336,14336x4096] [--tokens 16] [--out DIR]
+    python benchmarks/decode_split.py [--shapes 4096x14336,14336x4096] [--tokens 16] [--configs] [--out DIR]
 
-Why: at M = 16 the forward is a stream of the weights (half of dense's bytes at density 0.5), yet it ran
-at 0.59-1.56x dense in graphs (benchmarks/NOTES.md). ``dispatch.split_slots`` splits a block-row's slots
-only while token tiles x block-rows are fewer than the SMs, so 14336->4096 at B = 16 (256 block-rows, 448
-slots each) runs two programs an SM, each walking 56 steps: perhaps too few loads in flight for DRAM.
-Each split is timed with the autotuner's tile for it (SPLIT is in the forward's autotune key), every
-candidate and dense in alternating rounds (``timing.rounds_ms``), each output checked against float64.
+Why: at M = 16 the forward is a stream of the weights (half of dense's bytes at density 0.5), and how many
+loads a program keeps in flight sets its rate. ``dispatch.split_slots`` splits a block-row's slots so that a
+program reads ~56 KB of weights (x B/32 above B = 32), a rule fitted to this sweep's first run (2026-12-02);
+``--configs`` adds the forward's decode tiles, each forced at that split, to see which the autotuner should
+find. Each split is timed with the autotuner's tile for it (SPLIT is in the forward's autotune key; the tile
+it chose is in the row), every candidate and dense in alternating rounds (``timing.rounds_ms``), each
+output checked against float64.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from timing import cuda_graph_of, rounds_ms  # benchmarks/timing.py (this script
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from sparsify.block_ell import to_dense  # noqa: E402
 from sparsify.kernels import dispatch  # noqa: E402
+from sparsify.kernels.forward import FORWARD_CONFIGS, _forward_kernel  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16)
 COPIES, CALLS = 4, 20  # weight copies the graph rotates through; calls captured in one graph
@@ -38,11 +40,26 @@ def with_split(split: int | None, fn):
     """Run ``fn`` with dispatch.split_slots answering ``split`` (None: its own rule)."""
     original = dispatch.split_slots
     if split is not None:
-        dispatch.split_slots = lambda num_tiles, k, device: min(split, k)
+        dispatch.split_slots = lambda num_tokens, block_rows, k, *rest: min(split, k)
     try:
         return fn()
     finally:
         dispatch.split_slots = original
+
+
+def candidates(configs: bool, block, m, block_rows, k, elem, device):
+    """(name, split for with_split, config for triton_forward): the default route, each split of SPLITS
+    (autotuned), and with ``configs`` each decode tile of the forward's table at the default split."""
+    yield "default", None, None
+    for split in SPLITS:
+        yield f"split {split}", split, None
+    if not configs:
+        return
+    split = dispatch.split_slots(m, block_rows, k, block, elem, device)
+    for bm, ksb, warps, stages in FORWARD_CONFIGS:
+        if bm <= 32 and ksb <= 16 * block and (ksb >= block or (ksb >= 64 and block % ksb == 0)):
+            tile = {"BM": bm, "KSB": ksb, "num_warps": warps, "num_stages": stages, "SPLIT": split}
+            yield f"tile {bm}x{ksb} w{warps} s{stages} split {split}", None, tile
 
 
 def main() -> None:
@@ -52,6 +69,8 @@ def main() -> None:
     parser.add_argument("--blocks", default="16,32,64,128")
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--configs", action="store_true",
+                        help="also every decode tile of the forward's table, each at the default split, untuned")
     args = parser.parse_args()
     dtype, m = torch.bfloat16, args.tokens
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -70,17 +89,23 @@ def main() -> None:
             ref = F.linear(x.double(), to_dense(values[0].double(), col, in_f))
             outs = [torch.full((m, out_f), float("nan"), device="cuda", dtype=dtype) for _ in range(COPIES)]
             graphs, checks = {"dense": cuda_graph_of([lambda w=w: F.linear(x, w) for w in dense_w], CALLS)}, {}
-            for split in (None, *SPLITS):
-                name = "default" if split is None else f"split {split}"
-                calls = [lambda v=v, y=y: dispatch.triton_forward(x, v, col, None, out=y) for v, y in zip(values, outs)]
+            picks = {}
+            for name, split, config in candidates(args.configs, block, m, block_rows, k, x.element_size(), x.device):
+                calls = [lambda v=v, y=y: dispatch.triton_forward(x, v, col, None, out=y, config=config)
+                         for v, y in zip(values, outs)]
                 outs[0].fill_(float("nan"))
-                graphs[name] = with_split(split, lambda: cuda_graph_of(calls, CALLS))
+                try:
+                    graphs[name] = with_split(split, lambda: cuda_graph_of(calls, CALLS))
+                except Exception as error:  # noqa: BLE001 - a swept tile that does not fit this GPU
+                    print(f"{name}: {type(error).__name__}: {str(error)[:120]}", flush=True)
+                    continue
+                picks[name] = str(getattr(_forward_kernel, "best_config", None)) if config is None else str(config)
                 graphs[name].replay()
                 torch.cuda.synchronize()
                 checks[name] = ((outs[0].double() - ref).norm() / ref.norm()).item()
             times = rounds_ms({name: g.replay for name, g in graphs.items()}, rounds=5)
             dense_ms = times["dense"]["ms"] / CALLS
-            chosen = dispatch.split_slots(-(-m // 16) * block_rows, k, x.device)
+            chosen = dispatch.split_slots(m, block_rows, k, block, x.element_size(), x.device)
             for name, t in times.items():
                 if name == "dense":
                     continue
@@ -88,7 +113,7 @@ def main() -> None:
                 rows.append({"in": in_f, "out": out_f, "M": m, "B": block, "K": k, "candidate": name,
                              "default_split": chosen, "ms": ms, "dense_ms": dense_ms, "speedup": dense_ms / ms,
                              "spread": t["spread"], "dense_spread": times["dense"]["spread"],
-                             "rel_error": checks[name]})
+                             "rel_error": checks[name], "config": picks[name]})
                 print(f"{in_f}->{out_f} M={m} B={block} {name} (default {chosen}): {1000 * ms:.1f} us, "
                       f"{dense_ms / ms:.2f}x dense, spread {t['spread']:.0%}, err {checks[name]:.1e}", flush=True)
             del graphs

@@ -14,7 +14,7 @@
 # 2-3 minutes, capped at 240 s), gluon (grouped_kernels.py: the grouped Gluon forward and grad_input checked and timed beside today's),
 # gluon-ncu (two launches of each grouped design under Nsight Compute, with warp stall reasons; raw counters as CSV), gluon-sass (the grouped kernel's stalls per SASS instruction), layer-grouped (bench_layer.py with
 # GROUPED=on|ws routing the grouped kernels), host (host_overhead.py --cuda-graphs), decode-split (decode_split.py:
-# the forward's slot split swept at M = 16 in CUDA graphs). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
+# the forward's slot split swept at M = 16 in CUDA graphs; DECODE_CONFIGS=1 adds its decode tiles). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
 # BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
 set -u
 OUT=${OUT:-/tmp/kernels-out}
@@ -89,7 +89,7 @@ for p in "$@"; do
         host)  # eager host time per layer call vs nn.Linear, and the same calls replayed as CUDA graphs
             part host 200 python3 benchmarks/host_overhead.py --cuda-graphs --budget-s 150 --out "$OUT" ;;
         decode-split)  # the gather forward's slot split at M = 16, in CUDA graphs, against dense (decode_split.py)
-            part decode-split 240 python3 benchmarks/decode_split.py --out "$OUT" ;;
+            part decode-split 240 python3 benchmarks/decode_split.py ${DECODE_CONFIGS:+--configs} --out "$OUT" ;;
         training) part training 540 python3 benchmarks/bench_training.py --block-sizes 128 64 16 --out "$OUT" ;;
         training-seeds)  # perf_hints logs why inductor skipped a CUDA graph, if it did (cudagraph_skips in the JSON)
             TORCH_LOGS=perf_hints part training-seeds 240 python3 benchmarks/bench_training.py --preset seeds \

@@ -125,7 +125,17 @@ def test_the_grouped_kernels_route_by_default_only_where_measured_faster_and_nev
 
 def test_split_counts_fill_the_device_but_never_exceed_the_work():
     cpu = torch.device("cpu")  # counts as 4 SMs
-    assert dispatch.split_slots(num_tiles=1, k=3, device=cpu) == 3  # at most K ranges of slots
-    assert dispatch.split_slots(num_tiles=4, k=8, device=cpu) == 1  # the tiles alone fill it
+    # prefill-sized inputs: split only while token tiles x block-rows leave SMs idle, at most K ways
+    assert dispatch.split_slots(200, block_rows=1, k=3, block=64, elem_bytes=2, device=cpu) == 3
+    assert dispatch.split_slots(200, block_rows=4, k=8, block=64, elem_bytes=2, device=cpu) == 1  # 8 tiles fill 4 SMs
+    # decode: ~56 KB of weights a program (x B/32 above B = 32), whatever the device, at most 16 ways
+    assert dispatch.split_slots(16, block_rows=256, k=448, block=16, elem_bytes=2, device=cpu) == 4
+    assert dispatch.split_slots(16, block_rows=896, k=128, block=16, elem_bytes=2, device=cpu) == 1
+    assert dispatch.split_slots(16, block_rows=128, k=224, block=32, elem_bytes=2, device=cpu) == 8
+    assert dispatch.split_slots(16, block_rows=64, k=112, block=64, elem_bytes=2, device=cpu) == 8
+    assert dispatch.split_slots(1, block_rows=32, k=56, block=128, elem_bytes=2, device=cpu) == 8
+    assert dispatch.split_slots(16, block_rows=256, k=448, block=16, elem_bytes=4, device=cpu) == 8  # bytes, not slots
+    assert dispatch.split_slots(8, block_rows=8, k=4096, block=16, elem_bytes=2, device=cpu) == 16
+    assert dispatch.split_slots(8, block_rows=8, k=1, block=16, elem_bytes=2, device=cpu) == 1
     assert dispatch.split_tokens(programs=1, num_tokens=1000, device=cpu) == 1  # too few tokens to split
     assert dispatch.split_tokens(programs=1, num_tokens=4096, device=cpu) == 8

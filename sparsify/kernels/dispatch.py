@@ -212,11 +212,28 @@ def use_grouped(tensors: tuple, num_tokens: int) -> tuple[int, dict] | None:
     return design if _grouped_launchers() is not None else None
 
 
-def split_slots(num_tiles: int, k: int, device: torch.device) -> int:
-    """How many programs share one block-row's slots in the gather forward, so that small inputs still
-    fill the GPU (``num_tiles``: token tiles x block-rows)."""
+# Decode (at most 32 tokens: one token tile) streams the weights from DRAM, and a program's loads in flight
+# are what sets the rate: a program should read about this many bytes of them. Swept on one H200
+# (benchmarks/decode_split.py, results/decode-split-NVIDIA_H200-2026-12-02.json, bf16, M = 16, both
+# 4096 <-> 14336 shapes): the fastest split read 56-64 KB a program at B = 16 and 32, ~2x that at B = 64
+# and ~4x at B = 128 (larger blocks bring fewer, longer loads a step). Reading less pays more partials;
+# more leaves too few loads in flight (14336->4096, B = 16: 0.56x dense unsplit, 0.86x split in 4).
+DECODE_BYTES_PER_PROGRAM = 56 * 1024
+DECODE_MAX_TOKENS = 32
+
+
+def split_slots(num_tokens: int, block_rows: int, k: int, block: int, elem_bytes: int, device: torch.device) -> int:
+    """How many programs share one block-row's k slots in the gather forward: for decode inputs, as many
+    as give each program DECODE_BYTES_PER_PROGRAM (x B/32 above B = 32) of the weights; for larger ones,
+    enough that token tiles x block-rows x splits fill the GPU."""
+    if k <= 1:
+        return 1
+    if num_tokens <= DECODE_MAX_TOKENS:
+        per_program = DECODE_BYTES_PER_PROGRAM * max(1, block // 32)
+        return max(1, min(k, round(k * block * block * elem_bytes / per_program), 16))
     sms = num_sms(device)
-    if num_tiles >= sms or k <= 1:
+    num_tiles = cdiv(num_tokens, 128) * block_rows
+    if num_tiles >= sms:
         return 1
     return max(1, min(k, cdiv(2 * sms, num_tiles), 16))
 
@@ -310,8 +327,7 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     elif config is None and use_tma(x, values, num_tokens):
         run.forward_tma(x, values, col, bias, y, persistent=options().tma == "persistent")
     else:
-        token_tiles = cdiv(num_tokens, 16 if num_tokens <= 32 else 128)
-        split = (config or {}).get("SPLIT") or split_slots(token_tiles * block_rows, k, x.device)
+        split = (config or {}).get("SPLIT") or split_slots(num_tokens, block_rows, k, block, x.element_size(), x.device)
         gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
         if split == 1:
             run.forward_gather(x, values, col, bias, y, gather)

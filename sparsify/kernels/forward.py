@@ -40,6 +40,12 @@ FORWARD_CONFIGS = [
     (16, 256, 4, 3),
     (32, 128, 4, 4),
     (16, 64, 4, 6),
+    # decode with more of the weights in flight (ncu, 2026-12-02: the decode forward stalled on its loads,
+    # long scoreboard, at 1.0-2.7 TB/s where cuBLAS streamed 3.8)
+    (16, 128, 4, 6),
+    (16, 256, 4, 5),
+    (16, 256, 8, 4),
+    (16, 512, 8, 4),
 ]
 
 
