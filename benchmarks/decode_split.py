@@ -7,8 +7,8 @@ forward's slot split on one GPU, each candidate replayed in a CUDA graph (as a d
 Why: at M = 16 the forward is a stream of the weights (half of dense's bytes at density 0.5), and how many
 loads a program keeps in flight sets its rate. ``dispatch.split_slots`` splits a block-row's slots so that a
 program reads ~56 KB of weights (x B/32 above B = 32), a rule fitted to this sweep's first run (2026-12-02);
-``--configs`` adds the forward's decode tiles, each forced at that split, to see which the autotuner should
-find. Each split is timed with the autotuner's tile for it (SPLIT is in the forward's autotune key; the tile
+``--configs`` adds the forward's decode tiles and SWEEP_TILES, each forced at that split, to see which the
+autotuner should find. Each split is timed with the autotuner's tile for it (SPLIT is in the forward's autotune key; the tile
 it chose is in the row), every candidate and dense in alternating rounds (``timing.rounds_ms``), each
 output checked against float64.
 """
@@ -33,6 +33,10 @@ from sparsify.kernels import dispatch  # noqa: E402
 from sparsify.kernels.forward import FORWARD_CONFIGS, _forward_kernel  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16)
+# Decode tiles beside the forward's table, timed with --configs before any joins it: fewer warps a program
+# let more programs share an SM (the decode forward waits ~2.4 us a step on its loads at every block size,
+# benchmarks/NOTES.md, sixth session, so programs resident, not bytes a program, set the rate).
+SWEEP_TILES = [(16, 128, 2, 4), (16, 128, 1, 4), (16, 64, 2, 6), (16, 64, 1, 6), (16, 128, 2, 6)]
 COPIES, CALLS = 4, 20  # weight copies the graph rotates through; calls captured in one graph
 
 
@@ -56,8 +60,8 @@ def candidates(configs: bool, block, m, block_rows, k, elem, device):
     if not configs:
         return
     split = dispatch.split_slots(m, block_rows, k, block, elem, device)
-    for bm, ksb, warps, stages in FORWARD_CONFIGS:
-        if bm <= 32 and ksb <= 16 * block and (ksb >= block or (ksb >= 64 and block % ksb == 0)):
+    for bm, ksb, warps, stages in [c for c in FORWARD_CONFIGS if c[0] <= 32] + SWEEP_TILES:
+        if ksb <= 8 * block and (ksb >= block or (ksb >= 64 and block % ksb == 0)):
             tile = {"BM": bm, "KSB": ksb, "num_warps": warps, "num_stages": stages, "SPLIT": split}
             yield f"tile {bm}x{ksb} w{warps} s{stages} split {split}", None, tile
 

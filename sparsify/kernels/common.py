@@ -78,9 +78,8 @@ def gather_configs(table: list, width_key: str) -> list:
 def gather_fits(bm: int, width: int, block: int, bucket: int, stage_bytes: int, stages: int) -> bool:
     """Whether a gather kernel's config suits the block size and token count, and (as a first cut for
     the autotuner, which skips configs that turn out not to fit) its pipeline fits in SMEM_BUDGET.
-    ``width``: reduction positions a step (whole blocks, >= 64-wide parts of one, at most 8 blocks; 16
-    for decode tiles, whose few tokens leave room for a deeper step of the weights)."""
-    if width > (16 if bm <= 32 else 8) * block or (width < block and (width < 64 or block % width)):
+    ``width``: reduction positions a step (whole blocks, >= 64-wide parts of one, at most 8 blocks)."""
+    if width > 8 * block or (width < block and (width < 64 or block % width)):
         return False
     if (bucket <= 32) != (bm <= 32):  # decode tiles for decode inputs, prefill tiles otherwise
         return False

@@ -40,13 +40,9 @@ FORWARD_CONFIGS = [
     (16, 256, 4, 3),
     (32, 128, 4, 4),
     (16, 64, 4, 6),
-    # decode with more of the weights in flight (ncu, 2026-12-02: the decode forward stalled on its loads,
-    # long scoreboard, at 1.0-2.7 TB/s where cuBLAS streamed 3.8)
-    (16, 128, 4, 6),
-    (16, 256, 4, 5),
-    (16, 256, 8, 4),
-    (16, 512, 8, 4),
 ]
+# Deeper decode steps (16 x 256 and 16 x 512 tiles, 5-6 stages, 8 warps) were timed in CUDA graphs on an
+# H200 and lost everywhere (benchmarks/NOTES.md, sixth session): not in the table.
 
 
 # one stage: the activation tile [BM, KSB] and the block tile [KSB, B]
