@@ -26,12 +26,12 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-INDEX_POINTERS = ("col_ptr", "slots_ptr", "start_ptr", "slot_ptr", "table_ptr")
+INDEX_POINTERS = ("col_ptr", "slots_ptr", "start_ptr", "slot_ptr", "table_ptr", "count_ptr")
 # integer arguments that are multiples of 16 in the benchmark shapes: a launch specializes on that (as on
 # 16-byte aligned pointers), which lets the compiler vectorize; the report must assume what launches see
 DIVISIBLE_INTS = ("M_BUCKET", "N_OUT", "IN_F", "N", "KD")
 KERNELS = {  # kernel name -> (constexpr flags, block sizes it serves)
-    "_forward_kernel": ({"HAS_BIAS": False, "PARTIAL": False}, (16, 32, 64, 128)),
+    "_forward_kernel": ({"HAS_BIAS": False, "PARTIAL": False, "FUSED": False}, (16, 32, 64, 128)),
     "_forward_tma_kernel": ({"HAS_BIAS": False}, (64, 128)),
     "_forward_tma_persistent_kernel": ({"HAS_BIAS": False}, (64, 128)),
     "_tile_kernel": ({"HAS_BIAS": False, "W_ROWS_ARE_KD": False}, (16, 32)),

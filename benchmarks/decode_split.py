@@ -29,6 +29,7 @@ from timing import cuda_graph_of, rounds_ms  # benchmarks/timing.py (this script
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from sparsify.block_ell import to_dense  # noqa: E402
+from sparsify import kernel_options  # noqa: E402
 from sparsify.kernels import dispatch  # noqa: E402
 from sparsify.kernels.forward import FORWARD_CONFIGS, _forward_kernel  # noqa: E402
 
@@ -51,19 +52,26 @@ def with_split(split: int | None, fn):
         dispatch.split_slots = original
 
 
+def forward_with(opts: dict, x, values, col, out, config):
+    with kernel_options(**opts):
+        return dispatch.triton_forward(x, values, col, None, out=out, config=config)
+
+
 def candidates(configs: bool, block, m, block_rows, k, elem, device):
-    """(name, split for with_split, config for triton_forward): the default route, each split of SPLITS
-    (autotuned), and with ``configs`` each decode tile of the forward's table at the default split."""
-    yield "default", None, None
+    """(name, split for with_split, config for triton_forward, kernel options): the default route, it with
+    the partials summed inside the kernel, each split of SPLITS (autotuned), and with ``configs`` each
+    decode tile of the forward's table and SWEEP_TILES at the default split."""
+    yield "default", None, None, {}
+    yield "default, summed in the kernel", None, None, {"split_reduce": "fused"}
     for split in SPLITS:
-        yield f"split {split}", split, None
+        yield f"split {split}", split, None, {}
     if not configs:
         return
     split = dispatch.split_slots(m, block_rows, k, block, elem, device)
     for bm, ksb, warps, stages in [c for c in FORWARD_CONFIGS if c[0] <= 32] + SWEEP_TILES:
         if ksb <= 8 * block and (ksb >= block or (ksb >= 64 and block % ksb == 0)):
             tile = {"BM": bm, "KSB": ksb, "num_warps": warps, "num_stages": stages, "SPLIT": split}
-            yield f"tile {bm}x{ksb} w{warps} s{stages} split {split}", None, tile
+            yield f"tile {bm}x{ksb} w{warps} s{stages} split {split}", None, tile, {}
 
 
 def main() -> None:
@@ -94,8 +102,8 @@ def main() -> None:
             outs = [torch.full((m, out_f), float("nan"), device="cuda", dtype=dtype) for _ in range(COPIES)]
             graphs, checks = {"dense": cuda_graph_of([lambda w=w: F.linear(x, w) for w in dense_w], CALLS)}, {}
             picks = {}
-            for name, split, config in candidates(args.configs, block, m, block_rows, k, x.element_size(), x.device):
-                calls = [lambda v=v, y=y: dispatch.triton_forward(x, v, col, None, out=y, config=config)
+            for name, split, config, opts in candidates(args.configs, block, m, block_rows, k, x.element_size(), x.device):
+                calls = [lambda v=v, y=y, config=config, opts=opts: forward_with(opts, x, v, col, y, config)
                          for v, y in zip(values, outs)]
                 outs[0].fill_(float("nan"))
                 try:

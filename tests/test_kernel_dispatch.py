@@ -23,6 +23,7 @@ op = torch.ops.sparsify.block_ell_linear
         ("SPARSIFY_LEAN_LAUNCH", "yes please"),
         ("SPARSIFY_CHECK_COLUMNS", "2"),
         ("SPARSIFY_GROUPED", "fast"),
+        ("SPARSIFY_SPLIT_REDUCE", "atomic"),
     ],
 )
 def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, value):
@@ -32,9 +33,11 @@ def test_an_unknown_environment_value_is_an_error_naming_the_variable(variable, 
 
 def test_environment_values_map_onto_the_option_fields():
     env = {"SPARSIFY_BACKEND": " Reference ", "SPARSIFY_BLOCK_KERNEL": "tile", "SPARSIFY_TMA": "1",
-           "SPARSIFY_LEAN_LAUNCH": "0", "SPARSIFY_CHECK_COLUMNS": "off", "SPARSIFY_GROUPED": "WS"}
+           "SPARSIFY_LEAN_LAUNCH": "0", "SPARSIFY_CHECK_COLUMNS": "off", "SPARSIFY_GROUPED": "WS",
+           "SPARSIFY_SPLIT_REDUCE": "Fused"}
     assert KernelOptions.from_env(env) == KernelOptions(
-        backend="reference", block_kernel="tile", tma="on", lean_launch=False, check_columns=False, grouped="ws"
+        backend="reference", block_kernel="tile", tma="on", lean_launch=False, check_columns=False, grouped="ws",
+        split_reduce="fused",
     )
     assert KernelOptions.from_env({}) == KernelOptions()
 

@@ -12,6 +12,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton
 
 import sparsify  # noqa: E402
 from sparsify.kernels import dispatch, reference  # noqa: E402
+from sparsify.kernels.split_counters import split_counters  # noqa: E402
 
 sparsify.set_kernel_options(backend="triton")
 TRITON = dispatch.triton_kernels()
@@ -94,6 +95,35 @@ def test_forward_matches_float64_reference(block, dtype, variant):
     y = forward(x, values, col, bias, config=config, out=nan_like((m, rows * block), dtype))
     ref = reference.forward(x.double(), values.double(), col, bias.double())
     assert relative_error(y, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_a_split_summed_inside_the_kernel_gives_the_bits_of_the_second_launch(block, dtype):
+    """kernel_options(split_reduce="fused"): the last program of each output tile sums the partials in the
+    order reduce_partials does: the same bits, twice in a row (its counters are zero again after a call),
+    with and without bias, 37 tokens (a partial token tile), an empty third slot range at B = 16."""
+    m, rows, cols, k = 37, 3, 5, 4
+    x, _, values, col, bias = operands(m, rows, cols, k, block, dtype, seed=block + 21)
+    config = {"BM": 16, "KSB": max(block, 64), "SPLIT": 3}
+    shape = (m, rows * block)
+    for b in (bias, None):
+        launched = forward(x, values, col, b, config=config, out=nan_like(shape, dtype))
+        with sparsify.kernel_options(split_reduce="fused"):
+            fused = [forward(x, values, col, b, config=config, out=nan_like(shape, dtype)) for _ in range(2)]
+        assert torch.equal(fused[0], launched) and torch.equal(fused[1], launched)
+        ref = reference.forward(x.double(), values.double(), col, None if b is None else b.double())
+        assert relative_error(fused[0], ref) < TOLERANCE[dtype]
+    counters = split_counters(x, 1)  # the buffer those calls counted in
+    assert counters.numel() >= -(-m // 16) * rows and not counters.any()
+    # the counts decide who sums: a counter left at 1 makes the second arrival of tile 0 sum while one
+    # partial is still the NaN poison, and the late third arrival leaves the counter at 1
+    counters[0] = 1
+    with sparsify.kernel_options(split_reduce="fused"):
+        stale = forward(x, values, col, bias, config=config, out=nan_like(shape, dtype))
+    assert stale[:16, :block].isnan().any() and torch.isfinite(stale[16:]).all()
+    assert counters[0] == 1 and not counters[1:].any()
+    counters.zero_()
 
 
 GRAD_INPUT_VARIANTS = {

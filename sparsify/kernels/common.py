@@ -1,6 +1,6 @@
 """What the Triton kernels share: the shared-memory budget and the autotune pruners built on it, the
 float32-accumulating dot, the grouped program order, token ranges of split reductions, the fixed-order
-reduction of float32 partials, and host-side shape helpers."""
+reduction of float32 partials (a second launch, or fused into the split kernel), and host-side shape helpers."""
 
 from __future__ import annotations
 
@@ -178,6 +178,28 @@ def _reduce_partials_kernel(p_ptr, bias_ptr, y_ptr, M, N_OUT, SPLIT, HAS_BIAS: t
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N_OUT, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def sum_split_if_last(p_ptr, count_ptr, bias_ptr, y_ptr, rows, row_ok, cols, M, N, SPLIT,
+                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The second half of a split reduction inside the split kernel, called by each of the SPLIT programs of
+    an output tile after storing its float32 partial tile p[s, rows, cols] of p [SPLIT, M, N]: the last of
+    them to arrive (``count_ptr``: the tile's counter, zero before the call) sums the SPLIT partials in the
+    order s = 0, 1, ... as reduce_partials does (the same bits), adds the bias, writes y [M, N] and sets the
+    counter back to zero for the next call."""
+    tl.debug_barrier()  # every thread's part of the partial is stored before this program's arrival counts
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT - 1:
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for s in range(SPLIT):  # through L2 (.cg): the other programs' partials, never a stale L1 line
+            acc += tl.load(p_ptr + (s * M).to(tl.int64) * N + offs, mask=row_ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
 
 REDUCE_BLOCK = 1024

@@ -15,8 +15,8 @@ import torch
 
 from sparsify.kernels.dense_weight import forward_dense, grad_input_dense, grad_values_dense
 from sparsify.kernels.options import (  # noqa: F401  (re-exported: the public names live here too)
-    BACKENDS, BLOCK_KERNELS, GROUPED_CHOICES, TMA_CHOICES, KernelOptions, interpreting, kernel_options, options,
-    set_kernel_options,
+    BACKENDS, BLOCK_KERNELS, GROUPED_CHOICES, SPLIT_REDUCE_CHOICES, TMA_CHOICES, KernelOptions, interpreting,
+    kernel_options, options, set_kernel_options,
 )
 
 
@@ -30,6 +30,7 @@ def _launchers() -> SimpleNamespace:
     from sparsify.kernels import column_check, column_view, forward, forward_tma, grad_input, grad_values, tiles
     from sparsify.kernels import grad_input_tma, grad_values_tma
     from sparsify.kernels.common import reduce_partials
+    from sparsify.kernels.split_counters import split_counters
     from sparsify.kernels.topology_cache import per_topology
 
     return SimpleNamespace(
@@ -42,7 +43,7 @@ def _launchers() -> SimpleNamespace:
         grad_input_columns=grad_input.grad_input_columns,
         grad_input_tma=grad_input_tma.grad_input_tma_columns, grad_values_tma=grad_values_tma.grad_values_tma,
         grad_values_gather=grad_values.grad_values_gather, grad_values_tiles=grad_values.grad_values_tiles,
-        reduce_partials=reduce_partials,
+        reduce_partials=reduce_partials, split_counters=split_counters,
     )
 
 
@@ -306,8 +307,8 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     """y [M, out] = x [M, in] W^T + bias: the dense weight and cuBLAS where use_dense_weight says, the
     grouped Gluon kernel where kernel option grouped routes it,
     the masked-dense tiles (small blocks, many tokens, dense enough), the TMA forward (large blocks, many
-    tokens, Hopper), else the gather kernel, its slots split over several programs where the token tiles
-    alone cannot fill the GPU."""
+    tokens, Hopper), else the gather kernel, its slots split over several programs (split_slots), their
+    partials summed by a second launch or, with kernel option split_reduce="fused", inside the kernel."""
     run = _launchers()
     block_rows, k, block, _ = values.shape
     num_tokens, in_features = x.shape
@@ -331,6 +332,9 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
         gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
         if split == 1:
             run.forward_gather(x, values, col, bias, y, gather)
+        elif options().split_reduce == "fused":
+            counters = run.split_counters(y, cdiv(num_tokens, 16) * block_rows)
+            run.forward_gather(x, values, col, bias, _partials(split, y, poison), gather, fused_out=y, counters=counters)
         else:
             partial = _partials(split, y, poison)
             run.forward_gather(x, values, col, None, partial, gather)

@@ -6,7 +6,9 @@ activation boxes side by side (a 64..128-deep ``tl.dot`` even for 16x16 blocks),
 block in parts (smaller stages, deeper pipelines). Programs run in a grouped order (GROUP_M token
 tiles visit all block-rows) so an activation panel stays in L2. For decode-sized inputs the slots are
 split over SPLIT programs writing float32 partials, which ``common.reduce_partials`` sums in a fixed
-order (+ bias, cast). A slot whose column is outside [0, C) reads nothing and adds nothing.
+order (+ bias, cast) in a second launch, or (FUSED) the last program of each output tile to finish sums
+in the same order (``common.sum_split_if_last``). A slot whose column is outside [0, C) reads nothing and
+adds nothing.
 
 Which forward runs (this one, ``forward_tma``, ``tiles``) and with which SPLIT: ``dispatch.py``.
 Autotuned per (token-count bucket, shape, K, B, SPLIT), never on col_indices values.
@@ -20,6 +22,7 @@ import triton.language as tl
 
 from sparsify.kernels.common import (
     AUTOTUNE_TIMER, cdiv, dot_precision, gather_configs, grouped_tile, interpreter_upcast, m_bucket, mma, prune_gather,
+    sum_split_if_last,
 )
 from sparsify.kernels.launch import launch_tile
 
@@ -62,6 +65,8 @@ def _forward_kernel(
     col_ptr,  # [R, K] int32
     bias_ptr,  # [N_OUT] or dummy
     y_ptr,  # [M, N_OUT] (x dtype) or [SPLIT, M, N_OUT] float32 partials
+    out_ptr,  # FUSED: y [M, N_OUT] (x dtype), else unused
+    count_ptr,  # FUSED: int32 arrival counters, one an output tile, zero; else unused
     M,  # sizes from here on: the same names in every kernel, which the autotune keys and the pruners read
     M_BUCKET,
     N_OUT,
@@ -73,6 +78,7 @@ def _forward_kernel(
     B: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
+    FUSED: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BM: tl.constexpr,
@@ -112,6 +118,9 @@ def _forward_kernel(
     if PARTIAL:
         out_ptrs = y_ptr + (pid_s * M + tokens.to(tl.int64))[:, None] * N_OUT + cols_out[None, :]
         tl.store(out_ptrs, acc, mask=token_ok[:, None])
+        if FUSED:
+            sum_split_if_last(y_ptr, count_ptr + pid, bias_ptr, out_ptr, tokens, token_ok, cols_out, M, N_OUT, SPLIT,
+                              HAS_BIAS, BM, B)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols_out).to(tl.float32)[None, :]
@@ -126,20 +135,25 @@ def forward_gather(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     config: dict | None = None,
+    fused_out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> None:
     """The gather kernel on x [M, in], values, col [R, K] int32. ``out``: y [M, out] in x's dtype (bias
-    added), or float32 partials [SPLIT, M, out] of SPLIT slot ranges (bias left to the reduction).
+    added), or float32 partials [SPLIT, M, out] of SPLIT slot ranges, summed (+ bias) by a later
+    reduce_partials, or, given ``fused_out`` (y) and ``counters`` (split_counters.split_counters, at least
+    cdiv(M, 16) * R), by the kernel itself into ``fused_out``.
     ``config``: a fixed tile {"BM", "KSB", "num_warps", "num_stages"} instead of autotuning."""
     block_rows, k, block, _ = values.shape
     num_tokens, in_features = x.shape
     out_features = block_rows * block
     split = out.shape[0] if out.dim() == 3 else 1
-    has_bias = bias is not None and split == 1
+    fused = split > 1 and fused_out is not None
+    has_bias = bias is not None and (split == 1 or fused)
     args = (
-        x, values, col, bias if has_bias else out, out,
+        x, values, col, bias if has_bias else out, out, fused_out if fused else out, counters if fused else col,
         num_tokens, m_bucket(num_tokens), out_features, in_features, k, block_rows, split, x.element_size(),
     )
-    flags = dict(B=block, HAS_BIAS=has_bias, PARTIAL=split > 1, PRECISION=dot_precision(x.dtype),
+    flags = dict(B=block, HAS_BIAS=has_bias, PARTIAL=split > 1, FUSED=fused, PRECISION=dot_precision(x.dtype),
                  UPCAST=interpreter_upcast(x.dtype))
     grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * block_rows, split)  # noqa: E731
     launch_tile(_forward_kernel, grid, args, flags, x.device, config)

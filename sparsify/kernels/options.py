@@ -18,6 +18,7 @@ What each option decides: ``dispatch.py``.
 | lean_launch   | True, False             | SPARSIFY_LEAN_LAUNCH (1/0)   | relaunch compiled Triton kernels without the JIT's Python argument binding |
 | check_columns | True, False             | SPARSIFY_CHECK_COLUMNS (1/0) | Triton forward: a device-side assert that every column index is in [0, C) (no host sync) |
 | grouped       | auto, off, on, ws       | SPARSIFY_GROUPED             | the grouped Gluon kernels (forward, grad_input; Hopper, bf16 / fp16, many tokens): auto where measured faster (dispatch.GROUPED_DESIGNS: B = 32, 64), off, on (every block size), ws (their warp-specialized variant) |
+| split_reduce  | launch, fused           | SPARSIFY_SPLIT_REDUCE        | a split forward's float32 partials (decode): summed by a second launch, or by the last program of each output tile inside the kernel (the same bits, one launch fewer; not yet timed on a GPU) |
 
 Boolean variables also accept true/false and on/off; values are case-insensitive.
 """
@@ -35,6 +36,7 @@ BACKENDS = ("auto", "reference", "triton")
 BLOCK_KERNELS = ("auto", "gather", "tile", "dense")
 TMA_CHOICES = ("auto", "on", "off", "persistent")
 GROUPED_CHOICES = ("auto", "off", "on", "ws")
+SPLIT_REDUCE_CHOICES = ("launch", "fused")
 
 _ENV = {
     "backend": "SPARSIFY_BACKEND",
@@ -43,6 +45,7 @@ _ENV = {
     "lean_launch": "SPARSIFY_LEAN_LAUNCH",
     "check_columns": "SPARSIFY_CHECK_COLUMNS",
     "grouped": "SPARSIFY_GROUPED",
+    "split_reduce": "SPARSIFY_SPLIT_REDUCE",
 }
 _FLAGS = ("lean_launch", "check_columns")
 _TMA_ENV = {"auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off", "persistent": "persistent"}
@@ -57,10 +60,11 @@ class KernelOptions:
     lean_launch: bool = True
     check_columns: bool = True
     grouped: str = "auto"
+    split_reduce: str = "launch"
 
     def __post_init__(self) -> None:
         for name, allowed in (("backend", BACKENDS), ("block_kernel", BLOCK_KERNELS), ("tma", TMA_CHOICES),
-                              ("grouped", GROUPED_CHOICES)):
+                              ("grouped", GROUPED_CHOICES), ("split_reduce", SPLIT_REDUCE_CHOICES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"kernel option {name}={value!r} is not one of {allowed}")
@@ -88,7 +92,7 @@ class KernelOptions:
             except (KeyError, ValueError):
                 allowed = {"backend": BACKENDS, "block_kernel": BLOCK_KERNELS, "tma": tuple(_TMA_ENV),
                            "lean_launch": tuple(_BOOL_ENV), "check_columns": tuple(_BOOL_ENV),
-                           "grouped": GROUPED_CHOICES}[name]
+                           "grouped": GROUPED_CHOICES, "split_reduce": SPLIT_REDUCE_CHOICES}[name]
                 raise ValueError(
                     f"{variable}={raw!r} is not one of {allowed}; unset it or pick one of those"
                 ) from None

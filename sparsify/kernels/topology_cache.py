@@ -62,6 +62,13 @@ def _cudagraph_warmup(col_indices: torch.Tensor) -> bool:
         return True
 
 
+def may_keep(tensor: torch.Tensor) -> bool:
+    """Whether memory allocated now on ``tensor``'s device may be kept past this call: not under CUDA graph
+    capture, nor while torch.compile's CUDA-graph trees warm up (both allocate from a private pool that
+    is freed or reused when the graphs move on)."""
+    return not _capturing(tensor) and not _cudagraph_warmup(tensor)
+
+
 def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[[], object],
            reuse_under_capture: bool = False):
     """``build()``'s result for this topology, reused while ``col_indices`` is unchanged (see the module
@@ -78,7 +85,7 @@ def cached(col_indices: torch.Tensor, kind: str, num_cols: int, build: Callable[
     if hit is not None and hit[0] == state and (reuse_under_capture or not capturing):
         return hit[1]
     value = build()
-    if capturing or _cudagraph_warmup(col_indices):
+    if not may_keep(col_indices):
         return value
     with _lock:
         builds += 1
