@@ -213,12 +213,13 @@ def use_grouped(tensors: tuple, num_tokens: int) -> tuple[int, dict] | None:
     return design if _grouped_launchers() is not None else None
 
 
-# Decode (at most 32 tokens: one token tile) streams the weights from DRAM, and a program's loads in flight
-# are what sets the rate: a program should read about this many bytes of them. Swept on one H200
-# (benchmarks/decode_split.py, results/decode-split-NVIDIA_H200-2026-12-02.json, bf16, M = 16, both
-# 4096 <-> 14336 shapes): the fastest split read 56-64 KB a program at B = 16 and 32, ~2x that at B = 64
-# and ~4x at B = 128 (larger blocks bring fewer, longer loads a step). Reading less pays more partials;
-# more leaves too few loads in flight (14336->4096, B = 16: 0.56x dense unsplit, 0.86x split in 4).
+# Decode (at most 32 tokens: one token tile) streams the weights from DRAM, each program waiting out a
+# memory round trip a step (ncu: ~2.4 us), so the programs an SM holds set the rate: a program should read
+# about this many bytes of the weights. Swept on one H200 (benchmarks/decode_split.py,
+# results/decode-split-NVIDIA_H200-2026-12-02-old-rule.json, bf16, M = 16, both 4096 <-> 14336 shapes):
+# the fastest split read 56-64 KB a program at B = 16 and 32, ~2x that at B = 64 and ~4x at B = 128.
+# Reading less pays more partials; more leaves too few programs (14336->4096, B = 16: 0.56x dense
+# unsplit, 0.88x split in 4).
 DECODE_BYTES_PER_PROGRAM = 56 * 1024
 DECODE_MAX_TOKENS = 32
 
