@@ -207,3 +207,51 @@ def _within_models(grouped, index: int, split: str, measure: str) -> list[str]:
             f"(points; below zero: forgets less). Here the task-A model's seed-to-seed spread cancels.", "",
             tabulate(rows, headers=["arm", "a", "reference", "B lr", "B loss vs reference (same lr)",
                                     "forgetting vs reference (equal B loss)"], tablefmt="github"), ""]
+
+
+TOPOLOGY_ARMS = ("consolidated-0.5", "dynamic-0.5")  # TopologyOptimizer.consolidate() at the task boundary; today's
+
+
+def claim(diffs: dict) -> tuple[str, str]:
+    """(verdict, evidence) of "forgets less than dense/EWC at equal B loss" from paired differences
+    ``{(reference, lr): (difference, half-width, seeds)}`` (``differences(..., refs=("dense", "ewc"))``)."""
+    if not diffs:
+        return "not measured", "no seed's point inside the references' B-loss range in that seed"
+    return verdict(diffs), ", ".join(f"{_pts(v)} pts vs {ref} (B lr {lr:g}, paired)" for (ref, lr), v in sorted(diffs.items()))
+
+
+def answer(runs: list[dict], index: int, split: str, measure: str, base_lr: float) -> list[str]:
+    """The plain-words answer to the study's question, from the paired differences: does the topology method
+    forget less than dense, EWC, replay and LoRA at equal task-B learning, and by how much."""
+    grouped = groups(runs)
+    refs = [r for r in REFERENCES if r in grouped]
+    md = ["## The answer in plain words", ""]
+    for arm in (a for a in TOPOLOGY_ARMS if a in grouped):
+        diffs = differences(grouped, arm, index, split, refs)
+        seeds = len(grouped[arm])
+        per_ref = {ref: {k: v for k, v in diffs.items() if k[0] == ref} for ref in refs}
+        held = [ref for ref in refs if verdict(per_ref[ref]) == "held"]
+        more = [ref for ref in refs if verdict(per_ref[ref]) == "refuted"]
+        unmeasured = [ref for ref in refs if verdict(per_ref[ref]) == "not measured"]
+        if refs and len(held) == len(refs):
+            head = "Yes, beyond every paired interval"
+        elif more:
+            head = f"No: at some B learning rate it forgets as much as or more than {', '.join(more)}"
+        else:
+            head = "Not shown: where it forgets less on average, the paired intervals include no difference"
+        name = "`TopologyOptimizer.consolidate()` then dynamic B" if arm.startswith("consolidated") else "dynamic topology (today's TopologyOptimizer)"
+        md += [f"**Does {arm} ({name}) forget less than {', '.join(refs)} at equal task-B learning?** {head} "
+               f"({seeds} seeds, forgetting of A's {measure}, arm minus reference within a seed at the reference's B loss):", ""]
+        for ref in refs:
+            if not per_ref[ref]:
+                md.append(f"- vs {ref}: not measured (no seed's B loss inside {ref}'s range in that seed)")
+                continue
+            base = per_ref[ref].get((ref, base_lr))
+            by_how_much = (f"{_pts(base)} points at the base B rate {base_lr:g}" if base else "no point at the base rate")
+            others = ", ".join(f"{_pts(v)} at {lr:g}" for (_, lr), v in sorted(per_ref[ref].items()) if lr != base_lr)
+            md.append(f"- vs {ref}: {by_how_much}" + (f" ({others})" if others else "")
+                      + f": {verdict(per_ref[ref])}")
+        if unmeasured:
+            md.append(f"- against {', '.join(unmeasured)} the question has no answer here, not a negative one")
+        md.append("")
+    return md

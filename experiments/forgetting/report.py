@@ -145,11 +145,39 @@ def _dense_curve(runs, base_lr, split="acc_val") -> str:
 
 
 def _bench():
-    """The newest full bench_training record of the default model (not a --speed-only or other-preset run)."""
+    """The full bench_training records of the default model of the newest date (not --speed-only nor another
+    preset), one per block-size run, as one record: their steps and topology rows together, the first memory
+    table; None where there is none."""
     records = [json.loads(Path(f).read_text())
                for f in sorted(glob.glob(str(HOME.parents[1] / "benchmarks" / "results" / "training-*.json")))]
-    full = [r for r in records if not r["config"].get("speed_only") and r["config"].get("preset", "default") == "default"]
-    return full[-1] if full else None
+    full = [r for r in records if not r["config"].get("speed_only") and r["config"].get("preset", "default") in ("default", "bench")]
+    if not full:
+        return None
+    newest = [r for r in full if r.get("date") == max(x.get("date", "") for x in full)]
+    merged = dict(newest[-1])
+    merged["steps"] = [s for r in newest for s in r.get("steps", [])]
+    merged["topology"] = [t for r in newest for t in r.get("topology", [])]
+    merged["memory"] = next((r["memory"] for r in newest if r.get("memory")), [])
+    return merged
+
+
+def _layer_rows():
+    """bench_layer rows of the README's table (benchmarks/make_table.py's newest results) at 2048+ tokens and
+    density 0.5: SC-002's evidence; [] where there are none."""
+    import importlib.util
+
+    path = HOME.parents[1] / "benchmarks" / "make_table.py"
+    if not path.exists():
+        return []
+    spec = importlib.util.spec_from_file_location("make_table", path)
+    make_table = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(make_table)
+        files = make_table.newest_results()
+    except (SystemExit, ImportError):
+        return []
+    rows = [r for f in files for r in json.loads(Path(f).read_text())["rows"]]
+    return [r for r in rows if r["M"] >= 2048 and abs(r["density"] - 0.5) < 0.02 and r.get("speedup_fwd")]
 
 
 def opening(report: Path) -> str | None:
@@ -311,11 +339,23 @@ def write_report(out: Path, report: Path, figures: Path, cfg, note: str | None =
     md += [tabulate(quality, headers=["arm", f"task A after A ({names[primary]})", "relative", "task B loss (end of B)", "relative"],
                     tablefmt="github"), ""]
     md += _bench_section(_bench())
+    if paired.applies(runs):
+        grouped = paired.groups(runs)
+        paired_diffs = {arm: paired.differences(grouped, arm, index, primary, ("dense", "ewc")) for arm in grouped}
+        how = ("'Forgets less at equal B loss': judged on the paired differences (within a seed, at the reference's B "
+               "loss in that seed; the section above): held only where every one is below zero by more than its 95% "
+               "half-width; refuted where one is at or above zero; inconclusive otherwise.")
+    else:
+        paired_diffs = None
+        how = ("'Forgets less at equal B loss': held only where every point lies below dense's and EWC's curves by more "
+               "than the 95% half-width of the difference; refuted where one lies on or above; inconclusive where all "
+               "lie below but within the intervals.")
     md += ["## Claims", "", f"Forgetting in the claims is measured on {names[primary]}; '(other measure: ...)' gives the "
-           f"verdict on {names[secondary]}. 'Forgets less at equal B loss': held only where every point lies below "
-           "dense's and EWC's curves by more than the 95% half-width of the difference; refuted where one lies on or "
-           "above; inconclusive where all lie below but within the intervals.", "", tabulate(claims(rows, points, _bench(), byte_points), headers=["claim", "verdict", "evidence"],
-                                     tablefmt="github"), ""]
+           f"verdict on {names[secondary]}. " + how, "",
+           tabulate(claims(rows, points, _bench(), byte_points, paired_diffs), headers=["claim", "verdict", "evidence"],
+                    tablefmt="github"), ""]
+    if paired.applies(runs):
+        md += paired.answer(runs, index, primary, names[primary], base_lr)
     grid = out / "grid.json"
     if grid.exists():
         g = json.loads(grid.read_text())
@@ -459,7 +499,10 @@ def _below(value: tuple[float, float], limit: float) -> str:
     return "held" if m + h < limit else "refuted" if m - h >= limit else "inconclusive (the interval spans the threshold)"
 
 
-def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
+def claims(rows, points, bench, byte_points=None, paired_diffs=None, layer_rows=None) -> list[list[str]]:
+    """The claims table. ``paired_diffs``: {arm: paired differences vs dense and EWC} (paired.differences) where
+    the grid is paired: the "forgets less" claims are then judged on them, not on independent intervals.
+    ``layer_rows``: bench_layer rows for SC-002 (default: the committed results)."""
     arms = {r["arm"]: r for r in rows}
     dense, dyn = arms.get("dense"), arms.get("dynamic-0.5")
     out = []
@@ -469,7 +512,23 @@ def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
         out.append(["SC-001 sparse forgets < 30%", _below(dyn["forgetting"], 0.3) if dyn else "not measured",
                     f"dynamic-0.5 {pm(dyn['forgetting']) if dyn else 'n/a'}; best sparse arm {best['arm']} "
                     f"{pm(best['forgetting'])}; dense {pm(dense['forgetting']) if dense else 'n/a'}"])
-    out.append(["SC-002 forward >= 1.3x at density 0.5", "not measured", "here: end-to-end steps only; see the kernel benchmarks"])
+    layers = _layer_rows() if layer_rows is None else layer_rows
+    if layers:
+        blocks = sorted({r["B"] for r in layers}, reverse=True)
+        shape = lambda r: f"{r['in']}->{r['out']}"  # noqa: E731
+        passed = []
+        for b in blocks:
+            fast = [shape(r) for r in layers if r["B"] == b and r["speedup_fwd"] >= 1.3]
+            if fast:
+                passed.append(f"B = {b} ({', '.join(fast)})")
+        every = all(r["speedup_fwd"] >= 1.3 for r in layers)
+        out.append(["SC-002 forward >= 1.3x at density 0.5",
+                    "held" if every else ("held only at " + "; ".join(passed) if passed else "refuted"),
+                    "bench_layer, 2048+ tokens: " + "; ".join(
+                        f"B = {b}: " + ", ".join(f"{shape(r)} {r['speedup_fwd']:.2f}x" for r in layers if r["B"] == b)
+                        for b in blocks)])
+    else:
+        out.append(["SC-002 forward >= 1.3x at density 0.5", "not measured", "no bench_layer result"])
     scored = [s for s in (bench or {}).get("steps", []) if "topology scoring" in s["label"]]
     if scored:
         ok = min(s["speedup"] for s in scored) >= 1.2
@@ -521,18 +580,21 @@ def claims(rows, points, bench, byte_points=None) -> list[list[str]]:
         out.append(["SC-007 weight memory proportional to density", "not measured", "no benchmark file"])
     if dense and dyn:
         before = dyn["primary_before"][0]
-        rel = dyn["forgetting"][0]
         out.append(["US1-1 A acc stays above 70% of an 85% start (< 20% relative loss)",
                     _below(dyn["forgetting"], 0.2) + ("" if before >= 0.85 else " (precondition unmet)"),
                     f"dynamic-0.5 starts at {100 * before:.1f}% (spec assumes 85%), loses {pm(dyn['forgetting'])} relative"])
         cut = (dense["forgetting"][0] - dyn["forgetting"][0]) / dense["forgetting"][0] if dense["forgetting"][0] else math.nan
-        verdict, evidence = _verdict(points, "dynamic-0.5")
+        verdict, evidence = (paired.claim(paired_diffs.get("dynamic-0.5", {})) if paired_diffs is not None
+                             else _verdict(points, "dynamic-0.5"))
         out.append(["US1-2 forgetting >= 30% lower than dense (density 0.5)", "held" if cut >= 0.3 else "refuted",
                     f"at base lr: {100 * cut:.0f}% lower; at equal B loss: {verdict} ({evidence})"])
         out.append(["US1-3 pathway overlap < 70%", _below(dyn["overlap"], 0.7),
                     f"Jaccard end of A vs end of B {pm(dyn['overlap'], 1, 3, '')} (dynamic-0.5)"])
     for arm in [r["arm"] for r in sparse] + ["ewc"]:
-        if len(points.get(arm, [])) > 1 or (arm in arms and arm not in ("ewc",)):
+        if paired_diffs is not None and arm in paired_diffs:
+            verdict, evidence = paired.claim(paired_diffs[arm])
+            out.append([f"{arm} forgets less than dense/EWC at equal B loss", verdict, evidence])
+        elif len(points.get(arm, [])) > 1 or (arm in arms and arm not in ("ewc",)):
             verdict, evidence = _verdict(points, arm)
             if byte_points:
                 bverdict, bevidence = _verdict(byte_points, arm)

@@ -121,3 +121,48 @@ def test_a_folder_of_task_a_runs_only_reports_the_plateau(tmp_path):
     write_report(tmp_path, tmp_path / "r.md", tmp_path / "fig", ExpConfig())
     text = (tmp_path / "r.md").read_text()
     assert "Task A's plateau" in text and "dense 75.0% -> 85.0% (+10.0 points" in text and "plateau (a rise under 3 points): none" in text
+
+
+def test_the_forgets_less_claims_of_a_paired_grid_are_judged_on_the_paired_differences():
+    from forgetting import paired
+    from forgetting.report import _arm_rows, claims
+
+    runs = _grid()
+    grouped = paired.groups(runs)
+    diffs = {arm: paired.differences(grouped, arm, 1, "acc_test", ("dense", "ewc")) for arm in grouped}
+    # dynamic minus dense within a seed: 0.25 - 2 x spread = +25, -15, -55 points: below zero on average, not beyond
+    assert diffs["dynamic-0.5"][("dense", 1e-4)][0] == pytest.approx(-0.15)
+    table = claims(_arm_rows(runs, 1, 1e-4), {}, None, paired_diffs=diffs, layer_rows=[])
+    row = next(c for c in table if c[0].startswith("dynamic-0.5 forgets less"))
+    assert row[1] == "inconclusive" and "-15.0 ±" in row[2] and "paired" in row[2]
+    us12 = next(c for c in table if c[0].startswith("US1-2"))
+    assert "inconclusive" in us12[2] and "paired" in us12[2]
+
+
+def test_the_plain_words_answer_follows_the_paired_verdicts():
+    from forgetting import paired
+
+    def answer(spread):
+        return "\n".join(paired.answer(_grid(spread), 1, "acc_test", "exact match", 1e-4))
+
+    # +25 points more than dense in every seed: no
+    text = answer((0.0, 0.0, 0.0))
+    assert "forget less than dense at equal task-B learning?** No" in text
+    assert "vs dense: +25.0 ± 0.0 (n=3) points at the base B rate 0.0001" in text and text.count(": refuted") == 1
+    # 35-39 points less than dense in every seed, a narrow interval: yes
+    text = answer((0.30, 0.31, 0.32))
+    assert "**Does dynamic-0.5" in text and "?** Yes, beyond every paired interval" in text and ": held" in text
+    # below on average, inside the interval: not shown
+    assert "?** Not shown" in answer((0.0, 0.2, 0.4))
+
+
+def test_sc002_is_held_only_where_every_shape_of_a_block_size_is_fast_enough():
+    from forgetting.report import claims
+
+    layers = [{"in": 4096, "out": 14336, "B": 128, "speedup_fwd": 1.8}, {"in": 14336, "out": 4096, "B": 128, "speedup_fwd": 1.7},
+              {"in": 4096, "out": 14336, "B": 16, "speedup_fwd": 1.0}]
+    sc002 = next(c for c in claims([], {}, None, layer_rows=layers) if c[0].startswith("SC-002"))
+    assert sc002[1] == "held only at B = 128 (4096->14336, 14336->4096)" and "B = 16: 4096->14336 1.00x" in sc002[2]
+    none = next(c for c in claims([], {}, None, layer_rows=layers[2:]) if c[0].startswith("SC-002"))
+    assert none[1] == "refuted"
+    assert next(c for c in claims([], {}, None, layer_rows=layers[:2]) if c[0].startswith("SC-002"))[1] == "held"
