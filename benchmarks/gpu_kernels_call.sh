@@ -14,7 +14,8 @@
 # 2-3 minutes, capped at 240 s), gluon (grouped_kernels.py: the grouped Gluon forward and grad_input checked and timed beside today's),
 # gluon-ncu (two launches of each grouped design under Nsight Compute, with warp stall reasons; raw counters as CSV), gluon-sass (the grouped kernel's stalls per SASS instruction), layer-grouped (bench_layer.py with
 # GROUPED=on|ws routing the grouped kernels), host (host_overhead.py --cuda-graphs), decode-split (decode_split.py:
-# the forward's slot split swept at M = 16 in CUDA graphs; DECODE_CONFIGS=1 adds its decode tiles). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
+# the forward's slot split swept at M = 16 in CUDA graphs; DECODE_CONFIGS=1 adds its decode tiles), decode-sass (the
+# decode forward's stalls per SASS instruction under Nsight Compute, SASS_BLOCKS block sizes). compile_report.py needs no GPU: run it here. Everything lands in $OUT (at most 8 files come back): log.txt and one JSON per part.
 # BUDGET (seconds, default 570) is the whole call's; a part gets what is left, capped by its own limit.
 set -u
 OUT=${OUT:-/tmp/kernels-out}
@@ -111,6 +112,12 @@ for p in "$@"; do
                 python3 benchmarks/grouped_kernels.py --profile --designs "${SASS_DESIGN:-64:4}" --shapes 4096x14336 --out /tmp/gluon-sass
             part gluon-sass-export 60 bash -c "ncu --import '$OUT/ncu-sass.ncu-rep' --page source --csv --print-source sass > '$OUT/ncu-sass.csv' \
                 || ncu --import '$OUT/ncu-sass.ncu-rep' --page source --csv > '$OUT/ncu-sass.csv'" ;;
+        decode-sass)  # where the decode forward's warps stall, per SASS instruction (M = 16, B = SASS_BLOCKS, default 16)
+            part decode-sass 150 ncu --profile-from-start off --clock-control none --kernel-name "regex:_forward_kernel" \
+                --launch-count 2 --section SourceCounters --section WarpStateStats -f -o "$OUT/ncu-decode-sass" \
+                python3 benchmarks/kernel_profile.py --ncu --blocks "${SASS_BLOCKS:-16}" --tokens 16 --labels /tmp/decode-sass-labels.json
+            part decode-sass-export 60 bash -c "ncu --import '$OUT/ncu-decode-sass.ncu-rep' --page source --csv --print-source sass > '$OUT/ncu-decode-sass.csv' \
+                || ncu --import '$OUT/ncu-decode-sass.ncu-rep' --page source --csv > '$OUT/ncu-decode-sass.csv'" ;;
         *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac
 done
