@@ -19,18 +19,23 @@ from sparsify.kernels.common import AUTOTUNE_TIMER, cdiv, dot_precision, grouped
 from sparsify.kernels.dispatch import num_sms
 from sparsify.kernels.launch import launch_tile
 
-# (BM, KC, num_warps, num_stages, PERSISTENT); KC divides B. The persistent ones are tuned apart, where
-# kernel option tma="persistent" asks (not yet timed on a GPU).
+# (BM, KC, num_warps, num_stages, PERSISTENT, WS); KC divides B. The persistent ones are tuned apart, where
+# kernel option tma="persistent" asks. WS: the step loop warp-specialized (tl.range(warp_specialize=True)):
+# for sm_90 with Triton 3.6 a 4-warp config becomes a 12-warp program, a load warp group feeding two MMA
+# warp groups (the shape of cuBLAS's 384-thread kernels), 115 / 148 KB of shared memory at B = 128; 8-warp
+# configs compile unchanged. Not yet timed on a GPU (benchmarks/NOTES.md, sixth session).
 TMA_CONFIGS = [
-    (128, 64, 4, 4, False),
-    (128, 64, 8, 5, False),
-    (256, 64, 8, 4, False),
-    (128, 128, 8, 3, False),
+    (128, 64, 4, 4, False, False),
+    (128, 64, 8, 5, False, False),
+    (256, 64, 8, 4, False, False),
+    (128, 128, 8, 3, False, False),
+    (128, 64, 4, 3, False, True),
+    (128, 64, 4, 4, False, True),
 ]
 PERSISTENT_TMA_CONFIGS = [
-    (128, 64, 8, 5, True),
-    (256, 64, 8, 4, True),
-    (128, 64, 4, 4, True),
+    (128, 64, 8, 5, True, False),
+    (256, 64, 8, 4, True, False),
+    (128, 64, 4, 4, True, False),
 ]
 
 
@@ -41,17 +46,17 @@ def _tma_blocks(nargs):
 
 _prune_tma = prune_descriptors(  # one stage: the activation box [BM, KC] and the block part [B, KC]
     lambda c, block, elem: (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem, lambda c: max(1, c.num_stages - 2),
-    triton.Config({"BM": 64, "KC": 64, "PERSISTENT": False}, num_warps=4, num_stages=3, pre_hook=_tma_blocks))
+    triton.Config({"BM": 64, "KC": 64, "PERSISTENT": False, "WS": False}, num_warps=4, num_stages=3, pre_hook=_tma_blocks))
 
 
 @triton.jit
 def _tile(tile, x_desc, v_desc, col_ptr, bias_ptr, y_ptr, M, N_OUT, IN_F, K, R, B: tl.constexpr,
-          HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, KC: tl.constexpr):
+          HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, KC: tl.constexpr, WS: tl.constexpr):
     """Output tile number ``tile`` (grouped order): y[tokens, block-row r] over the row's slots."""
     pid_m, r = grouped_tile(tile, tl.cdiv(M, BM), R)  # token tile, block-row
     m0 = pid_m * BM
     acc = tl.zeros((BM, B), dtype=tl.float32)
-    for p0 in range(0, K * B, KC):
+    for p0 in tl.range(0, K * B, KC, warp_specialize=WS):
         k = p0 // B
         j0 = p0 % B
         col = tl.load(col_ptr + r * K + k)
@@ -88,21 +93,22 @@ def _forward_tma(
     BM: tl.constexpr,
     KC: tl.constexpr,
     PERSISTENT: tl.constexpr,
+    WS: tl.constexpr,
 ):
     if PERSISTENT:  # min(tiles, NUM_SMS) programs, each over every NUM_SMS-th tile
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * R, NUM_SMS, flatten=True):
-            _tile(tile, x_desc, v_desc, col_ptr, bias_ptr, y_ptr, M, N_OUT, IN_F, K, R, B, HAS_BIAS, PRECISION, BM, KC)
+            _tile(tile, x_desc, v_desc, col_ptr, bias_ptr, y_ptr, M, N_OUT, IN_F, K, R, B, HAS_BIAS, PRECISION, BM, KC, WS)
     else:
         _tile(tl.program_id(0), x_desc, v_desc, col_ptr, bias_ptr, y_ptr, M, N_OUT, IN_F, K, R, B, HAS_BIAS,
-              PRECISION, BM, KC)
+              PRECISION, BM, KC, WS)
 
 
 def _autotuned(table: list):
     return triton.autotune(
         configs=[
-            triton.Config({"BM": bm, "KC": kc, "PERSISTENT": persistent}, num_warps=w, num_stages=s,
+            triton.Config({"BM": bm, "KC": kc, "PERSISTENT": persistent, "WS": ws}, num_warps=w, num_stages=s,
                           pre_hook=_tma_blocks)
-            for bm, kc, w, s, persistent in table
+            for bm, kc, w, s, persistent, ws in table
         ],
         key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
         prune_configs_by={"early_config_prune": _prune_tma},
@@ -117,7 +123,7 @@ _forward_tma_persistent_kernel = _autotuned(PERSISTENT_TMA_CONFIGS)
 def forward_tma(x, values, col, bias, y, config: dict | None = None, persistent: bool = False) -> None:
     """y [M, out] = x W^T + bias through tensor descriptors (16-byte aligned x, values and row stride);
     ``persistent``: autotuned among the persistent configs. ``config``: a fixed tile {"BM", "KC",
-    "PERSISTENT", "num_warps", "num_stages"} instead of autotuning."""
+    "PERSISTENT", "num_warps", "num_stages"} and optionally "WS" (default False) instead of autotuning."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_rows, k, block, _ = values.shape
@@ -135,6 +141,7 @@ def forward_tma(x, values, col, bias, y, config: dict | None = None, persistent:
             num_tokens, m_bucket(num_tokens), block_rows * block, in_features, k, block_rows, x.element_size(), sms)
     flags = dict(B=block, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype))
     if config is not None:  # the pre-hook does not run on a fixed tile: set the box shapes here
+        config = {"WS": False, **config}
         _tma_blocks({"x_desc": x_desc, "v_desc": v_desc, "B": block, **config})
     kernel = _forward_tma_persistent_kernel if persistent else _forward_tma_kernel
     launch_tile(kernel, grid, args, flags, x.device, config)

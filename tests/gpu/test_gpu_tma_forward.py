@@ -21,6 +21,7 @@ TILES = [
     {"BM": 128, "KC": 64, "PERSISTENT": False, "num_warps": 8, "num_stages": 5},
     {"BM": 128, "KC": 64, "PERSISTENT": True, "num_warps": 8, "num_stages": 5},
     {"BM": 256, "KC": 64, "PERSISTENT": True, "num_warps": 8, "num_stages": 4},
+    {"BM": 128, "KC": 64, "PERSISTENT": False, "WS": True, "num_warps": 4, "num_stages": 4},  # warp-specialized
 ]
 
 
@@ -31,7 +32,7 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"BM{t['BM']}-{'persistent' if t['PERSISTENT'] else 'tiles'}")
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"BM{t['BM']}-{'persistent' if t['PERSISTENT'] else 'tiles'}{'-ws' if t.get('WS') else ''}")
 @pytest.mark.parametrize("block, tokens, rows, cols, k", [(128, 3000, 40, 8, 4), (64, 1333, 70, 10, 5)])
 def test_tma_forward_with_fixed_tiles_matches_float64_and_repeats_bitwise(block, tokens, rows, cols, k, tile, dtype):
     torch.manual_seed(block + tokens)
