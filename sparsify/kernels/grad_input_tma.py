@@ -24,13 +24,16 @@ from sparsify.kernels.common import (
     prune_descriptors,
 )
 
-# (BM tokens, KC positions a step, num_warps, num_stages); KC divides B. Stage: [BM, KC] + [KC, B].
+# (BM tokens, KC positions a step, num_warps, num_stages, WS); KC divides B. Stage: [BM, KC] + [KC, B].
+# WS: the step loop warp-specialized, as forward_tma's (sm_90, Triton 3.6: a 4-warp config becomes a 12-warp
+# program, 115-148 KB of shared memory at B = 64 / 128; untimed, benchmarks/NOTES.md sixth session).
 TMA_GRAD_INPUT_CONFIGS = [
-    (128, 64, 4, 4),
-    (128, 64, 8, 5),
-    (256, 64, 8, 4),
-    (128, 128, 8, 3),
-    (64, 128, 4, 4),
+    (128, 64, 4, 4, False),
+    (128, 64, 8, 5, False),
+    (256, 64, 8, 4, False),
+    (128, 128, 8, 3, False),
+    (64, 128, 4, 4, False),
+    (128, 64, 4, 4, True),
 ]
 TMA_MIN_BLOCK = 64  # narrower blocks give [BM, B] boxes too shallow for one MMA step
 
@@ -42,14 +45,14 @@ def _blocks(nargs):
 
 _prune = prune_descriptors(  # one stage: the grad_out box [BM, KC] and the block slab [KC, B]
     lambda c, block, elem: (c.kwargs["BM"] + block) * c.kwargs["KC"] * elem, lambda c: max(1, c.num_stages - 2),
-    triton.Config({"BM": 64, "KC": 64}, num_warps=4, num_stages=3, pre_hook=_blocks))
+    triton.Config({"BM": 64, "KC": 64, "WS": False}, num_warps=4, num_stages=3, pre_hook=_blocks))
 
 
 # The signature follows the pointer kernel's of the same product argument for argument (sizes M, M_BUCKET,
 # N_OUT, IN_F, K, ... by name): the autotune key, the pruners and the lean relauncher read them by those names.
 @triton.autotune(
-    configs=[triton.Config({"BM": bm, "KC": kc}, num_warps=w, num_stages=s, pre_hook=_blocks)
-             for bm, kc, w, s in TMA_GRAD_INPUT_CONFIGS],
+    configs=[triton.Config({"BM": bm, "KC": kc, "WS": ws}, num_warps=w, num_stages=s, pre_hook=_blocks)
+             for bm, kc, w, s, ws in TMA_GRAD_INPUT_CONFIGS],
     key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
     prune_configs_by={"early_config_prune": _prune},
     **AUTOTUNE_TIMER,
@@ -73,6 +76,7 @@ def _grad_input_tma_kernel(
     UPCAST: tl.constexpr,
     BM: tl.constexpr,
     KC: tl.constexpr,
+    WS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m, c = grouped_tile(pid, tl.cdiv(M, BM), C)  # token tile, block-column
@@ -80,7 +84,7 @@ def _grad_input_tma_kernel(
     lo = tl.load(start_ptr + c)
     hi = tl.load(start_ptr + c + 1)
     acc = tl.zeros((BM, B), dtype=tl.float32)
-    for p0 in range(lo * B, hi * B, KC):  # positions p = t*B + i along the column's stretch
+    for p0 in tl.range(lo * B, hi * B, KC, warp_specialize=WS):  # positions p = t*B + i along the column's stretch
         t = p0 // B
         i0 = p0 % B
         slot = tl.load(slots_ptr + t)
@@ -116,7 +120,8 @@ def tma_grad_input_fits(grad_out: torch.Tensor, values: torch.Tensor) -> bool:
 
 def grad_input_tma_columns(grad_out, values, slots_by_col, col_start, grad_x, config: dict | None = None) -> None:
     """grad_x [M, in] = grad_out [M, out] W through the column view, operands by tensor descriptors.
-    ``config``: a fixed tile {"BM", "KC", "num_warps", "num_stages"} instead of autotuning (tests)."""
+    ``config``: a fixed tile {"BM", "KC", "num_warps", "num_stages"} and optionally "WS" (default False)
+    instead of autotuning (tests)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_rows, k, block, _ = values.shape
@@ -135,7 +140,7 @@ def grad_input_tma_columns(grad_out, values, slots_by_col, col_start, grad_x, co
         return
     g_desc.block_shape, v_desc.block_shape = [config["BM"], config["KC"]], [config["KC"], block]
     grid = (cdiv(num_tokens, config["BM"]) * num_cols,)
-    _grad_input_tma_kernel.fn[grid](*args, **flags, BM=config["BM"], KC=config["KC"],
+    _grad_input_tma_kernel.fn[grid](*args, **flags, BM=config["BM"], KC=config["KC"], WS=config.get("WS", False),
                                     num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
 
 

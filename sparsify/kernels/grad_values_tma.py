@@ -23,13 +23,16 @@ from sparsify.kernels.common import (
 )
 from sparsify.kernels.grad_input_tma import TMA_MIN_BLOCK, descriptors_fit
 
-# (BT tokens a step, KC input positions of a block, GS slots a program, num_warps, num_stages); KC divides B.
+# (BT tokens a step, KC input positions of a block, GS slots a program, num_warps, num_stages, WS); KC divides
+# B. WS: the token loop warp-specialized, as forward_tma's (sm_90, Triton 3.6: a 12-warp program, 82 / 115 KB of
+# shared memory at B = 64 / 128; untimed, benchmarks/NOTES.md sixth session).
 TMA_GRAD_VALUES_CONFIGS = [
-    (64, 64, 1, 4, 4),
-    (128, 64, 1, 8, 4),
-    (64, 128, 1, 8, 3),
-    (64, 64, 2, 8, 4),
-    (64, 128, 2, 8, 3),
+    (64, 64, 1, 4, 4, False),
+    (128, 64, 1, 8, 4, False),
+    (64, 128, 1, 8, 3, False),
+    (64, 64, 2, 8, 4, False),
+    (64, 128, 2, 8, 3, False),
+    (64, 64, 1, 4, 4, True),
 ]
 
 
@@ -40,14 +43,14 @@ def _blocks(nargs):
 
 _prune = prune_descriptors(  # one stage: the grad_out box [BT, B] and GS activation boxes [BT, KC]
     lambda c, block, elem: c.kwargs["BT"] * (block + c.kwargs["GS"] * c.kwargs["KC"]) * elem, lambda c: c.num_stages,
-    triton.Config({"BT": 64, "KC": 64, "GS": 1}, num_warps=4, num_stages=2, pre_hook=_blocks))
+    triton.Config({"BT": 64, "KC": 64, "GS": 1, "WS": False}, num_warps=4, num_stages=2, pre_hook=_blocks))
 
 
 # The signature follows the pointer kernel's of the same product argument for argument (sizes M, M_BUCKET,
 # N_OUT, IN_F, K, ... by name): the autotune key, the pruners and the lean relauncher read them by those names.
 @triton.autotune(
-    configs=[triton.Config({"BT": bt, "KC": kc, "GS": gs}, num_warps=w, num_stages=s, pre_hook=_blocks)
-             for bt, kc, gs, w, s in TMA_GRAD_VALUES_CONFIGS],
+    configs=[triton.Config({"BT": bt, "KC": kc, "GS": gs, "WS": ws}, num_warps=w, num_stages=s, pre_hook=_blocks)
+             for bt, kc, gs, w, s, ws in TMA_GRAD_VALUES_CONFIGS],
     key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
     prune_configs_by={"early_config_prune": _prune},
     **AUTOTUNE_TIMER,
@@ -71,6 +74,7 @@ def _grad_values_tma_kernel(
     BT: tl.constexpr,
     KC: tl.constexpr,
     GS: tl.constexpr,  # 1 or 2 slots a program, sharing the grad_out box
+    WS: tl.constexpr,
 ):
     PARTS: tl.constexpr = B // KC
     pid = tl.program_id(0)
@@ -85,7 +89,7 @@ def _grad_values_tma_kernel(
     col1 = tl.where((col1 >= 0) & (col1 < num_cols), col1, num_cols)
     acc0 = tl.zeros((B, KC), dtype=tl.float32)
     acc1 = tl.zeros((B, KC), dtype=tl.float32)
-    for m0 in range(0, M, BT):
+    for m0 in tl.range(0, M, BT, warp_specialize=WS):
         gt = g_desc.load([m0, r * B])  # [BT, B]
         acc0 = mma(gt.T, x_desc.load([m0, col0 * B + j0]), acc0, PRECISION, UPCAST)
         if GS > 1:
@@ -107,7 +111,8 @@ def tma_grad_values_fits(grad_out: torch.Tensor, x: torch.Tensor, block: int) ->
 def grad_values_tma(grad_out, x, col_indices, block_size: int, *, config: dict | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """dL/dvalues [R, K, B, B] = grad_out^T x at the kept blocks, operands by tensor descriptors.
-    ``config``: a fixed tile {"BT", "KC", "GS", "num_warps", "num_stages"} instead of autotuning (tests)."""
+    ``config``: a fixed tile {"BT", "KC", "GS", "num_warps", "num_stages"} and optionally "WS" (default False)
+    instead of autotuning (tests)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     grad_out, x = grad_out.contiguous(), x.contiguous()
@@ -133,5 +138,6 @@ def grad_values_tma(grad_out, x, col_indices, block_size: int, *, config: dict |
     g_desc.block_shape, x_desc.block_shape = [config["BT"], block], [config["BT"], config["KC"]]
     meta = {"GS": config.get("GS", 1), "KC": config["KC"]}
     _grad_values_tma_kernel.fn[grid(meta)](*args, **flags, BT=config["BT"], KC=config["KC"], GS=meta["GS"],
-                                           num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+                                           WS=config.get("WS", False), num_warps=config.get("num_warps", 4),
+                                           num_stages=config.get("num_stages", 3))
     return dv

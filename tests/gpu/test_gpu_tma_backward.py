@@ -76,3 +76,20 @@ def test_tma_backward_on_cuda_matches_float64_and_repeats_bitwise(product, block
         torch.backends.cuda.matmul.allow_tf32 = previous  # no tf32 leaks into the tests after this one
     assert rel(out, ref) < TOL["tf32" if tf32 else dtype]
     assert torch.equal(out, again)
+
+
+WS_TILES = {"grad_input": {"BM": 128, "KC": 64, "WS": True, "num_warps": 4, "num_stages": 4},
+            "grad_values": {"BT": 64, "KC": 64, "GS": 1, "WS": True, "num_warps": 4, "num_stages": 4}}
+
+
+@pytest.mark.parametrize("product", ["grad_input", "grad_values"])
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=("bf16", "fp16"))
+@pytest.mark.parametrize("case", CASES)
+def test_warp_specialized_tma_backward_matches_float64_and_repeats_bitwise(product, block, dtype, case):
+    """The WS tiles (16-bit operands only: the pruners keep them from float32, which Triton 3.6 cannot compile)."""
+    m, rows, cols, k = case
+    g, x, values, col = operands(m, rows, cols, k, block, dtype)
+    (out, ref), (again, _) = (run_product(product, g, x, values, col, block, WS_TILES[product]) for _ in range(2))
+    assert rel(out, ref) < TOL[dtype]
+    assert torch.equal(out, again)
