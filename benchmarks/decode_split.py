@@ -34,10 +34,12 @@ from sparsify.kernels import dispatch  # noqa: E402
 from sparsify.kernels.forward import FORWARD_CONFIGS, _forward_kernel  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16)
-# Decode tiles beside the forward's table, timed with --configs before any joins it: fewer warps a program
-# let more programs share an SM (the decode forward waits ~2.4 us a step on its loads at every block size,
-# benchmarks/NOTES.md, sixth session, so programs resident, not bytes a program, set the rate).
-SWEEP_TILES = [(16, 128, 2, 4), (16, 128, 1, 4), (16, 64, 2, 6), (16, 64, 1, 6), (16, 128, 2, 6)]
+# Decode tiles beside the forward's table, timed with --configs before any joins it (benchmarks/NOTES.md, sixth
+# session): fewer warps a program, so more programs share an SM; and unpipelined ones (num_stages 1), whose plain
+# activation loads are cached in L1, where the SM's other programs re-read them (the pipelined copies bypass L1,
+# and at B = 16 those re-reads are as many bytes through L2 as the weights).
+SWEEP_TILES = [(16, 128, 2, 4), (16, 128, 1, 4), (16, 64, 2, 6), (16, 64, 1, 6), (16, 128, 2, 6),
+               (16, 128, 4, 1), (16, 128, 2, 1), (16, 64, 4, 1)]
 COPIES, CALLS = 4, 20  # weight copies the graph rotates through; calls captured in one graph
 
 

@@ -111,7 +111,10 @@ def _forward_kernel(
         xcol = tl.max_contiguous(tl.multiple_of(col * B + j, RUN), RUN)
         xt = tl.load(x_tokens + xcol[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)  # [BM, KSB]
         # W^T tile [KSB, B]: element (jj, i) = values[r, k, i, j]
-        wt = tl.load(v_row + (k.to(tl.int64) * B * B + j)[:, None] + (outs * B)[None, :], mask=k_ok[:, None], other=0.0)
+        # through L2 only (.cg, as the pipelined copies are anyway): in an unpipelined loop (num_stages 1, a decode
+        # tile under test) the streamed weights then leave L1 to the activation rows the SM's programs re-read
+        wt = tl.load(v_row + (k.to(tl.int64) * B * B + j)[:, None] + (outs * B)[None, :], mask=k_ok[:, None], other=0.0,
+                     cache_modifier=".cg")
         acc = mma(xt, wt, acc, PRECISION, UPCAST)
 
     cols_out = r * B + outs
