@@ -209,10 +209,32 @@ def test_op_gradients_through_the_triton_backend_match_float64(block, dtype):
     assert relative_error(leaves[2].grad, gd.sum(0)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("block", [16, 64])
+def test_densify_finds_each_columns_slot_past_one_chunk_of_indices_and_keeps_the_last_repeat(block):
+    """tiles.densify without a slot table: 150 slots a row (past one 128-index chunk), a repeated column (the
+    later slot's block is W's), columns outside [0, C) (nothing), block-columns no slot has (zeros)."""
+    from sparsify.kernels import tiles
+
+    rows, cols, k = 2, 160, 150
+    gen = torch.Generator().manual_seed(block)
+    col = torch.stack([torch.randperm(cols, generator=gen)[:k] for _ in range(rows)]).to(torch.int32)
+    col[0, 140] = col[0, 3]  # repeated: slot 140 wins over slot 3
+    col[1, 7], col[1, 149] = -1, cols + 2
+    values = torch.randn(rows, k, block, block, generator=gen)
+    w = tiles.densify(values, col, cols, nan_like((rows * block, cols * block), torch.float32))
+    ref = torch.zeros(rows, block, cols, block)
+    for r in range(rows):
+        for slot in range(k):  # in slot order, so a repeat's later slot overwrites the earlier one
+            c = int(col[r, slot])
+            if 0 <= c < cols:
+                ref[r, :, c, :] = values[r, slot]
+    assert torch.equal(w, ref.reshape(rows * block, cols * block))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block", BLOCKS)
 def test_the_dense_weight_path_matches_float64_reads_nothing_for_bad_columns_and_repeats_bitwise(block, dtype):
-    """kernel_options(block_kernel="dense"): W written by tiles.densify through the slot table, the products in
+    """kernel_options(block_kernel="dense"): W written by tiles.densify from the blocks at their columns, the products in
     torch; a column outside [0, C) on either side adds nothing and gets a zero gradient."""
     m, rows, cols, k = 29, 3, 5, 3
     x, g, values, col, bias = operands(m, rows, cols, k, block, dtype, seed=block + 9)

@@ -11,10 +11,10 @@ the forward and grad_input, the dense gradient for grad_values).
 Exact and deterministic as nn.Linear is: cuBLAS accumulates in fp32 (its split-K partial sums in bf16 / fp16
 only where torch.backends.cuda.matmul.allow_bf16/fp16_reduced_precision_reduction allow it, as for nn.Linear),
 tf32 only where torch allows it, no atomics. W comes from
-the blocks through the topology's slot table (``tiles.densify``; the slot table is cached per topology state),
-so it holds what the masked-dense tiles see: a slot whose column is outside [0, C) is in no table (it reads and
-adds nothing), and of slots repeating a column in one row only one is kept, as in the tile kernels (every
-public way of setting a topology rejects repeats). grad_values: the blocks of the dense gradient at the slots'
+the blocks at their slots' columns (``tiles.densify``, which finds each block-column's slot among the row's
+column indices, so no slot table is kept for this path): a slot whose column is outside [0, C) reads and adds
+nothing, and of slots repeating a column in one row only the last is kept (every public way of setting a
+topology rejects repeats). grad_values: the blocks of the dense gradient at the slots'
 places (``tiles.blocks_of``), zeros for a slot outside [0, C).
 """
 

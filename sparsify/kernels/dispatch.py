@@ -298,10 +298,10 @@ def _check(col: torch.Tensor, num_cols: int) -> None:
 
 
 def _dense_weight(run, values: torch.Tensor, col: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """W [R*B, C*B] for the dense-weight path, written from the blocks through the cached slot table."""
+    """W [R*B, C*B] for the dense-weight path, written from the blocks at their columns."""
     block_rows, _, block, _ = values.shape
     weight = torch.empty(block_rows * block, num_cols * block, dtype=values.dtype, device=values.device)
-    return run.densify(values, run.slot_table(col, num_cols), weight)
+    return run.densify(values, col, num_cols, weight)
 
 
 def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | None = None, poison: bool = False):
