@@ -97,6 +97,8 @@ def time_variants(x, values, col, g, m, block, density) -> dict:
     if block <= 64:
         variants.update(gather=dict(block_kernel="gather", grouped="off"), tile=dict(block_kernel="tile", grouped="off"),
                         grouped=dict(block_kernel="gather", grouped="on"))
+    if block >= 64:  # every TMA kernel tuned among its warp-specialized configs too (forward and backward)
+        variants.update(tma_ws=dict(block_kernel="gather", grouped="off", tma="ws"))
     for kind, fields in variants.items():
         try:
             out[f"{kind}_fwd_ms"], out[f"{kind}_fwdbwd_ms"] = with_options(lambda: time_ours(x, values, col, g), **fields)
@@ -206,12 +208,17 @@ def run_case(in_f, out_f, m, block, density, dtype, with_bsr):
 
 def chosen_configs() -> dict:
     """What the autotuner picked per key, for the notes."""
-    from sparsify.kernels import forward, forward_tma, grad_input, grad_values, tiles
+    from sparsify.kernels import forward, forward_tma, grad_input, grad_input_tma, grad_values, grad_values_tma, tiles
 
     picked = {}
     for name, kernel in (
         ("forward", forward._forward_kernel),
         ("forward_tma", forward_tma._forward_tma_kernel),
+        ("forward_tma (tma=ws)", forward_tma._forward_tma_ws_kernel),
+        ("grad_input_tma", grad_input_tma._grad_input_tma_kernel),
+        ("grad_input_tma (tma=ws)", grad_input_tma._grad_input_tma_ws_kernel),
+        ("grad_values_tma", grad_values_tma._grad_values_tma_kernel),
+        ("grad_values_tma (tma=ws)", grad_values_tma._grad_values_tma_ws_kernel),
         ("tile (forward, grad_input)", tiles._tile_kernel),
         ("grad_input", grad_input._grad_input_kernel),
         ("grad_values", grad_values._grad_values_kernel),

@@ -34,6 +34,9 @@ KERNELS = {  # kernel name -> (constexpr flags, block sizes it serves)
     "_forward_kernel": ({"HAS_BIAS": False, "PARTIAL": False, "FUSED": False}, (16, 32, 64, 128)),
     "_forward_tma_kernel": ({"HAS_BIAS": False}, (64, 128)),
     "_forward_tma_persistent_kernel": ({"HAS_BIAS": False}, (64, 128)),
+    "_forward_tma_ws_kernel": ({"HAS_BIAS": False}, (64, 128)),  # *_ws_kernel: only its WS configs are compiled
+    "_grad_input_tma_ws_kernel": ({}, (64, 128)),
+    "_grad_values_tma_ws_kernel": ({}, (64, 128)),
     "_tile_kernel": ({"HAS_BIAS": False, "W_ROWS_ARE_KD": False}, (16, 32)),
     "_grad_input_kernel": ({}, (16, 32, 64, 128)),
     "_grad_input_tma_kernel": ({}, (64, 128)),
@@ -110,6 +113,8 @@ def main() -> None:
             jit = jit.fn
         for block in (b for b in blocks if b in served):
             for config in tuner.configs:
+                if name.endswith("_ws_kernel") and not config.kwargs.get("WS"):
+                    continue  # compiled under the plain kernel's name
                 meta = {"B": block, "PRECISION": "ieee", "UPCAST": False, **flags, **config.kwargs}
                 shapes = {}
                 if config.pre_hook is not None:  # TMA kernels: the pre-hook names each descriptor's block

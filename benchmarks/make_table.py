@@ -32,7 +32,7 @@ def _variants(r: dict) -> str:
     """The kernels the launcher chooses between, each timed in the same run (large M, 50% only)."""
     parts = [
         f"{name} {r['dense_fwd_ms'] / r[f'{name}_fwd_ms']:.2f}x"
-        for name in ("gather", "tile", "tma", "tma_persistent", "grouped", "dense_weight")
+        for name in ("gather", "tile", "tma", "tma_persistent", "tma_ws", "grouped", "dense_weight")
         if r.get(f"{name}_fwd_ms")
     ]
     return " / ".join(parts) if parts else "-"

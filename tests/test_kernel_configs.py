@@ -47,16 +47,17 @@ def test_float32_64x64_grad_values_never_takes_the_config_that_needs_240_kb_of_s
     assert (c.kwargs["BM"], c.kwargs["GSB"], c.num_stages) != (64, 256, 3)  # asked for 240 KB at launch
 
 
-def test_warp_specialized_tma_configs_are_timed_for_16_bit_operands_only():
+def test_warp_specialized_tma_configs_are_opt_in_and_timed_for_16_bit_operands_only():
     """Triton 3.6 fails to compile the WS loops for float32 (tf32) operands on sm_90, with an error the
-    autotuner does not catch: a float32 call must never see one."""
+    autotuner does not catch: a float32 call must never see one; and none is in a default table."""
     from sparsify.kernels import grad_input_tma, grad_values_tma
 
     large = dict(N_OUT=4096, N=4096, IN_F=4096, KD=4096, K=16, B=128, M_BUCKET=8192)
-    kernels = [(forward_tma._prune_tma, forward_tma._forward_tma_kernel),
-               (grad_input_tma._prune, grad_input_tma._grad_input_tma_kernel),
-               (grad_values_tma._prune, grad_values_tma._grad_values_tma_kernel)]
-    for prune, kernel in kernels:
+    kernels = [(forward_tma._prune_tma, forward_tma._forward_tma_ws_kernel, forward_tma._forward_tma_kernel),
+               (grad_input_tma._prune, grad_input_tma._grad_input_tma_ws_kernel, grad_input_tma._grad_input_tma_kernel),
+               (grad_values_tma._prune, grad_values_tma._grad_values_tma_ws_kernel, grad_values_tma._grad_values_tma_kernel)]
+    for prune, kernel, default in kernels:
+        assert not any(c.kwargs["WS"] for c in default.configs)  # opt-in (tma="ws") until timed on a GPU
         assert any(c.kwargs["WS"] for c in kernel.configs)
         assert any(c.kwargs["WS"] for c in prune(kernel.configs, dict(large, ELEM_BYTES=2)))
         assert not any(c.kwargs["WS"] for c in prune(kernel.configs, dict(large, ELEM_BYTES=4)))

@@ -142,3 +142,13 @@ def test_split_counts_fill_the_device_but_never_exceed_the_work():
     assert dispatch.split_slots(8, block_rows=8, k=1, block=16, elem_bytes=2, device=cpu) == 1
     assert dispatch.split_tokens(programs=1, num_tokens=1000, device=cpu) == 1  # too few tokens to split
     assert dispatch.split_tokens(programs=1, num_tokens=4096, device=cpu) == 8
+
+
+def test_tma_ws_routes_as_auto_does():
+    """tma="ws" changes which configs the TMA kernels are tuned among, not where they run."""
+    assert KernelOptions.from_env({"SPARSIFY_TMA": "WS"}).tma == "ws"
+    x = torch.zeros(512, 256)
+    values = torch.zeros(2, 2, 64, 64)
+    for tma in ("auto", "ws"):
+        with kernel_options(tma=tma):
+            assert not dispatch.use_tma(x, values, 512)  # CPU tensors: no tensor descriptors either way

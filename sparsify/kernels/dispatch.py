@@ -327,7 +327,7 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     elif tile is not None or (config is None and use_tiles(block, k / num_cols, num_tokens)):
         run.tile_matmul(x, values, run.slot_table(col, num_cols), bias, y, False, tile)
     elif config is None and use_tma(x, values, num_tokens):
-        run.forward_tma(x, values, col, bias, y, persistent=options().tma == "persistent")
+        run.forward_tma(x, values, col, bias, y, persistent=options().tma == "persistent", ws=options().tma == "ws")
     else:
         split = (config or {}).get("SPLIT") or split_slots(num_tokens, block_rows, k, block, x.element_size(), x.device)
         gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
@@ -365,9 +365,10 @@ def triton_grad_input(grad_out, values, col_indices, in_features: int, *, out=No
         run.tile_matmul(grad_out, values, run.slot_table(col, num_cols), None, grad_x, True, tile)
     else:
         slots_by_col, col_start = run.column_view(col, num_cols)
-        tma = config is None and use_tma(grad_out, values, num_tokens, "grad_input")
-        walk = run.grad_input_tma if tma else run.grad_input_columns
-        walk(grad_out, values, slots_by_col, col_start, grad_x, config)
+        if config is None and use_tma(grad_out, values, num_tokens, "grad_input"):
+            run.grad_input_tma(grad_out, values, slots_by_col, col_start, grad_x, None, ws=options().tma == "ws")
+        else:
+            run.grad_input_columns(grad_out, values, slots_by_col, col_start, grad_x, config)
     return grad_x
 
 
@@ -402,7 +403,7 @@ def triton_grad_values(grad_out, x, col_indices, block_size: int, *, out=None, c
     else:
         gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
         if split == 1 and config is None and use_tma(grad_out, x, num_tokens, "grad_values", block):
-            run.grad_values_tma(grad_out, x, col, block, out=dv)
+            run.grad_values_tma(grad_out, x, col, block, out=dv, ws=options().tma == "ws")
         else:
             run.grad_values_gather(grad_out, x, col, target, gather)
     if split > 1:

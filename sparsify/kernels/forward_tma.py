@@ -23,12 +23,14 @@ from sparsify.kernels.launch import launch_tile
 # kernel option tma="persistent" asks. WS: the step loop warp-specialized (tl.range(warp_specialize=True)):
 # for sm_90 with Triton 3.6 a 4-warp config becomes a 12-warp program, a load warp group feeding two MMA
 # warp groups (the shape of cuBLAS's 384-thread kernels), 115 / 148 KB of shared memory at B = 128; 8-warp
-# configs compile unchanged. Not yet timed on a GPU (benchmarks/NOTES.md, sixth session).
+# configs compile unchanged. Not yet timed on a GPU (benchmarks/NOTES.md, sixth session): opt-in, tma="ws".
 TMA_CONFIGS = [
     (128, 64, 4, 4, False, False),
     (128, 64, 8, 5, False, False),
     (256, 64, 8, 4, False, False),
     (128, 128, 8, 3, False, False),
+]
+WS_TMA_CONFIGS = [  # tuned beside TMA_CONFIGS where kernel option tma="ws" asks, until timed on a GPU
     (128, 64, 4, 3, False, True),
     (128, 64, 4, 4, False, True),
 ]
@@ -118,11 +120,13 @@ def _autotuned(table: list):
 
 _forward_tma_kernel = _autotuned(TMA_CONFIGS)
 _forward_tma_persistent_kernel = _autotuned(PERSISTENT_TMA_CONFIGS)
+_forward_tma_ws_kernel = _autotuned(TMA_CONFIGS + WS_TMA_CONFIGS)
 
 
-def forward_tma(x, values, col, bias, y, config: dict | None = None, persistent: bool = False) -> None:
+def forward_tma(x, values, col, bias, y, config: dict | None = None, persistent: bool = False,
+                ws: bool = False) -> None:
     """y [M, out] = x W^T + bias through tensor descriptors (16-byte aligned x, values and row stride);
-    ``persistent``: autotuned among the persistent configs. ``config``: a fixed tile {"BM", "KC",
+    ``persistent``: autotuned among the persistent configs; ``ws``: among the plain and the warp-specialized. ``config``: a fixed tile {"BM", "KC",
     "PERSISTENT", "num_warps", "num_stages"} and optionally "WS" (default False) instead of autotuning."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -143,5 +147,5 @@ def forward_tma(x, values, col, bias, y, config: dict | None = None, persistent:
     if config is not None:  # the pre-hook does not run on a fixed tile: set the box shapes here
         config = {"WS": False, **config}
         _tma_blocks({"x_desc": x_desc, "v_desc": v_desc, "B": block, **config})
-    kernel = _forward_tma_persistent_kernel if persistent else _forward_tma_kernel
+    kernel = _forward_tma_persistent_kernel if persistent else _forward_tma_ws_kernel if ws else _forward_tma_kernel
     launch_tile(kernel, grid, args, flags, x.device, config)

@@ -26,15 +26,15 @@ from sparsify.kernels.common import (
 
 # (BM tokens, KC positions a step, num_warps, num_stages, WS); KC divides B. Stage: [BM, KC] + [KC, B].
 # WS: the step loop warp-specialized, as forward_tma's (sm_90, Triton 3.6: a 4-warp config becomes a 12-warp
-# program, 115-148 KB of shared memory at B = 64 / 128; untimed, benchmarks/NOTES.md sixth session).
+# program, 115-148 KB of shared memory at B = 64 / 128; untimed, benchmarks/NOTES.md sixth session; opt-in, tma="ws").
 TMA_GRAD_INPUT_CONFIGS = [
     (128, 64, 4, 4, False),
     (128, 64, 8, 5, False),
     (256, 64, 8, 4, False),
     (128, 128, 8, 3, False),
     (64, 128, 4, 4, False),
-    (128, 64, 4, 4, True),
 ]
+WS_TMA_GRAD_INPUT_CONFIGS = [(128, 64, 4, 4, True)]  # beside the others where kernel option tma="ws" asks
 TMA_MIN_BLOCK = 64  # narrower blocks give [BM, B] boxes too shallow for one MMA step
 
 
@@ -50,15 +50,8 @@ _prune = prune_descriptors(  # one stage: the grad_out box [BM, KC] and the bloc
 
 # The signature follows the pointer kernel's of the same product argument for argument (sizes M, M_BUCKET,
 # N_OUT, IN_F, K, ... by name): the autotune key, the pruners and the lean relauncher read them by those names.
-@triton.autotune(
-    configs=[triton.Config({"BM": bm, "KC": kc, "WS": ws}, num_warps=w, num_stages=s, pre_hook=_blocks)
-             for bm, kc, w, s, ws in TMA_GRAD_INPUT_CONFIGS],
-    key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
-    prune_configs_by={"early_config_prune": _prune},
-    **AUTOTUNE_TIMER,
-)
 @triton.jit(do_not_specialize=["M"])
-def _grad_input_tma_kernel(
+def _grad_input_tma(
     g_desc,  # grad_out [M, N_OUT], block [BM, KC]
     v_desc,  # values as [R*K*B, B], block [KC, B]
     slots_ptr,  # [R*K] int32: flat slots sorted by column (the column view)
@@ -97,6 +90,20 @@ def _grad_input_tma_kernel(
     tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=(tokens < M)[:, None])
 
 
+def _autotuned(table: list):
+    return triton.autotune(
+        configs=[triton.Config({"BM": bm, "KC": kc, "WS": ws}, num_warps=w, num_stages=s, pre_hook=_blocks)
+                 for bm, kc, w, s, ws in table],
+        key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
+        prune_configs_by={"early_config_prune": _prune},
+        **AUTOTUNE_TIMER,
+    )(_grad_input_tma)
+
+
+_grad_input_tma_kernel = _autotuned(TMA_GRAD_INPUT_CONFIGS)
+_grad_input_tma_ws_kernel = _autotuned(TMA_GRAD_INPUT_CONFIGS + WS_TMA_GRAD_INPUT_CONFIGS)
+
+
 @functools.cache
 def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
@@ -118,8 +125,10 @@ def tma_grad_input_fits(grad_out: torch.Tensor, values: torch.Tensor) -> bool:
     return values.shape[2] >= TMA_MIN_BLOCK and descriptors_fit(grad_out, values)
 
 
-def grad_input_tma_columns(grad_out, values, slots_by_col, col_start, grad_x, config: dict | None = None) -> None:
-    """grad_x [M, in] = grad_out [M, out] W through the column view, operands by tensor descriptors.
+def grad_input_tma_columns(grad_out, values, slots_by_col, col_start, grad_x, config: dict | None = None,
+                           ws: bool = False) -> None:
+    """grad_x [M, in] = grad_out [M, out] W through the column view, operands by tensor descriptors; ``ws``:
+    autotuned among the plain and the warp-specialized configs.
     ``config``: a fixed tile {"BM", "KC", "num_warps", "num_stages"} and optionally "WS" (default False)
     instead of autotuning (tests)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -136,7 +145,7 @@ def grad_input_tma_columns(grad_out, values, slots_by_col, col_start, grad_x, co
     flags = dict(B=block, PRECISION=dot_precision(grad_out.dtype), UPCAST=interpreter_upcast(grad_out.dtype))
     if config is None:
         grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * num_cols,)  # noqa: E731
-        _grad_input_tma_kernel[grid](*args, **flags)
+        (_grad_input_tma_ws_kernel if ws else _grad_input_tma_kernel)[grid](*args, **flags)
         return
     g_desc.block_shape, v_desc.block_shape = [config["BM"], config["KC"]], [config["KC"], block]
     grid = (cdiv(num_tokens, config["BM"]) * num_cols,)

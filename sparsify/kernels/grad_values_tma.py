@@ -25,15 +25,15 @@ from sparsify.kernels.grad_input_tma import TMA_MIN_BLOCK, descriptors_fit
 
 # (BT tokens a step, KC input positions of a block, GS slots a program, num_warps, num_stages, WS); KC divides
 # B. WS: the token loop warp-specialized, as forward_tma's (sm_90, Triton 3.6: a 12-warp program, 82 / 115 KB of
-# shared memory at B = 64 / 128; untimed, benchmarks/NOTES.md sixth session).
+# shared memory at B = 64 / 128; untimed, benchmarks/NOTES.md sixth session; opt-in, tma="ws").
 TMA_GRAD_VALUES_CONFIGS = [
     (64, 64, 1, 4, 4, False),
     (128, 64, 1, 8, 4, False),
     (64, 128, 1, 8, 3, False),
     (64, 64, 2, 8, 4, False),
     (64, 128, 2, 8, 3, False),
-    (64, 64, 1, 4, 4, True),
 ]
+WS_TMA_GRAD_VALUES_CONFIGS = [(64, 64, 1, 4, 4, True)]  # beside the others where kernel option tma="ws" asks
 
 
 def _blocks(nargs):
@@ -48,15 +48,8 @@ _prune = prune_descriptors(  # one stage: the grad_out box [BT, B] and GS activa
 
 # The signature follows the pointer kernel's of the same product argument for argument (sizes M, M_BUCKET,
 # N_OUT, IN_F, K, ... by name): the autotune key, the pruners and the lean relauncher read them by those names.
-@triton.autotune(
-    configs=[triton.Config({"BT": bt, "KC": kc, "GS": gs, "WS": ws}, num_warps=w, num_stages=s, pre_hook=_blocks)
-             for bt, kc, gs, w, s, ws in TMA_GRAD_VALUES_CONFIGS],
-    key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
-    prune_configs_by={"early_config_prune": _prune},
-    **AUTOTUNE_TIMER,
-)
 @triton.jit(do_not_specialize=["M"])
-def _grad_values_tma_kernel(
+def _grad_values_tma(
     g_desc,  # grad_out [M, N_OUT], block [BT, B]
     x_desc,  # x [M, IN_F], block [BT, KC]
     col_ptr,  # [R, K] int32
@@ -103,13 +96,27 @@ def _grad_values_tma_kernel(
         tl.store(base + B * B + i * B + j, acc1.to(dv_ptr.dtype.element_ty), mask=has1)
 
 
+def _autotuned(table: list):
+    return triton.autotune(
+        configs=[triton.Config({"BT": bt, "KC": kc, "GS": gs, "WS": ws}, num_warps=w, num_stages=s, pre_hook=_blocks)
+                 for bt, kc, gs, w, s, ws in table],
+        key=["M_BUCKET", "N_OUT", "IN_F", "K", "B"],
+        prune_configs_by={"early_config_prune": _prune},
+        **AUTOTUNE_TIMER,
+    )(_grad_values_tma)
+
+
+_grad_values_tma_kernel = _autotuned(TMA_GRAD_VALUES_CONFIGS)
+_grad_values_tma_ws_kernel = _autotuned(TMA_GRAD_VALUES_CONFIGS + WS_TMA_GRAD_VALUES_CONFIGS)
+
+
 def tma_grad_values_fits(grad_out: torch.Tensor, x: torch.Tensor, block: int) -> bool:
     """Whether this kernel can run on these operands: B >= 64 and ``descriptors_fit``."""
     return block >= TMA_MIN_BLOCK and descriptors_fit(grad_out, x)
 
 
 def grad_values_tma(grad_out, x, col_indices, block_size: int, *, config: dict | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, ws: bool = False) -> torch.Tensor:
     """dL/dvalues [R, K, B, B] = grad_out^T x at the kept blocks, operands by tensor descriptors.
     ``config``: a fixed tile {"BT", "KC", "GS", "num_warps", "num_stages"} and optionally "WS" (default False)
     instead of autotuning (tests)."""
@@ -132,8 +139,8 @@ def grad_values_tma(grad_out, x, col_indices, block_size: int, *, config: dict |
     def grid(meta):
         return (block_rows * cdiv(k, meta["GS"]) * (block // meta["KC"]),)
 
-    if config is None:
-        _grad_values_tma_kernel[grid](*args, **flags)
+    if config is None:  # ws: autotuned among the plain and the warp-specialized configs
+        (_grad_values_tma_ws_kernel if ws else _grad_values_tma_kernel)[grid](*args, **flags)
         return dv
     g_desc.block_shape, x_desc.block_shape = [config["BT"], block], [config["BT"], config["KC"]]
     meta = {"GS": config.get("GS", 1), "KC": config["KC"]}

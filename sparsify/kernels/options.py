@@ -14,7 +14,7 @@ What each option decides: ``dispatch.py``.
 |---------------|-------------------------|------------------------------|--------------|
 | backend       | auto, reference, triton | SPARSIFY_BACKEND             | auto: Triton on CUDA tensors, the PyTorch reference elsewhere; triton on CPU tensors needs TRITON_INTERPRET=1 |
 | block_kernel  | auto, gather, tile, dense | SPARSIFY_BLOCK_KERNEL      | large-token kernels for small blocks: per-slot gather, masked-dense tiles, or the dense weight and cuBLAS (dense: at every block size; auto: the thresholds in dispatch.py) |
-| tma           | auto, on, off, persistent | SPARSIFY_TMA (auto/on/off/1/0/persistent) | the tensor-descriptor kernels on Hopper: auto where measured faster (dispatch.TMA_MIN_BLOCK), on every one from B = 64; persistent: as auto, the forward tuned among its persistent configs (one program an SM; not yet timed) |
+| tma           | auto, on, off, persistent, ws | SPARSIFY_TMA (auto/on/off/1/0/persistent/ws) | the tensor-descriptor kernels on Hopper: auto where measured faster (dispatch.TMA_MIN_BLOCK), on every one from B = 64; persistent: as auto, the forward tuned among its persistent configs (one program an SM; slower where timed); ws: as auto, each TMA kernel tuned among its plain and warp-specialized configs (16-bit operands; not yet timed) |
 | lean_launch   | True, False             | SPARSIFY_LEAN_LAUNCH (1/0)   | relaunch compiled Triton kernels without the JIT's Python argument binding |
 | check_columns | True, False             | SPARSIFY_CHECK_COLUMNS (1/0) | Triton forward: a device-side assert that every column index is in [0, C) (no host sync) |
 | grouped       | auto, off, on, ws       | SPARSIFY_GROUPED             | the grouped Gluon kernels (forward, grad_input; Hopper, bf16 / fp16, many tokens): auto where measured faster (dispatch.GROUPED_DESIGNS: B = 32, 64), off, on (every block size), ws (their warp-specialized variant) |
@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 
 BACKENDS = ("auto", "reference", "triton")
 BLOCK_KERNELS = ("auto", "gather", "tile", "dense")
-TMA_CHOICES = ("auto", "on", "off", "persistent")
+TMA_CHOICES = ("auto", "on", "off", "persistent", "ws")
 GROUPED_CHOICES = ("auto", "off", "on", "ws")
 SPLIT_REDUCE_CHOICES = ("launch", "fused")
 
@@ -48,7 +48,7 @@ _ENV = {
     "split_reduce": "SPARSIFY_SPLIT_REDUCE",
 }
 _FLAGS = ("lean_launch", "check_columns")
-_TMA_ENV = {"auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off", "persistent": "persistent"}
+_TMA_ENV = {"auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off", "persistent": "persistent", "ws": "ws"}
 _BOOL_ENV = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 
 
