@@ -31,7 +31,7 @@ INDEX_POINTERS = ("col_ptr", "slots_ptr", "start_ptr", "slot_ptr", "table_ptr", 
 # 16-byte aligned pointers), which lets the compiler vectorize; the report must assume what launches see
 DIVISIBLE_INTS = ("M_BUCKET", "N_OUT", "IN_F", "N", "KD")
 KERNELS = {  # kernel name -> (constexpr flags, block sizes it serves)
-    "_forward_kernel": ({"HAS_BIAS": False, "PARTIAL": False, "FUSED": False}, (16, 32, 64, 128)),
+    "_forward_kernel": ({"HAS_BIAS": False, "PARTIAL": False, "FUSED": False, "X_BOXES": False}, (16, 32, 64, 128)),
     "_forward_tma_kernel": ({"HAS_BIAS": False}, (64, 128)),
     "_forward_tma_persistent_kernel": ({"HAS_BIAS": False}, (64, 128)),
     "_forward_tma_ws_kernel": ({"HAS_BIAS": False}, (64, 128)),  # *_ws_kernel: only its WS configs are compiled

@@ -61,10 +61,12 @@ def forward_with(opts: dict, x, values, col, out, config):
 
 def candidates(configs: bool, block, m, block_rows, k, elem, device):
     """(name, split for with_split, config for triton_forward, kernel options): the default route, it with
-    the partials summed inside the kernel, each split of SPLITS (autotuned), and with ``configs`` each
-    decode tile of the forward's table and SWEEP_TILES at the default split."""
+    the partials summed inside the kernel and with x in boxes, each split of SPLITS (autotuned), and with
+    ``configs`` each decode tile of the forward's table and SWEEP_TILES at the default split."""
     yield "default", None, None, {}
     yield "default, summed in the kernel", None, None, {"split_reduce": "fused"}
+    # x first copied into [C, M, B] boxes (a slot's activations as whole lines; the copy is in the timing)
+    yield "default, x in boxes", None, {"X_BOXES": True}, {}
     for split in SPLITS:
         yield f"split {split}", split, None, {}
     if not configs:
@@ -74,6 +76,8 @@ def candidates(configs: bool, block, m, block_rows, k, elem, device):
         if ksb <= 8 * block and (ksb >= block or (ksb >= 64 and block % ksb == 0)):
             tile = {"BM": bm, "KSB": ksb, "num_warps": warps, "num_stages": stages, "SPLIT": split}
             yield f"tile {bm}x{ksb} w{warps} s{stages} split {split}", None, tile, {}
+            if stages == 1:  # unpipelined: x from L1 where its boxes are re-read
+                yield f"tile {bm}x{ksb} w{warps} s1 split {split}, x in boxes", None, {**tile, "X_BOXES": True}, {}
 
 
 def main() -> None:

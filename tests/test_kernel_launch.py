@@ -57,7 +57,7 @@ def forward_args(tokens: int, out_features: int, x: torch.Tensor):
 
 def test_a_relaunch_passes_every_argument_in_signature_order(enabled):
     kernel = FakeKernel(triton.Config({"BM": 64, "KSB": 32}, num_warps=4, num_stages=3))
-    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, FUSED=False, PRECISION="ieee", UPCAST=False)
+    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, FUSED=False, PRECISION="ieee", UPCAST=False, X_BOXES=False)
     grid = lambda meta: (triton.cdiv(100, meta["BM"]) * 4, 1)  # noqa: E731
     args = forward_args(100, 64, torch.zeros(100, 64))
     lean.launch(kernel, grid, args, flags, CUDA)
@@ -67,13 +67,14 @@ def test_a_relaunch_passes_every_argument_in_signature_order(enabled):
     (call,) = kernel.compiled.calls
     assert call[:9] == (8, 1, 1, 4242, "function-handle", "packed", None, None, None)
     assert call[9:24] == args
-    assert call[24:] == (16, False, False, False, "ieee", False, 64, 32)  # constexprs, then the config's tile
-    assert _forward_kernel.fn.arg_names[15:] == ["B", "HAS_BIAS", "PARTIAL", "FUSED", "PRECISION", "UPCAST", "BM", "KSB"]
+    assert call[24:] == (16, False, False, False, "ieee", False, 64, 32, False)  # in signature order
+    assert _forward_kernel.fn.arg_names[15:] == ["B", "HAS_BIAS", "PARTIAL", "FUSED", "PRECISION", "UPCAST", "BM", "KSB",
+                                                 "X_BOXES"]
 
 
 def test_what_triton_specializes_on_gets_its_own_entry(enabled):
     kernel = FakeKernel(triton.Config({"BM": 64, "KSB": 32}, num_warps=4, num_stages=3))
-    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, FUSED=False, PRECISION="ieee", UPCAST=False)
+    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, FUSED=False, PRECISION="ieee", UPCAST=False, X_BOXES=False)
     grid = (1, 1)
     storage = torch.zeros(6401)
     lean.launch(kernel, grid, forward_args(100, 64, storage[:6400].view(100, 64)), flags, CUDA)
@@ -87,7 +88,7 @@ def test_what_triton_specializes_on_gets_its_own_entry(enabled):
 
 def test_configs_with_pre_hooks_and_cpu_tensors_always_take_tritons_path(enabled):
     kernel = FakeKernel(triton.Config({"BM": 64, "KSB": 32}, pre_hook=lambda nargs: None))
-    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, FUSED=False, PRECISION="ieee", UPCAST=False)
+    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, FUSED=False, PRECISION="ieee", UPCAST=False, X_BOXES=False)
     args = forward_args(100, 64, torch.zeros(100, 64))
     for _ in range(2):
         lean.launch(kernel, (1,), args, flags, CUDA)
@@ -105,7 +106,7 @@ def test_a_kernel_with_any_pre_hooked_config_never_builds_a_key_from_its_argumen
     plain = triton.Config({"BM": 64, "KSB": 32})
     hooked = triton.Config({"BM": 128, "KSB": 32}, pre_hook=lambda nargs: None)
     kernel = FakeKernel(plain, configs=[plain, hooked])  # the autotuner picked the config without a hook
-    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, FUSED=False, PRECISION="ieee", UPCAST=False)
+    flags = dict(B=16, HAS_BIAS=False, PARTIAL=False, FUSED=False, PRECISION="ieee", UPCAST=False, X_BOXES=False)
     args = (Descriptor(), *forward_args(100, 64, torch.zeros(100, 64))[1:])
     for _ in range(2):
         lean.launch(kernel, (1,), args, flags, CUDA)

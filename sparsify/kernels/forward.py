@@ -83,6 +83,7 @@ def _forward_kernel(
     UPCAST: tl.constexpr,
     BM: tl.constexpr,
     KSB: tl.constexpr,
+    X_BOXES: tl.constexpr,
 ):
     RUN: tl.constexpr = B if KSB >= B else KSB  # contiguous activation elements per gathered run
     pid = tl.program_id(0)
@@ -98,7 +99,10 @@ def _forward_kernel(
     token_ok = tokens < M
     jj = tl.arange(0, KSB)  # position inside one step: KSB/B whole slots, or a KSB-wide part of one
     outs = tl.arange(0, B)
-    x_tokens = x_ptr + tokens.to(tl.int64)[:, None] * IN_F
+    if X_BOXES:  # x laid out as [C, M, B] boxes: one slot's [tokens x B] activations are M*B contiguous elements
+        x_tokens = x_ptr + (tokens * B).to(tl.int64)[:, None]
+    else:
+        x_tokens = x_ptr + tokens.to(tl.int64)[:, None] * IN_F
     v_row = v_ptr + r.to(tl.int64) * K * B * B
     acc = tl.zeros((BM, B), dtype=tl.float32)
     for p0 in range(k_lo * B, k_hi * B, KSB):
@@ -108,7 +112,10 @@ def _forward_kernel(
         k_ok = k < k_hi
         col = tl.load(col_ptr + r * K + k, mask=k_ok, other=0)
         col_ok = k_ok & (col >= 0) & (col < IN_F // B)  # a column outside [0, C) reads nothing
-        xcol = tl.max_contiguous(tl.multiple_of(col * B + j, RUN), RUN)
+        if X_BOXES:
+            xcol = tl.max_contiguous(tl.multiple_of(col.to(tl.int64) * M * B + j, RUN), RUN)
+        else:
+            xcol = tl.max_contiguous(tl.multiple_of(col * B + j, RUN), RUN)
         xt = tl.load(x_tokens + xcol[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)  # [BM, KSB]
         # W^T tile [KSB, B]: element (jj, i) = values[r, k, i, j]
         # through L2 only (.cg, as the pipelined copies are anyway): in an unpipelined loop (num_stages 1, a decode
@@ -145,9 +152,15 @@ def forward_gather(
     added), or float32 partials [SPLIT, M, out] of SPLIT slot ranges, summed (+ bias) by a later
     reduce_partials, or, given ``fused_out`` (y) and ``counters`` (split_counters.split_counters, at least
     cdiv(M, 16) * R), by the kernel itself into ``fused_out``.
-    ``config``: a fixed tile {"BM", "KSB", "num_warps", "num_stages"} instead of autotuning."""
+    ``config``: a fixed tile {"BM", "KSB", "num_warps", "num_stages"} instead of autotuning, and / or
+    "X_BOXES": True, x first copied into [C, M, B] boxes (a decode design under test, benchmarks/decode_split.py:
+    each slot's activations then come as whole 128-byte lines, not one 32-byte piece a token at B = 16)."""
     block_rows, k, block, _ = values.shape
     num_tokens, in_features = x.shape
+    tile = dict(config or {})
+    boxes = tile.pop("X_BOXES", False)
+    if boxes:
+        x = x.view(num_tokens, in_features // block, block).transpose(0, 1).contiguous()
     out_features = block_rows * block
     split = out.shape[0] if out.dim() == 3 else 1
     fused = split > 1 and fused_out is not None
@@ -157,6 +170,6 @@ def forward_gather(
         num_tokens, m_bucket(num_tokens), out_features, in_features, k, block_rows, split, x.element_size(),
     )
     flags = dict(B=block, HAS_BIAS=has_bias, PARTIAL=split > 1, FUSED=fused, PRECISION=dot_precision(x.dtype),
-                 UPCAST=interpreter_upcast(x.dtype))
+                 UPCAST=interpreter_upcast(x.dtype), X_BOXES=boxes)
     grid = lambda meta: (cdiv(num_tokens, meta["BM"]) * block_rows, split)  # noqa: E731
-    launch_tile(_forward_kernel, grid, args, flags, x.device, config)
+    launch_tile(_forward_kernel, grid, args, flags, x.device, tile or None)
