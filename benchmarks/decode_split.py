@@ -33,6 +33,12 @@ from sparsify import kernel_options  # noqa: E402
 from sparsify.kernels import dispatch  # noqa: E402
 from sparsify.kernels.forward import FORWARD_CONFIGS, _forward_kernel  # noqa: E402
 
+try:  # the Gluon decode kernel (a design under test): Hopper and a Triton with Gluon
+    from sparsify.kernels import decode_gluon  # noqa: E402
+except ImportError:
+    decode_gluon = None
+GLUON = "gluon"  # the candidate's config: the Gluon kernel, not triton_forward
+
 SPLITS = (1, 2, 4, 8, 16)
 # Decode tiles beside the forward's table, timed with --configs before any joins it (benchmarks/NOTES.md, sixth
 # session): fewer warps a program, so more programs share an SM; and unpipelined ones (num_stages 1), whose plain
@@ -67,6 +73,7 @@ def candidates(configs: bool, block, m, block_rows, k, elem, device):
     yield "default, summed in the kernel", None, None, {"split_reduce": "fused"}
     # x first copied into [C, M, B] boxes (a slot's activations as whole lines; the copy is in the timing)
     yield "default, x in boxes", None, {"X_BOXES": True}, {}
+    yield "x in shared memory (Gluon, decode_gluon.py)", None, GLUON, {}
     for split in SPLITS:
         yield f"split {split}", split, None, {}
     if not configs:
@@ -109,8 +116,14 @@ def main() -> None:
             graphs, checks = {"dense": cuda_graph_of([lambda w=w: F.linear(x, w) for w in dense_w], CALLS)}, {}
             picks = {}
             for name, split, config, opts in candidates(args.configs, block, m, block_rows, k, x.element_size(), x.device):
-                calls = [lambda v=v, y=y, config=config, opts=opts: forward_with(opts, x, v, col, y, config)
-                         for v, y in zip(values, outs)]
+                if config == GLUON:
+                    if decode_gluon is None or decode_gluon.decode_config(x, values[0]) is None:
+                        continue  # no Gluon here, or x does not fit on chip at this shape
+                    sms = dispatch.num_sms(x.device)
+                    calls = [lambda v=v, y=y: decode_gluon.forward_decode(x, v, col, y, sms) for v, y in zip(values, outs)]
+                else:
+                    calls = [lambda v=v, y=y, config=config, opts=opts: forward_with(opts, x, v, col, y, config)
+                             for v, y in zip(values, outs)]
                 outs[0].fill_(float("nan"))
                 try:
                     graphs[name] = with_split(split, lambda: cuda_graph_of(calls, CALLS))

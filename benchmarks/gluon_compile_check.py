@@ -6,6 +6,7 @@ the loop was issue-bound (benchmarks/NOTES.md), so fewer instructions an entry i
 
     python benchmarks/gluon_compile_check.py                        # the default designs, sm_90
     python benchmarks/gluon_compile_check.py --designs 64:4,64:2:BM=256,64:4:WS=1:IN_FLIGHT=2   # B:G[:key=value...]
+    python benchmarks/gluon_compile_check.py --decode               # the Gluon decode kernel (decode_gluon.py)
 
 A design leaves out what ``grouped_gluon.launch_config`` fills in, so this compiles what the launcher
 would run. Exits 1 if any design fails to compile. The driver is replaced by a stand-in that names the
@@ -201,13 +202,64 @@ def ptxas_report(kernel, capability: int) -> str:
     return "; ".join(lines + [f"entry loop {len(body)} instructions, {hgmma} HGMMA, {syncs} BAR.SYNC"])
 
 
+def compile_decode(block: int, in_f: int = 4096, out_f: int = 14336):
+    """The Gluon decode kernel (decode_gluon.py) compiled for 16 tokens at density 0.5, as forward_decode
+    would launch it (shapes on the CPU: nothing runs)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from sparsify.kernels import decode_gluon
+
+    rows, cols = out_f // block, in_f // block
+    k = cols // 2
+    x, y = torch.empty(16, in_f, dtype=torch.bfloat16), torch.empty(16, out_f, dtype=torch.bfloat16)
+    values = torch.empty(rows, k, block, block, dtype=torch.bfloat16)
+    config = decode_gluon.decode_config(x, values)
+    box = [config["S"] * block, block]
+    desc = TensorDescriptor.from_tensor(values.view(rows * k * block, block), box,
+                                        gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16))
+    kernel = decode_gluon._decode_kernel.warmup(
+        x, desc, torch.zeros(rows, k, dtype=torch.int32), y, 16, in_f, out_f, k, rows, 132, B=block, S=config["S"],
+        STAGES=config["STAGES"], C_PAD=config["C_PAD"], PUBLIC_REINTERPRET=decode_gluon.PUBLIC_REINTERPRET,
+        num_warps=block // 8, grid=(1,))
+    return kernel, config
+
+
+def _registers(kernel, capability: int) -> str:
+    """ptxas's register and spill lines for a kernel (the decode kernel has no HGMMA loop to look at)."""
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin"
+    if not (bin_dir / "ptxas").exists():
+        return "(no bundled ptxas)"
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = os.path.join(folder, "k.ptx")
+        pathlib.Path(ptx).write_text(kernel.asm["ptx"])
+        done = subprocess.run([str(bin_dir / "ptxas"), "-v", "--gpu-name", f"sm_{capability}a", ptx,
+                               "-o", os.path.join(folder, "k.cubin")], capture_output=True, text=True)
+    return "; ".join(line.split(":", 1)[-1].strip() for line in done.stderr.splitlines()
+                     if "registers" in line or "spill" in line) or done.stderr.strip()[-300:]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--designs", default=DEFAULT, help="B:G[:key=value...],...")
     parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--decode", action="store_true", help="the Gluon decode kernel (B = 16, 32) instead")
     args = parser.parse_args()
     driver.set_active(TargetOnly(args.capability))
     failed = 0
+    if args.decode:
+        for block in (16, 32):
+            try:
+                kernel, config = compile_decode(block)
+            except Exception as error:  # report both, then fail
+                failed += 1
+                cause = error.__cause__ if error.__cause__ is not None else error
+                print(f"decode B={block}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
+                continue
+            print(f"decode B={block} {config}: OK, {kernel.metadata.shared} bytes of shared memory; "
+                  f"{kernel.asm['ptx'].count('mma.sync')} mma.sync; {_registers(kernel, args.capability)}", flush=True)
+        print(f"triton {triton.__version__}: {failed} failed")
+        return 1 if failed else 0
     for block, group, config in parse_designs(args.designs):
         for product, transpose in (("forward", True), ("grad_input", False)):
             name = f"{product} B={block} G={group} {config}"

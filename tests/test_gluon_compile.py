@@ -22,6 +22,16 @@ def test_grouped_gluon_kernels_compile_for_hopper_at_every_group_size_for_both_p
     assert done.stdout.count(": OK,") == 10, done.stdout
 
 
+def test_the_gluon_decode_kernel_compiles_for_hopper_at_both_block_sizes():
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, SCRIPT, "--decode"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert done.stdout.count(": OK,") == 2, done.stdout
+    spills = [line for line in done.stdout.splitlines() if "spill loads" in line]  # where the bundled ptxas reads the PTX
+    assert all("0 bytes spill stores, 0 bytes spill loads" in line for line in spills), done.stdout
+
+
 def _loop(second_branch_entered_from_the_first: bool) -> str:
     """A loop of two accumulators' MMA branches in nvdisasm's layout: the descriptor base UR22 is
     written before both, and again inside the first."""
