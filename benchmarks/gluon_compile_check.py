@@ -246,36 +246,35 @@ def main() -> int:
     parser.add_argument("--decode", action="store_true", help="the Gluon decode kernel (B = 16, 32) instead")
     args = parser.parse_args()
     driver.set_active(TargetOnly(args.capability))
-    failed = 0
     if args.decode:
-        for block in (16, 32):
-            try:
-                kernel, config = compile_decode(block)
-            except Exception as error:  # report both, then fail
-                failed += 1
-                cause = error.__cause__ if error.__cause__ is not None else error
-                print(f"decode B={block}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
-                continue
-            print(f"decode B={block} {config}: OK, {kernel.metadata.shared} bytes of shared memory; "
-                  f"{kernel.asm['ptx'].count('mma.sync')} mma.sync; {_registers(kernel, args.capability)}", flush=True)
-        print(f"triton {triton.__version__}: {failed} failed")
-        return 1 if failed else 0
-    for block, group, config in parse_designs(args.designs):
-        for product, transpose in (("forward", True), ("grad_input", False)):
-            name = f"{product} B={block} G={group} {config}"
-            try:
-                kernel, resolved = compile_config(block, group, config, transpose)
-                report = ptxas_report(kernel, args.capability)
-            except Exception as error:  # report every design, then fail
-                failed += 1
-                cause = error.__cause__ if error.__cause__ is not None else error
-                print(f"{name}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
-                continue
-            print(f"{name} -> {resolved}: OK, {kernel.metadata.shared} bytes of shared memory; "
-                  f"{report}", flush=True)
+        cases = [(f"decode B={block}", lambda block=block: _decode_case(block, args.capability)) for block in (16, 32)]
+    else:
+        cases = [(f"{product} B={block} G={group} {config}",
+                  lambda b=block, g=group, c=config, t=transpose: _design_case(b, g, c, t, args.capability))
+                 for block, group, config in parse_designs(args.designs)
+                 for product, transpose in (("forward", True), ("grad_input", False))]
+    failed = 0
+    for name, case in cases:
+        try:
+            print(f"{name} {case()}", flush=True)
+        except Exception as error:  # report every case, then fail
+            failed += 1
+            cause = error.__cause__ if error.__cause__ is not None else error
+            print(f"{name}: FAILED {type(cause).__name__}: {str(cause)[-800:]}")
     print(f"triton {triton.__version__}: {failed} failed")
     return 1 if failed else 0
 
+
+def _design_case(block: int, group: int, config: dict, transpose: bool, capability: int) -> str:
+    kernel, resolved = compile_config(block, group, config, transpose)
+    report = ptxas_report(kernel, capability)
+    return f"-> {resolved}: OK, {kernel.metadata.shared} bytes of shared memory; {report}"
+
+
+def _decode_case(block: int, capability: int) -> str:
+    kernel, config = compile_decode(block)
+    return (f"{config}: OK, {kernel.metadata.shared} bytes of shared memory; "
+            f"{kernel.asm['ptx'].count('mma.sync')} mma.sync; {_registers(kernel, capability)}")
 
 if __name__ == "__main__":
     sys.exit(main())
