@@ -2,6 +2,7 @@
 manager), and the routing rules that read them."""
 
 import os
+import types
 
 import pytest
 import torch
@@ -152,3 +153,24 @@ def test_tma_ws_routes_as_auto_does():
     for tma in ("auto", "ws"):
         with kernel_options(tma=tma):
             assert not dispatch.use_tma(x, values, 512)  # CPU tensors: no tensor descriptors either way
+
+
+@pytest.mark.parametrize("tokens, block, dtype, expected", [
+    (16, 16, torch.bfloat16, dispatch.DECODE_SMALL_BLOCK_TILE),
+    (1, 32, torch.float16, dispatch.DECODE_SMALL_BLOCK_TILE),
+    (17, 16, torch.bfloat16, None),  # more tokens than the tile was measured at: autotuned
+    (16, 64, torch.bfloat16, None),  # larger blocks: the autotuned tile was as fast
+    (16, 16, torch.float32, None),   # timed for 16-bit inputs only
+])
+def test_the_one_warp_decode_tile_is_forced_only_where_it_was_measured_faster(monkeypatch, tokens, block, dtype, expected):
+    seen = []
+    fake = types.SimpleNamespace(
+        forward_gather=lambda x, values, col, bias, out, gather, **kw: seen.append(gather),
+        reduce_partials=lambda partial, bias, y: None, check_columns=lambda col, num_cols: None)
+    monkeypatch.setattr(dispatch, "_launchers", lambda: fake)
+    monkeypatch.setattr(dispatch, "use_dense_weight", lambda *a: False)
+    x = torch.randn(tokens, 4 * block).to(dtype)
+    values = torch.randn(2, 2, block, block).to(dtype)
+    col = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    dispatch.triton_forward(x, values, col, None)
+    assert seen == [expected]

@@ -84,6 +84,7 @@ FORWARD_VARIANTS = {
     "activation_boxes_split": lambda b: {"BM": 16, "KSB": max(b, 64), "X_BOXES": True, "SPLIT": 2},
     "several_slots_a_step": lambda b: {"BM": 32, "KSB": min(8 * b, 128)},
     "part_of_a_block_a_step": lambda b: {"BM": 32, "KSB": 64} if b == 128 else None,
+    "one_warp_decode_tile": lambda b: dict(dispatch.DECODE_SMALL_BLOCK_TILE) if b <= 32 else None,
     "masked_dense_tiles": lambda b: {"tile": {"BM": 32, "BN": 64, "BK": 64}} if b <= 64 else None,
 }
 

@@ -222,6 +222,13 @@ def use_grouped(tensors: tuple, num_tokens: int) -> tuple[int, dict] | None:
 # unsplit, 0.88x split in 4).
 DECODE_BYTES_PER_PROGRAM = 56 * 1024
 DECODE_MAX_TOKENS = 32
+# The decode tile at B <= 32 for 16-bit inputs of at most 16 tokens: one warp a 16 x 64 tile, 6 stages.
+# Forced at the default split in CUDA graphs on an H200 it beat the autotuned tile at both big shapes
+# (B = 16: 0.79 -> 0.84x and 0.88 -> 0.93x dense; B = 32: 1.36 -> 1.45x and 1.50 -> 1.55x; decode_split.py
+# --configs, benchmarks/NOTES.md, seventh session): a [16, B] tile gives four warps too little to do, so one
+# warp a program lets more programs share an SM. The autotuner times eager launches and, given these tiles
+# in its table, did not pick them (0.76x at B = 16 in that session's bench_layer run), so the rule is fixed.
+DECODE_SMALL_BLOCK_TILE = {"BM": 16, "KSB": 64, "num_warps": 1, "num_stages": 6}
 
 
 def split_slots(num_tokens: int, block_rows: int, k: int, block: int, elem_bytes: int, device: torch.device) -> int:
@@ -331,6 +338,8 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     else:
         split = (config or {}).get("SPLIT") or split_slots(num_tokens, block_rows, k, block, x.element_size(), x.device)
         gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
+        if config is None and num_tokens <= 16 and block <= 32 and x.element_size() == 2:
+            gather = DECODE_SMALL_BLOCK_TILE
         if split == 1:
             run.forward_gather(x, values, col, bias, y, gather)
         elif options().split_reduce == "fused":

@@ -43,10 +43,6 @@ FORWARD_CONFIGS = [
     (16, 256, 4, 3),
     (32, 128, 4, 4),
     (16, 64, 4, 6),
-    # fewer warps a decode tile: 4-6% faster at B = 16 and 32 in CUDA graphs on an H200 (decode_split.py
-    # --configs, seventh session, benchmarks/NOTES.md): a [16, B] tile leaves four warps too little to do
-    (16, 64, 1, 6),
-    (16, 128, 2, 4),
 ]
 # Deeper decode steps (16 x 256 and 16 x 512 tiles, 5-6 stages, 8 warps) were timed in CUDA graphs on an
 # H200 and lost everywhere (benchmarks/NOTES.md, sixth session): not in the table.
