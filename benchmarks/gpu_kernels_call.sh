@@ -8,7 +8,7 @@
 # B = 16..128), ncu (one launch of each kernel at B = 64 and 128 under Nsight Compute, clocks left alone;
 # NCU_TOKENS=16 NCU_BLOCKS=16,64 profiles the decode kernels instead),
 # memory (memory_phases.py: a bench_training step per phase, dense vs sparse, and bench_training's order
-# of parts), check (the GPU correctness check), layer (bench_layer.py, the issue's table), training
+# of parts), check (the GPU correctness check; check-kernels and check-rest split it over two calls), layer (bench_layer.py, the issue's table), training
 # (bench_training.py), training-seeds (bench_training.py on the seeds' shape, 16 layers / hidden 640 / MLP 2560,
 # B = 64 and 16, every decoder layer compiled with mode="reduce-overhead" (CUDA graphs), dense too; about
 # 2-3 minutes, capped at 240 s), gluon (grouped_kernels.py: the grouped Gluon forward and grad_input checked and timed beside today's),
@@ -82,6 +82,11 @@ for p in "$@"; do
             # xdist: compilation and autotuning are CPU-bound; 8 workers on the one GPU took 35 s, serial > 300 s
             if [ -d tests/gpu ]; then part check 330 python3 -m pytest -q -p no:cacheprovider -n 8 tests/gpu
             else part check 300 python3 benchmarks/gpu_check.py; fi ;;
+        check-kernels)  # the check in two calls (the whole of tests/gpu passed 330 s in the seventh session):
+            part check-kernels 330 python3 -m pytest -q -p no:cacheprovider -n 8 tests/gpu/test_gpu_kernels.py ;;
+        check-rest)     # ... and every other file of tests/gpu
+            part check-rest 330 python3 -m pytest -q -p no:cacheprovider -n 8 tests/gpu \
+                --ignore tests/gpu/test_gpu_kernels.py ;;
         layer) part layer 540 python3 benchmarks/bench_layer.py --quick --blocks "${BLOCKS:-16,32,64,128}" --out "$OUT" \
                    --shapes "${SHAPES:-4096x14336,14336x4096,640x2560,2560x640}" ;;
         layer-grouped)  # the issue's table with the grouped Gluon kernels routed (kernel option grouped)
