@@ -231,6 +231,13 @@ DECODE_MAX_TOKENS = 32
 DECODE_SMALL_BLOCK_TILE = {"BM": 16, "KSB": 64, "num_warps": 1, "num_stages": 6}
 
 
+def decode_tile(num_tokens: int, block: int, elem_bytes: int) -> dict | None:
+    """The gather forward's fixed tile where one was measured faster than the autotuned one, else None."""
+    if num_tokens <= 16 and block <= 32 and elem_bytes == 2:
+        return DECODE_SMALL_BLOCK_TILE
+    return None
+
+
 def split_slots(num_tokens: int, block_rows: int, k: int, block: int, elem_bytes: int, device: torch.device) -> int:
     """How many programs share one block-row's k slots in the gather forward: for decode inputs, as many
     as give each program DECODE_BYTES_PER_PROGRAM (x B/32 above B = 32) of the weights; for larger ones,
@@ -338,8 +345,8 @@ def triton_forward(x, values, col_indices, bias, *, out=None, config: dict | Non
     else:
         split = (config or {}).get("SPLIT") or split_slots(num_tokens, block_rows, k, block, x.element_size(), x.device)
         gather = None if config is None else {key: v for key, v in config.items() if key != "SPLIT"}
-        if config is None and num_tokens <= 16 and block <= 32 and x.element_size() == 2:
-            gather = DECODE_SMALL_BLOCK_TILE
+        if config is None:
+            gather = decode_tile(num_tokens, block, x.element_size())
         if split == 1:
             run.forward_gather(x, values, col, bias, y, gather)
         elif options().split_reduce == "fused":
